@@ -166,9 +166,9 @@ def open_source(cfg: SourceConfig):
         paths = resolve_paths(cfg.path, cfg.describe())
         return FileSource(paths, cfg.kind, cfg.text_unit, cfg.field, name=cfg.describe())
     if cfg.kind == SourceKind.TFDS:
-        from llama_jax.data import tfds_source  # lazy: tensorflow_datasets is optional
-        return tfds_source.open_tfds(cfg)
+        from llama_jax.data.tfds_source import open_tfds  # lazy: tensorflow_datasets is optional
+        return open_tfds(cfg)
     if cfg.kind == SourceKind.PRETOKENIZED:
-        from llama_jax.data import pretokenize  # lazy: array_record is optional
-        return pretokenize.PretokenizedSource(cfg.path)
+        from llama_jax.data.pretokenize import PretokenizedSource  # lazy: grain, array_record
+        return PretokenizedSource(cfg.path)
     raise DataError(f"unknown source kind {cfg.kind}")
