@@ -1,0 +1,221 @@
+"""The LLaMA decoder in Flax linen.
+
+Einsum letters: B batch, T query length, S key length, D model dim, N query heads,
+K kv heads, G = N // K, H head dim, F ffn hidden, V vocab, L layers.
+
+Rotary convention: Meta's interleaved pairs (x[2i], x[2i+1]). Meta's weights load as they
+are; Hugging Face's q/k rows are permuted to rotate halves, and weights.py undoes that
+permutation. Nothing in this file knows about Hugging Face.
+
+Parameters (layers stacked on a leading L axis by nn.scan):
+  tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
+  layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
+  [L,D]; norm/weight [D]; output [D,V].
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax import attention
+from llama_jax.config import ModelConfig, RematPolicy, RopeScaling
+
+Array = Any
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, shape, axes, param_dtype, init=_init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(param_dtype))
+
+
+class RMSNorm(nn.Module):
+    dim: int
+    eps: float
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        w = _param(self, "weight", (self.dim,), ("embed",), self.param_dtype, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)  # statistics in float32, as Meta's reference does
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * w.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Rotary inverse frequencies [H/2], float32, computed as the reference code does."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    # theta**exponent correctly rounded to float32, then a float32 reciprocal: bit for bit
+    # what the reference code computes (angles reach 1e3+ rad, so ulps matter).
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / power
+    if scaling is None:
+        return inv_freq
+    # LLaMA 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    # float32 throughout, with `c / x` as reciprocal(x) * c, the way the reference evaluates it.
+    f32, s = np.float32, scaling
+    orig = s.original_max_position_embeddings
+    wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+    scaled = np.where(wavelen > orig / s.low_freq_factor, inv_freq / f32(s.factor), inv_freq).astype(f32)
+    smooth = ((f32(1) / wavelen) * f32(orig) - f32(s.low_freq_factor)) / f32(s.high_freq_factor - s.low_freq_factor)
+    blended = (f32(1) - smooth) * scaled / f32(s.factor) + smooth * scaled
+    medium = ~(wavelen < orig / s.high_freq_factor) & ~(wavelen > orig / s.low_freq_factor)
+    return np.where(medium, blended, scaled).astype(f32)
+
+
+def rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+    """(sin, cos), float32 [B,T,H/2], for integer positions [B,T]."""
+    inv_freq = jnp.asarray(rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,T,heads,H] by the tables' angles."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B,T,heads,H/2,2]
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
+        c = self.config
+        d, n, kh, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
+        dt = jnp.dtype(c.dtype)
+        wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), c.param_dtype)
+        wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
+        wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
+        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), c.param_dtype)
+        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "query_proj")
+        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
+        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
+        q = nn.with_logical_constraint(apply_rope(q, sin, cos), ("batch", "seq", "heads", "head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
+        if cache is None:
+            out = attention.attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                   impl=c.attention_impl)
+            new_cache = None
+        else:
+            ck, cv = cache  # [B,S,K,H] each: write this block at slot cache_index, attend to all
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            out = attention.attend(q, ck.astype(dt), cv.astype(dt), q_segment_ids=segment_ids,
+                                   kv_segment_ids=kv_segment_ids, q_offset=cache_index)
+            new_cache = (ck, cv)
+        out = checkpoint_name(out, "attention_out")
+        y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+        return checkpoint_name(y, "attention_proj"), new_cache
+
+
+class FeedForward(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        d, f = c.dim, c.ffn_hidden_dim
+        dt = jnp.dtype(c.dtype)
+        w1 = _param(self, "w1", (d, f), ("embed", "mlp"), c.param_dtype)
+        w3 = _param(self, "w3", (d, f), ("embed", "mlp"), c.param_dtype)
+        w2 = _param(self, "w2", (f, d), ("mlp", "embed"), c.param_dtype)
+        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
+        up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(dt)), "mlp_out")
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer, shaped for nn.scan: (x, layer_cache) -> (x, new_layer_cache)."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cache, sin, cos, segment_ids, cache_index, kv_segment_ids):
+        c = self.config
+        h, new_cache = Attention(c, name="attention")(
+            RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="attention_norm")(x),
+            sin, cos, segment_ids, cache, cache_index, kv_segment_ids)
+        x = x + h
+        x = x + FeedForward(c, name="feed_forward")(RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="ffn_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed")), new_cache
+
+
+_REMAT_POLICIES = {
+    RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
+    RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
+    RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    RematPolicy.MINIMAL: jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up"),
+}
+
+
+def _stacked_blocks(config: ModelConfig):
+    block = Block
+    if config.remat_policy is not RematPolicy.NONE:
+        block = nn.remat(Block, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                   length=config.n_layers, unroll=config.scan_unroll,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class Llama(nn.Module):
+    """LLaMA: `apply({"params": p}, tokens)` -> float32 logits [B,T,V].
+
+    Optional `positions` and `segment_ids` ([B,T] int) describe packed rows; with
+    `cache` (from `init_cache`) and `cache_index` (the slot of tokens[:, 0]) it decodes
+    and returns (logits, new_cache).
+    """
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
+        c = self.config
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c.param_dtype)
+        x = jnp.take(emb, tokens, axis=0).astype(jnp.dtype(c.dtype))
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        sin, cos = rope_tables(positions, c)
+        layer_cache, kv_segment_ids = None, None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((b, t), jnp.int32)
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache_index))
+            layer_cache = (cache["k"], cache["v"])
+        x, new_layer_cache = _stacked_blocks(c)(c, name="layers")(
+            x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
+        x = RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="norm")(x)
+        out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+        logits = jnp.einsum("BTD,DV->BTV", x, out.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+        if cache is None:
+            return logits
+        k, v = new_layer_cache
+        return logits, {"k": k, "v": v, "segment_ids": kv_segment_ids}
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: k, v [L,B,S,K,H] and the key slots' segment ids [B,S] (0: empty)."""
+    shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+def param_shapes(config: ModelConfig):
+    """Abstract params (ShapeDtypeStructs, with logical partitioning boxes) without allocating."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(lambda r, t: Llama(config).init(r, t), jax.random.PRNGKey(0), tokens)["params"]

@@ -1,0 +1,158 @@
+"""Model properties that need no reference: caching, packing, causality, sizes, configs."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import Llama, ModelConfig, RopeScaling, init_cache
+from llama_jax import model as M
+
+CFG = ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = Llama(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    # Perturb the norms so that their weights matter.
+    import flax.linen as nn
+    p = nn.unbox(p)
+    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape), p)
+
+
+def _tokens(b, t, seed=0):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t)).astype(np.int32)
+
+
+def test_cached_decoding_equals_full_forward(params):
+    tokens = _tokens(2, 560)
+    full = np.asarray(jax.jit(Llama(CFG).apply)({"params": params}, tokens))
+    prefill = 520
+    cache = init_cache(CFG, 2, 600)
+    step = jax.jit(lambda c, tok, i: Llama(CFG).apply({"params": params}, tok, cache=c, cache_index=i))
+    logits, cache = step(cache, tokens[:, :prefill], 0)
+    np.testing.assert_allclose(logits, full[:, :prefill], rtol=1e-5, atol=1e-5)
+    for i in range(prefill, tokens.shape[1]):  # then one token at a time
+        logits, cache = step(cache, tokens[:, i:i + 1], i)
+        np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5, err_msg=f"position {i}")
+
+
+def test_packed_row_gives_each_document_its_own_logits(params):
+    lengths = [200, 7, 300, 5]  # the last 5 slots are padding (segment 0)
+    docs = [_tokens(1, n, seed=i)[0] for i, n in enumerate(lengths[:3])]
+    row = np.concatenate(docs + [np.zeros(lengths[3], np.int32)])[None]
+    segs = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths[:3])] + [np.zeros(lengths[3])])
+    pos = np.concatenate([np.arange(n) for n in lengths])
+    packed = np.asarray(Llama(CFG).apply({"params": params}, row, positions=pos[None].astype(np.int32),
+                                         segment_ids=segs[None].astype(np.int32)))
+    start = 0
+    for doc in docs:
+        alone = np.asarray(Llama(CFG).apply({"params": params}, doc[None]))
+        np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], rtol=1e-5, atol=1e-5)
+        start += len(doc)
+
+
+def test_changing_a_token_changes_no_earlier_logit(params):
+    tokens = _tokens(1, 520)
+    changed = tokens.copy()
+    changed[0, 300] = (changed[0, 300] + 1) % CFG.vocab_size
+    f = jax.jit(Llama(CFG).apply)
+    a, b = np.asarray(f({"params": params}, tokens)), np.asarray(f({"params": params}, changed))
+    np.testing.assert_array_equal(a[:, :300], b[:, :300])
+    assert np.abs(a[:, 300:] - b[:, 300:]).max(axis=-1).min() > 0  # every later position moved
+
+
+@pytest.mark.parametrize("name,count", [("llama-7b", 6.74e9), ("llama-13b", 13.02e9),
+                                        ("llama-33b", 32.53e9), ("llama-65b", 65.29e9)])
+def test_paper_sizes_by_eval_shape(name, count):
+    cfg = ModelConfig.preset(name)
+    shapes = M.param_shapes(cfg)  # abstract: no memory is allocated
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    n = sum(int(np.prod(x.shape)) for x in leaves)
+    assert n == cfg.num_params()
+    assert round(n / 1e9, 2) == round(count / 1e9, 2), n
+
+
+@pytest.mark.parametrize("name,hidden", [("llama-7b", 11008), ("llama-13b", 13824), ("llama-33b", 17920),
+                                          ("llama-65b", 22016), ("llama2-70b", 28672), ("llama3-8b", 14336),
+                                          ("llama3.1-405b", 53248)])
+def test_ffn_hidden_sizes(name, hidden):
+    assert ModelConfig.preset(name).ffn_hidden_dim == hidden
+
+
+def test_logical_axes_on_every_parameter():
+    shapes = M.param_shapes(CFG)
+    import flax.linen as nn
+    boxed = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
+    for x in boxed:
+        assert len(x.names) == len(x.value.shape)
+    layer_names = shapes["layers"]["attention"]["wq"].names
+    assert layer_names == ("layers", "embed", "heads", "head_dim")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("dim", 130, "divisible by n_heads"), ("n_kv_heads", 3, "multiple of n_kv_heads"),
+    ("dim", 4 * 15, "odd head_dim"), ("norm_eps", 0.0, "norm_eps"), ("vocab_size", 0, "vocab_size"),
+    ("dtype", "float8", "dtype"), ("attention_impl", "flash9", "attention_impl"),
+])
+def test_invalid_configs_fail_naming_field_and_value(field, value, needle):
+    with pytest.raises(ValueError, match=needle) as e:
+        CFG.replace(**{field: value})
+    assert field in str(e.value) and repr(value) in str(e.value)
+
+
+def test_unknown_rope_type_fails():
+    with pytest.raises(ValueError, match="unknown rope type 'yarn'"):
+        RopeScaling(rope_type="yarn")
+    with pytest.raises(ValueError, match="unknown rope type 'dynamic'"):
+        ModelConfig.from_hf_config({**ModelConfig.preset("llama3-8b").to_hf_config(),
+                                    "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None})
+
+
+@pytest.mark.parametrize("name", ["llama-7b", "llama-65b", "llama2-70b", "llama3-8b", "llama3.1-405b", "tiny"])
+def test_meta_and_hf_configs_round_trip(name, tmp_path):
+    cfg = ModelConfig.preset(name)
+    meta = json.loads(json.dumps(cfg.to_meta_params()))
+    back = ModelConfig.from_meta_params(meta, max_seq_len=cfg.max_seq_len)
+    assert back == cfg
+    hf = json.loads(json.dumps(cfg.to_hf_config()))
+    from_hf = ModelConfig.from_hf_config(hf)
+    # HF stores the FFN size, not Meta's recipe for it: the size must survive.
+    assert from_hf.ffn_hidden_dim == cfg.ffn_hidden_dim
+    assert from_hf.replace(multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_meta_params_json_as_shipped():
+    # Llama 2 70B's params.json, vocab_size -1 ("from the tokenizer").
+    shipped = {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+               "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}
+    cfg = ModelConfig.from_meta_params(shipped, vocab_size=32000, max_seq_len=4096)
+    assert cfg == ModelConfig.preset("llama2-70b")
+    with pytest.raises(ValueError, match="vocab_size is -1"):
+        ModelConfig.from_meta_params(shipped)
+    with pytest.raises(ValueError, match="missing key 'dim'"):
+        ModelConfig.from_meta_params({"n_layers": 2})
+
+
+def test_hf_config_v4_style_with_rope_scaling():
+    hf = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+          "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
+          "max_position_embeddings": 131072, "tie_word_embeddings": False,
+          "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    assert ModelConfig.from_hf_config(hf) == ModelConfig.preset("llama3.1-8b")
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        ModelConfig.from_hf_config({**hf, "tie_word_embeddings": True})
+
+
+def test_execution_fields_stay_out_of_the_architecture():
+    a = CFG.replace(dtype="bfloat16", remat_policy="full", attention_impl="xla")
+    assert a.architecture == CFG.architecture and a.to_meta_params() == CFG.to_meta_params()
+    assert a.remat_policy.value == "full"  # strings are converted to enums once, at construction
+    assert dataclasses.replace(a, dtype="float32", remat_policy="none", attention_impl="auto") == CFG
