@@ -1,0 +1,78 @@
+"""Device mesh over ("data", "fsdp", "tensor") and the one table from logical to mesh axes.
+
+The model names logical axes only (batch, seq, embed, heads, kv_heads, head_dim, mlp,
+vocab, layers). `RULES` maps them: parameters are sharded FSDP-style over "fsdp" on their
+embed axis and tensor-parallel over "tensor" on heads/mlp/vocab; the batch over
+("data", "fsdp"). Use `activate(mesh)` around tracing so that the model's logical
+constraints resolve.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Fill one -1 in (data, fsdp, tensor) with what the other axes leave of n_devices."""
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if n_devices % known:
+            raise ValueError(f"mesh shape {tuple(shape)} does not divide {n_devices} devices")
+        shape[shape.index(-1)] = n_devices // known
+    if int(np.prod(shape)) != n_devices:
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {n_devices}")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
+    """A mesh over (data, fsdp, tensor); default: FSDP over every device."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(shape, len(devices))
+    # Auto axes: the model's logical constraints (with_sharding_constraint) need them.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=RULES):
+    """Make `mesh` and the logical rules current (for tracing the model under jit)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_to_shardings(boxed_tree, mesh: Mesh, rules=RULES):
+    """NamedShardings for a tree of flax LogicallyPartitioned boxes (e.g. from eval_shape)."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def logical_sharding(mesh: Mesh, names: Sequence[str | None], rules=RULES) -> NamedSharding:
+    """The NamedSharding of one array with the given logical axis names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
