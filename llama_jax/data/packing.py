@@ -102,10 +102,11 @@ def pack_documents(docs: list[list[int]], seq_len: int, bos: int, eos: int) -> l
             room = seq_len + 1 - used
             piece, toks = toks[:room], toks[room:]
             k += 1
-            stream += piece; seg += [k] * len(piece); pos += list(range(len(piece)))
+            stream, seg, pos = stream + piece, seg + [k] * len(piece), pos + list(range(len(piece)))
             used += len(piece)
             if used == seq_len + 1:
-                rows.append((stream, seg, pos)); stream, seg, pos, used, k = [], [], [], 0, 0
+                rows.append((stream, seg, pos))
+                stream, seg, pos, used, k = [], [], [], 0, 0
     if used:
         pad = seq_len + 1 - used
         rows.append((stream + [0] * pad, seg + [0] * pad, pos + [0] * pad))

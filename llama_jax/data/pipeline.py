@@ -66,7 +66,7 @@ def _source_dataset(src, cfg: SourceConfig, index: int, data: DataConfig, tokeni
     import grain
     if not hasattr(src, "__getitem__"):  # sequential fallback (tfds.load): shard inside the reader
         from llama_jax.data.tfds_source import iterable_dataset
-        return iterable_dataset(src.records(shard_index, shard_count)).map(tokenize)
+        return iterable_dataset(src.records(shard_index, shard_count, data.num_epochs)).map(tokenize)
     ds = grain.MapDataset.source(src)[shard_index::shard_count]
     if len(ds) == 0:
         raise DataError(f"{cfg.describe()}: {len(src)} documents cannot feed {shard_count} shards "

@@ -7,6 +7,7 @@ local files.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from typing import Any, Callable, Iterable
 
 from llama_jax.data.config import DataError, SourceConfig
@@ -67,15 +68,19 @@ class TfdsLoadSource:
         self.cfg, self.name = cfg, cfg.describe()
         self.decode_errors = _DecodeCounter()
 
-    def records(self, shard_index: int, shard_count: int) -> Callable[[], Iterable[str]]:
-        """A factory of this shard's documents in a fixed order."""
+    def records(self, shard_index: int, shard_count: int,
+                num_epochs: int | None) -> Callable[[], Iterable[str]]:
+        """A factory of this shard's documents in a fixed order (not shuffled), repeated
+        `num_epochs` times (None: forever)."""
         def factory():
             import tensorflow_datasets as tfds
             split = tfds.even_splits(self.cfg.split, n=shard_count, drop_remainder=False)[shard_index]
-            ds = tfds.load(self.cfg.name, split=split, data_dir=self.cfg.data_dir,
-                           shuffle_files=False, download=False)
-            for i, ex in enumerate(tfds.as_numpy(ds)):
-                yield self.decode_errors.decode(ex[self.cfg.field], f"{self.name} record {i}")
+            epochs = itertools.count() if num_epochs is None else range(num_epochs)
+            for _ in epochs:
+                ds = tfds.load(self.cfg.name, split=split, data_dir=self.cfg.data_dir,
+                               shuffle_files=False, download=False)
+                for i, ex in enumerate(tfds.as_numpy(ds)):
+                    yield self.decode_errors.decode(ex[self.cfg.field], f"{self.name} record {i}")
         return factory
 
 
