@@ -56,7 +56,9 @@ def open_tfds(cfg: SourceConfig):
         # Prepared as tfrecord (no random access) or a bad split name.
         if "file format" in str(e) and importlib.util.find_spec("tensorflow") is not None:
             return TfdsLoadSource(cfg)
-        raise DataError(f"{cfg.describe()}: cannot open through tfds.data_source: {e}") from None
+        hint = (" (prepared as tfrecord: rebuild with `tfds build --file_format=array_record` or install "
+                "tensorflow-cpu for the tfds.load fallback)") if "file format" in str(e) else ""
+        raise DataError(f"{cfg.describe()}: cannot open through tfds.data_source: {e}{hint}") from None
     return TfdsSource(records, cfg)
 
 
