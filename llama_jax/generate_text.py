@@ -1,0 +1,92 @@
+"""Text in, text out: a tokenizer around `generate`, and checkpoint loading for it.
+
+The tokenizer is duck-typed (`encode(text, bos=True)`, `decode(ids)`, `eos_id`,
+`vocab_size`), e.g. `llama_jax.data.Tokenizer`; nothing here imports sentencepiece.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from llama_jax.config import ModelConfig
+from llama_jax.generate import generate
+
+
+class _TextStream:
+    """Turns per-step token ids into per-row text pieces (decoding whole prefixes, so that
+    multi-token characters and SentencePiece's leading spaces come out right)."""
+
+    def __init__(self, tokenizer, n_rows: int, on_text: Callable[[int, str], None]):
+        self.tok, self.on_text = tokenizer, on_text
+        self.ids = [[] for _ in range(n_rows)]
+        self.sent = [0] * n_rows
+
+    def __call__(self, step: int, tokens: np.ndarray):
+        for r, t in enumerate(tokens):
+            if t < 0:
+                continue
+            self.ids[r].append(int(t))
+            text = self.tok.decode(self.ids[r])
+            if text.endswith("\ufffd"):  # an unfinished UTF-8 character: wait for its other bytes
+                continue
+            if len(text) > self.sent[r]:
+                self.on_text(r, text[self.sent[r]:])
+                self.sent[r] = len(text)
+
+
+def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
+                  *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, top_k: int | None = None,
+                  stream: Callable[[int, str], None] | None = None, mesh=None) -> list[str]:
+    """Continue each text prompt; returns the new text per prompt (without the prompt).
+
+    Prompts are encoded with bos, generation stops at the tokenizer's eos, and
+    `stream(row, text_piece)` receives text as it is produced.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{config.vocab_size}: wrong tokenizer for this checkpoint?")
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    on_step = None if stream is None else _TextStream(tokenizer, len(ids), stream)
+    out = generate(config, params, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   top_k=top_k, stop_ids=stops, stream=on_step, mesh=mesh)
+    return [tokenizer.decode(row) for row in out]
+
+
+def _foreign_format(path: str) -> str | None:
+    if glob.glob(os.path.join(path, "consolidated.*.pth")):
+        return "meta"
+    if glob.glob(os.path.join(path, "*.safetensors")) or glob.glob(os.path.join(path, "pytorch_model*.bin")):
+        return "hf"
+    return None
+
+
+def load_for_generation(path: str, dtype: str | None = None, mesh=None):
+    """(config, params) of one of our checkpoints; a clear error for anything else."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r}: no such directory")
+    source = _foreign_format(path)
+    if source:
+        raise ValueError(f"{path} holds a {'Meta' if source == 'meta' else 'Hugging Face'} PyTorch checkpoint, "
+                         f"not a llama_jax one; convert it first: python convert/to_orbax.py --source {source} "
+                         f"--input {path} --output OUT_DIR")
+    from llama_jax.checkpoint import load_checkpoint
+    try:
+        return load_checkpoint(path, dtype=dtype, mesh=mesh)
+    except (FileNotFoundError, KeyError) as e:
+        raise ValueError(f"{path} is not a llama_jax checkpoint (made by convert/to_orbax.py or "
+                         f"save_params): {e}") from e
+
+
+def find_tokenizer(checkpoint: str, explicit: str | None = None):
+    """`explicit`, else a tokenizer.model beside the checkpoint; a llama_jax.data.Tokenizer."""
+    from llama_jax.data import Tokenizer
+    path = explicit or os.path.join(checkpoint, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise ValueError(f"no tokenizer at {path}: pass --tokenizer PATH/tokenizer.model")
+    return Tokenizer(path)
