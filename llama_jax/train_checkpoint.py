@@ -1,0 +1,130 @@
+"""Train-state checkpoints: Orbax CheckpointManager, async, last N kept.
+
+Layout of one step (`WORKDIR/checkpoints/<step>/`):
+  params/            the float32 parameters (StandardSave), sharded writes by every process
+  opt_state/         the optax state
+  data/              data-iterator state, one JSON per input shard (`shard_<i>-of-<n>.json`)
+  meta/              {"step": ...}
+  model_config.json  (and tokenizer.model when known) beside params/, so that
+                     `llama_jax.load_checkpoint(step_dir)` reads a training step directly.
+  files/             (empty: the item whose handler writes the two files above)
+Orbax writes a step into a temporary directory and renames it when complete, so a kill
+-9 at any moment leaves the previous steps intact; leftovers are cleaned on the next start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Per-input-shard iterator states: each process writes and reads its own shards."""
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        for shard, state in args.states.items():
+            (directory / f"shard_{shard}-of-{args.shard_count}.json").write_text(json.dumps(state))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore") -> dict[int, Any]:
+        out = {}
+        for shard in args.shards:
+            path = directory / f"shard_{shard}-of-{args.shard_count}.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no data state for input shard {shard} of {args.shard_count} "
+                                        f"(was the run saved with another data.shards?)")
+            out[shard] = json.loads(path.read_text())
+        return out
+
+    def metadata(self, directory):
+        return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    states: dict[int, Any]
+    shard_count: int
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    shards: tuple[int, ...]
+    shard_count: int
+
+
+class StepFilesHandler(ocp.CheckpointHandler):
+    """Writes small files into the step directory itself (beside params/).
+
+    The item directory's parent is the step's temporary directory, renamed as a whole
+    when the step completes: the files appear atomically with the rest of the step.
+    """
+
+    def save(self, directory: epath.Path, args: "StepFilesSave"):
+        if jax.process_index() == 0:
+            for name, data in args.files.items():
+                (directory.parent / name).write_bytes(data)
+
+    def restore(self, directory: epath.Path, args=None):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+
+@ocp.args.register_with_handler(StepFilesHandler, for_save=True)
+@dataclasses.dataclass
+class StepFilesSave(ocp.args.CheckpointArgs):
+    files: dict[str, bytes]
+
+
+@ocp.args.register_with_handler(StepFilesHandler, for_restore=True)
+@dataclasses.dataclass
+class StepFilesRestore(ocp.args.CheckpointArgs):
+    """Unused (the files are read directly); Orbax wants a restore type per handler."""
+
+
+def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager over `directory` keeping the last `keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], shard_count: int,
+         files: dict[str, bytes]) -> None:
+    """Starts an (async) save of `state` at its step; every process must call it."""
+    step = int(state.step)
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        data=DataStateSave(data_states, shard_count),
+        meta=ocp.args.JsonSave({"step": step}),
+        files=StepFilesSave(files),
+    ), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings, shards: tuple[int, ...],
+            shard_count: int):
+    """(state, data states) of `step`, each array restored directly onto `shardings`
+    (which may describe another mesh than the one that saved it)."""
+    def target(tree, shard_tree):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard_tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target(abstract_state.params, shardings.params)),
+        opt_state=ocp.args.StandardRestore(target(abstract_state.opt_state, shardings.opt_state)),
+        data=DataStateRestore(tuple(shards), shard_count),
+        meta=ocp.args.JsonRestore(),
+    ))
+    if restored.meta["step"] != step:
+        raise ValueError(f"checkpoint {step}: meta says step {restored.meta['step']}")
+    state = abstract_state.replace(
+        step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
+        params=restored.params, opt_state=restored.opt_state)
+    return state, restored.data

@@ -1,0 +1,88 @@
+"""The training recipe as an ml_collections ConfigDict: defaults and typed readers.
+
+`configs/*.py` start from `base_config()` and change what they need; `train.py` lets any
+key be overridden as `--config.KEY=VALUE` (config_flags rejects unknown keys and wrong
+types, listing the valid ones). Every ModelConfig field is a key under `model`, filled
+from a preset, so `--config.model.n_layers=4` works like any other override.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import ml_collections
+from ml_collections import config_dict
+
+from llama_jax.config import ModelConfig
+from llama_jax.optim import OptimizerConfig
+
+# Fields that may be None in a ModelConfig: ml_collections needs their type to accept
+# an override, hence typed placeholders.
+_OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "rope_scaling": dict}
+
+
+def model_dict(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """All fields of `ModelConfig.preset(preset, **overrides)` as a ConfigDict, plus `preset`."""
+    cfg = ModelConfig.preset(preset, **overrides)
+    d = ml_collections.ConfigDict()
+    d.preset = preset  # informational: the fields below are what is used
+    for f in dataclasses.fields(ModelConfig):
+        v = getattr(cfg, f.name)
+        if isinstance(v, enum.Enum):
+            v = v.value
+        elif dataclasses.is_dataclass(v):
+            v = dataclasses.asdict(v)
+        elif v is None:
+            v = config_dict.placeholder(_OPTIONAL_TYPES[f.name])
+        setattr(d, f.name, v)
+    return d
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig a training config describes."""
+    d = cfg.model.to_dict()
+    d.pop("preset")
+    return ModelConfig.from_dict(d, source="config.model")
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    return OptimizerConfig.from_dict(cfg.optimizer)
+
+
+def data_dict(sources: list[dict], tokenizer: str = "") -> ml_collections.ConfigDict:
+    """`data`: DataConfig's fields plus `tokenizer` (a .model path; "": train one on the
+    training sources with the model's vocab_size, saved in the workdir) and `shards`
+    (input shards; 0: one per process. Fix it to resume on another process count)."""
+    d = ml_collections.ConfigDict()
+    d.tokenizer = tokenizer
+    d.shards = 0
+    d.sources = sources
+    d.shuffle = True
+    d.read_threads = 2
+    d.prefetch_buffer = 256
+    return d
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for every key; a config file changes some of them."""
+    c = ml_collections.ConfigDict()
+    c.steps = 1000               # optimizer updates to run (resume continues to this)
+    c.log_every = 10
+    c.eval_every = 200           # 0: never (an eval also runs at the last step)
+    c.eval_batches = 4
+    c.checkpoint_every = 500     # also saved at the last step and on SIGTERM/SIGINT
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.seed = 0
+    c.mesh = (1, -1, 1)          # (data, fsdp, tensor); one -1 takes the remaining devices
+    c.batch_size = 8             # global, in sequences
+    c.seq_len = 256
+    c.micro_batches = 1          # gradient accumulation: batch_size / micro_batches rows at a time
+    c.model = model_dict("tiny")
+    c.data = data_dict([{"kind": "stdlib", "split": "train"}])
+    c.eval_data = ml_collections.ConfigDict({"sources": [{"kind": "stdlib", "split": "eval"}]})
+    c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
+    c.init_from = ""             # params-only checkpoint directory to fine-tune from
+    c.peak_tflops = 0.0          # per device, for MFU; 0: look up the device kind
+    c.sample = ml_collections.ConfigDict({"prompt": "def ", "max_new_tokens": 0, "temperature": 0.0})
+    return c

@@ -1,0 +1,148 @@
+"""TrainState, sharded init from shapes, and the pure train/eval steps.
+
+Shapes first: `jax.eval_shape` gives the abstract state with its logical axis names,
+`sharding.logical_to_shardings` turns them into NamedShardings, and a jitted init with
+those `out_shardings` creates every parameter directly in its shard: no process ever
+holds the full unsharded parameters.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import sharding
+from llama_jax.config import ModelConfig
+from llama_jax.model import Llama
+
+BATCH_AXES = ("batch", "seq")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # int32 scalar: optimizer updates applied so far
+    params: Any          # float32 master parameters
+    opt_state: Any       # optax state (float32)
+
+
+def _init_fn(config: ModelConfig, tx: optax.GradientTransformation) -> Callable:
+    def init(rng):
+        # Batch 1: the forward pass init traces is dead code for the outputs (params only).
+        params = Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return init
+
+
+def abstract_state(config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+    """The state's shapes, boxed with logical axis names (optimizer moments mirror params)."""
+    return jax.eval_shape(_init_fn(config, tx), jax.random.PRNGKey(0))
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings for every leaf of an abstract (boxed) state; scalars are replicated."""
+    return sharding.logical_to_shardings(abstract, mesh)
+
+
+def init_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng) -> TrainState:
+    """A freshly initialised state, each array created directly in its shard."""
+    shardings = state_shardings(abstract_state(config, tx), mesh)
+    init = _init_fn(config, tx)
+    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def state_from_params(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """A step-0 state around given (already sharded) params: fine-tuning from a checkpoint."""
+    def make(p):
+        p = jax.tree.map(lambda x: x.astype(jnp.float32), p)  # float32 master copy
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+    return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Where a [B, T] batch lives: rows over ("data", "fsdp"), positions unsplit."""
+    return sharding.logical_sharding(mesh, BATCH_AXES)
+
+
+def token_losses(config: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked next-token cross-entropies, number of counted tokens), float32."""
+    logits = Llama(config).apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                 segment_ids=batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # float32 [B,T]
+    mask = batch["loss_mask"]
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def _micro_batches(batch, n: int):
+    """[B, T] -> [n, B/n, T] taking rows with stride n, so every device's contiguous block
+    of rows feeds every micro-batch (no device idles in any of them)."""
+    def split(x):
+        b = x.shape[0]
+        if b % n:
+            raise ValueError(f"batch of {b} rows does not split into {n} micro-batches")
+        return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _gradients(config: ModelConfig, params, batch, micro_batches: int):
+    """Mean loss and its gradient over the whole batch, by token count of the loss mask.
+
+    Micro-batch m contributes grad(sum_m / N) with N the whole batch's token count, so
+    the sum over micro-batches is exactly the gradient of the global mean.
+    """
+    total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    def part(p, mb):
+        s, _ = token_losses(config, p, mb)
+        return s / total
+    grad_fn = jax.value_and_grad(part)
+    if micro_batches == 1:
+        return (*grad_fn(params, batch), total)
+    def body(acc, mb):
+        loss, g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (loss, g)), None
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, _micro_batches(batch, micro_batches))
+    return loss, grads, total
+
+
+def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, shardings: TrainState, micro_batches: int = 1) -> Callable:
+    """jitted `(state, batch) -> (state, metrics)`; the state is donated.
+
+    metrics: loss (mean over counted tokens), tokens (counted), grad_norm (before
+    clipping), lr (the rate this update used).
+    """
+    def step(state: TrainState, batch):
+        loss, grads, total = _gradients(config, state.params, batch, micro_batches)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "tokens": total, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    bs = batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    jitted = jax.jit(step, in_shardings=(shardings, bs), out_shardings=(shardings, rep), donate_argnums=0)
+    return _traced_under(mesh, jitted)
+
+
+def make_eval_step(config: ModelConfig, mesh: Mesh, param_shardings) -> Callable:
+    """jitted `(params, batch) -> {"loss_sum", "tokens"}` (sum, so batches can be pooled)."""
+    def step(params, batch):
+        s, n = token_losses(config, params, batch)
+        return {"loss_sum": s, "tokens": n}
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
+                     out_shardings=sharding.replicated(mesh))
+    return _traced_under(mesh, jitted)
+
+
+def _traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    # The model's logical constraints resolve only while the mesh and rules are active.
+    def call(*args):
+        with sharding.activate(mesh):
+            return fn(*args)
+    return call

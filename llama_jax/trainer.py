@@ -1,0 +1,222 @@
+"""The training loop behind train.py: set up (mesh, state, input, checkpoints), run, finish.
+
+`train(cfg, workdir)` resumes from the latest checkpoint under WORKDIR/checkpoints when
+there is one, else initialises from `cfg.init_from` (a params-only checkpoint) or from
+scratch. A `StopRequest` (set by train.py's SIGTERM/SIGINT handler) ends the run after
+the current step with a checkpoint. A non-finite loss or gradient norm raises
+`NonFiniteLoss` before anything of that step is saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from llama_jax import metrics as metrics_lib
+from llama_jax import optim, sharding, train_checkpoint, train_config, train_state
+from llama_jax.config import ModelConfig
+from llama_jax.data import DataConfig
+from llama_jax.train_input import ShardedInput, tokenizer_for
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class StopRequest:
+    requested: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    model: ModelConfig
+    mesh: Any
+    tokenizer: Any
+    shardings: Any
+    abstract: Any           # unboxed abstract TrainState (ShapeDtypeStructs)
+    state: Any
+    input: ShardedInput
+    manager: Any
+    writer: metrics_lib.MetricsWriter
+    train_step: Callable
+    eval_step: Callable
+    start_step: int
+
+
+def _model_from_init(cfg, model: ModelConfig, mesh):
+    """(model config, params) from `init_from`: its architecture, our execution fields."""
+    from llama_jax import load_checkpoint
+    loaded, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
+    execution = {k: v for k, v in model.to_dict().items() if k not in loaded.architecture}
+    return ModelConfig.from_dict({**loaded.architecture, **execution}), params
+
+
+def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Builds everything a run needs; restores the latest checkpoint if there is one."""
+    mesh = sharding.make_mesh(tuple(cfg.mesh))
+    model = train_config.model_config(cfg)
+    manager = train_checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
+                                            cfg.async_checkpoints)
+    latest = manager.latest_step()
+    init_params = None
+    if cfg.init_from and latest is None:
+        model, init_params = _model_from_init(cfg, model, mesh)
+    opt_cfg = train_config.optimizer_config(cfg)
+    tx, schedule = optim.make_optimizer(opt_cfg, cfg.steps), optim.lr_schedule(opt_cfg, cfg.steps)
+    boxed = train_state.abstract_state(model, tx)
+    shardings = train_state.state_shardings(boxed, mesh)
+    abstract = nn.unbox(boxed)
+
+    data_d = cfg.data.to_dict()
+    tok_path, shard_count = data_d.pop("tokenizer"), data_d.pop("shards") or jax.process_count()
+    data = DataConfig.from_dict(data_d)
+    tokenizer = tokenizer_for(tok_path, data, model.vocab_size, workdir)
+    inp = ShardedInput(data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, shard_count,
+                       train_state.batch_sharding(mesh))
+    if latest is not None:
+        state, data_states = train_checkpoint.restore(manager, latest, abstract, shardings, inp.shards, shard_count)
+        inp.set_states(data_states)
+        log.info("resumed from %s/checkpoints/%d", workdir, latest)
+    elif init_params is not None:
+        state = train_state.state_from_params(init_params, tx, shardings)
+        log.info("initialised from %s", cfg.init_from)
+    else:
+        state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
+    return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
+               abstract=abstract, state=state, input=inp, manager=manager,
+               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0),
+               train_step=train_state.make_train_step(model, tx, schedule, mesh, shardings, cfg.micro_batches),
+               eval_step=train_state.make_eval_step(model, mesh, shardings.params),
+               start_step=0 if latest is None else latest)
+
+
+def _step_files(run: Run) -> dict[str, bytes]:
+    files = {"model_config.json": json.dumps(run.model.to_dict(), indent=2).encode()}
+    tok_path = getattr(run.tokenizer, "path", "")
+    if os.path.isfile(tok_path):
+        with open(tok_path, "rb") as f:
+            files["tokenizer.model"] = f.read()
+    return files
+
+
+def save(run: Run) -> None:
+    """Starts an async checkpoint of the current state (collective: every process calls it)."""
+    train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count,
+                          _step_files(run))
+
+
+def evaluate(run: Run) -> float:
+    """Mean loss over the first `eval_batches` batches of the held-out sources (the same
+    batches every time, so evaluations are comparable)."""
+    cfg = run.cfg
+    sources = cfg.eval_data.to_dict()["sources"]
+    if not sources or cfg.eval_batches <= 0:
+        return math.nan
+    data = DataConfig.from_dict({"sources": sources, "shuffle": False})
+    it = ShardedInput(data, run.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, run.input.shard_count,
+                      train_state.batch_sharding(run.mesh))
+    loss_sum = tokens = 0.0
+    for _ in range(cfg.eval_batches):
+        out = run.eval_step(run.state.params, next(it))
+        loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+    return loss_sum / max(tokens, 1.0)
+
+
+class _Logger:
+    """Reads a step's metrics (blocking), checks them, logs every `log_every` steps with
+    throughput and MFU over the steps since the previous log."""
+
+    def __init__(self, run: Run, on_log: Callable | None):
+        cfg = run.cfg
+        self.run, self.on_log = run, on_log
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.flops_per_token = metrics_lib.flops_per_token(run.model, cfg.seq_len)
+        self.peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
+        self.since_step, self.since = run.start_step, time.perf_counter()
+        self.last: dict = {}
+
+    def read(self, step: int, device_metrics, force_log: bool = False, extra: dict | None = None) -> dict:
+        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise NonFiniteLoss(
+                f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite. Stopped without "
+                f"saving this step; the last good checkpoint in {self.run.workdir}/checkpoints is kept. "
+                f"Resume from it with a lower optimizer.peak_lr or longer optimizer.warmup_steps.")
+        self.last = m
+        if force_log or step % self.run.cfg.log_every == 0:
+            now = time.perf_counter()
+            tps = (step - self.since_step) * self.tokens_per_step / max(now - self.since, 1e-9)
+            row = {**m, "tokens_per_s": tps,
+                   "mfu": metrics_lib.mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
+                   **(extra or {})}
+            self.run.writer.write(step, row)
+            if self.on_log:
+                self.on_log(step, row)
+            self.since_step, self.since = step, time.perf_counter()
+        return m
+
+
+def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
+    cfg, step = run.cfg, run.start_step
+    logger, pending, saved = _Logger(run, on_log), None, run.start_step
+    while step < cfg.steps and not stop.requested:
+        run.state, m = run.train_step(run.state, next(run.input))
+        step += 1
+        if pending is not None:  # read the previous step while this one runs
+            logger.read(*pending)
+        pending = (step, m)
+        do_eval = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+        do_save = step == cfg.steps or step % cfg.checkpoint_every == 0 or stop.requested
+        if do_eval or do_save:
+            # A step is checked (finite) before it is saved; an eval joins its log row.
+            extra = {"eval_loss": evaluate(run)} if do_eval else None
+            logger.read(step, m, force_log=do_eval, extra=extra)
+            pending = None
+            if do_save:
+                save(run)
+                saved = step
+    if pending is not None:
+        logger.read(*pending)
+    if step != saved:
+        save(run)
+    return step
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None = None,
+          on_log: Callable | None = None) -> dict:
+    """Runs (or resumes) training to `cfg.steps`; returns {"step", "loss", "sample"}."""
+    run = setup(cfg, workdir)
+    logger_last: dict = {}
+    try:
+        step = _loop(run, stop or StopRequest(), _chain(on_log, logger_last))
+    finally:
+        run.manager.wait_until_finished()  # in-flight saves are of checked, good steps
+        run.writer.close()
+    out = {"step": step, "loss": logger_last.get("loss"), "eval_loss": logger_last.get("eval_loss")}
+    s = cfg.sample
+    if s.max_new_tokens > 0 and jax.process_count() == 1:
+        from llama_jax.train_sample import sample_text
+        out["sample"] = sample_text(run.model, run.state.params, run.tokenizer, s.prompt, s.max_new_tokens,
+                                    s.temperature, cfg.seed)
+    return out
+
+
+def _chain(on_log: Callable | None, last: dict) -> Callable:
+    def f(step, row):
+        last.update(row)
+        if on_log:
+            on_log(step, row)
+    return f

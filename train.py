@@ -1,0 +1,81 @@
+"""Train LLaMA: python train.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
+
+Writes DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard and Orbax checkpoints in
+DIR/checkpoints; resumes from the latest checkpoint in DIR. SIGTERM/SIGINT: finish the
+step, save, exit 0. A non-finite loss: exit 1, the last good checkpoint kept.
+
+Several processes (pods, clusters): jax.distributed is initialised from the environment
+on TPU pods, SLURM and Open MPI, or from --coordinator_address/--num_processes/--process_id.
+"""
+import logging
+import os
+import signal
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()", lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory (metrics, checkpoints)", required=True)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed")
+flags.DEFINE_integer("num_processes", None, "number of processes, for jax.distributed")
+flags.DEFINE_integer("process_id", None, "this process's index, for jax.distributed")
+FLAGS = flags.FLAGS
+
+
+def _multi_process_env() -> bool:
+    """True when a cluster launcher says there are several processes (auto-detection)."""
+    env = os.environ
+    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+
+
+def _init_distributed():
+    import jax
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif _multi_process_env():
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    _init_distributed()
+    import jax
+    from tqdm import tqdm
+    from llama_jax import trainer
+
+    lead = jax.process_index() == 0
+    # Orbax logs every save step at INFO through absl: keep ours, quiet theirs.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("llama_jax").setLevel(logging.INFO if lead else logging.WARNING)
+    cfg = FLAGS.config
+    stop = trainer.StopRequest()
+    def on_signal(signum, _frame):
+        stop.requested = True  # the loop finishes the step, saves and returns
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    bar = tqdm(total=cfg.steps, disable=not lead, dynamic_ncols=True)
+    def on_log(step, row):
+        bar.n = step
+        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "lr", "eval_loss") if row.get(k) is not None})
+    try:
+        out = trainer.train(cfg, FLAGS.workdir, stop=stop, on_log=on_log)
+    except trainer.NonFiniteLoss as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    bar.close()
+    if lead:
+        why = " (stopped by signal)" if stop.requested else ""
+        print(f"step {out['step']}{why}: loss {out['loss']}, eval loss {out['eval_loss']}; "
+              f"checkpoints in {os.path.join(FLAGS.workdir, 'checkpoints')}")
+        if "sample" in out:
+            print("sample:\n" + out["sample"])
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
