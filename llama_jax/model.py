@@ -199,12 +199,37 @@ class Llama(nn.Module):
             x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
         x = RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="norm")(x)
         out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
-        logits = jnp.einsum("BTD,DV->BTV", x, out.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = output_logits(x, out.astype(x.dtype))
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
         if cache is None:
             return logits
         k, v = new_layer_cache
         return logits, {"k": k, "v": v, "segment_ids": kv_segment_ids}
+
+
+@jax.custom_vjp
+def output_logits(x, w):
+    """float32 logits x @ w ("BTD,DV->BTV"), whose backward stays in x's dtype.
+
+    The float32 cotangent would otherwise turn both backward matmuls (the largest in a
+    small model) into float32 matmuls: it is cast to the compute dtype first.
+    """
+    return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+
+
+def _output_logits_fwd(x, w):
+    return output_logits(x, w), (x, w)
+
+
+def _output_logits_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("BTV,DV->BTD", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("BTD,BTV->DV", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
