@@ -1,0 +1,42 @@
+"""Convert a Meta or Hugging Face PyTorch checkpoint to a params-only Orbax checkpoint.
+
+    python convert/to_orbax.py --source meta --input llama-7b/ --output ckpt/llama-7b
+    python convert/to_orbax.py --source hf --input Llama-3.1-8B/ --output ckpt/l31-8b --dtype bfloat16
+
+Streams tensor by tensor (peak memory is a few layers, not the checkpoint); the output
+appears only when complete. Read it with `llama_jax.load_checkpoint(OUTPUT)`.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+
+from llama_jax import conversion  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, choices=["meta", "hf"])
+    p.add_argument("--input", required=True, help="folder with params.json + consolidated.*.pth, or config.json + weights")
+    p.add_argument("--output", required=True, help="checkpoint folder to create")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="store the params in this dtype (default: as stored in the source)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    bar = tqdm(unit="tensor", desc="to_orbax")
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
+                                 overwrite=args.overwrite, progress=progress)
+    bar.close()
+    print(f"wrote {args.output}: {config.n_layers} layers, dim {config.dim}, params {config.param_dtype}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Params-only checkpoints: save, find and load (onto a mesh) with the model config.
+
+A params-only checkpoint directory holds
+  model_config.json   ModelConfig.to_dict()
+  params/             an Orbax PyTree checkpoint of the params in our stacked layout
+  tokenizer files     copied from the source, when known (tokenizer.model, tokenizer.json ...)
+A training step directory (`WORKDIR/checkpoints/<step>/`) has the same two entries beside
+its other items, so `load_checkpoint` reads a step, a workdir or its `checkpoints/`
+directory (the latest step) as well.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llama_jax import model as model_lib
+from llama_jax.config import ModelConfig
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _is_checkpoint(d: Path) -> bool:
+    return (d / CONFIG_FILE).is_file() and (d / PARAMS_DIR).is_dir()
+
+
+def _steps(d: Path) -> list[Path]:
+    """Completed step directories (integer names; Orbax's temporary dirs have suffixes)."""
+    return sorted((p for p in d.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The directory holding model_config.json and params/: `path` itself, or the latest
+    step of a training workdir or of its checkpoints/ directory."""
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"not a llama_jax checkpoint: {d} does not exist or is not a directory")
+    if _is_checkpoint(d):
+        return d
+    for root in (d / "checkpoints", d):
+        steps = [s for s in _steps(root)] if root.is_dir() else []
+        if steps:
+            latest = steps[-1]
+            if not _is_checkpoint(latest):
+                raise ValueError(f"not a llama_jax checkpoint: latest step {latest} has no {CONFIG_FILE} "
+                                 f"and {PARAMS_DIR}/ (expected {latest / CONFIG_FILE})")
+            return latest
+    raise ValueError(f"not a llama_jax checkpoint: no {CONFIG_FILE} and {PARAMS_DIR}/ in {d} "
+                     f"(nor step directories in {d} or {d / 'checkpoints'})")
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory beside `path`; rename it to `path` on success.
+
+    A failed or interrupted write leaves no directory that looks like a checkpoint.
+    """
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files found in `src` to `dst`; returns their names."""
+    found = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    for n in found:
+        shutil.copyfile(Path(src) / n, Path(dst) / n)
+    return found
+
+
+def save_params(path: str | os.PathLike, params, config: ModelConfig, overwrite: bool = False,
+                tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a params-only checkpoint (model_config.json + params/) to `path`, atomically."""
+    params = nn.unbox(params)
+    found = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
+    check_params_tree(abstract_params(config), found, str(path))
+    with output_dir(path, overwrite) as tmp:
+        config.save(tmp / CONFIG_FILE)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, params)
+            ckptr.wait_until_finished()
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(path)
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """Our params tree as {leaf: (shape, dtype)}, from eval_shape (no memory)."""
+    return jax.tree.map(lambda x: (tuple(x.shape), x.dtype), nn.unbox(model_lib.param_shapes(config)))
+
+
+def check_params_tree(expected: dict, found: dict, where: str) -> None:
+    is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+    exp = {jax.tree_util.keystr(k): v[0] for k, v in jax.tree_util.tree_leaves_with_path(expected, is_leaf)}
+    got = {jax.tree_util.keystr(k): v[0] for k, v in jax.tree_util.tree_leaves_with_path(found, is_leaf)}
+    missing, unknown = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
+    wrong = {k: (got[k], exp[k]) for k in sorted(set(exp) & set(got)) if tuple(got[k]) != tuple(exp[k])}
+    if missing or unknown or wrong:
+        raise ValueError(f"{where}: params do not match the model config: missing {missing}, unknown {unknown}, "
+                         f"shape (found, expected) {wrong}")
+
+
+def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None):
+    """Load a params-only checkpoint or a training step -> (ModelConfig, params).
+
+    With `mesh`, each array is restored straight onto its sharding from the logical axis
+    rules (no host ever holds the full params); else onto the first local device.
+    `dtype` casts on restore; the returned config's `param_dtype` is the params' dtype.
+    """
+    from llama_jax import sharding as sharding_lib  # jax mesh helpers; only needed here
+
+    d = resolve_checkpoint(path)
+    config = ModelConfig.load(d / CONFIG_FILE)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+    stored = jax.tree.map(lambda m: (tuple(m.shape), m.dtype), dict(stored),
+                          is_leaf=lambda x: hasattr(x, "shape"))
+    check_params_tree(abstract_params(config), stored, str(d / PARAMS_DIR))
+    if mesh is not None:
+        shardings = sharding_lib.logical_to_shardings(model_lib.param_shapes(config), mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, stored, is_leaf=lambda x: isinstance(x, tuple))
+    cast = None if dtype is None else jnp.dtype(dtype)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s[0], cast or s[1], sharding=sh), stored, shardings,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(d / PARAMS_DIR, target)
+    dtypes = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+    if len(dtypes) == 1 and dtypes <= {"float32", "bfloat16", "float16"}:
+        config = config.replace(param_dtype=dtypes.pop())
+    return config, params

@@ -1,0 +1,188 @@
+"""Streaming conversion: PyTorch (Meta, Hugging Face) checkpoints <-> params-only Orbax.
+
+One tensor is in memory at a time (plus the writes in flight): torch tensors are read
+with pread (torch_io, safetensors_io), mapped by weights.py, and written one layer
+slice at a time into the Orbax checkpoint (params_io); the way back reads layer slices
+and writes torch files in place. Outputs are built in a temporary directory and renamed
+when complete. `progress(done, total)` is called after each tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from llama_jax import checkpoint, weights
+from llama_jax.config import ModelConfig
+from llama_jax.params_io import ParamsReader, ParamsWriter
+from llama_jax.safetensors_io import SafetensorsWriter
+from llama_jax.torch_io import TorchFileWriter
+from llama_jax.torch_sources import open_source
+
+Progress = Callable[[int, int], None]
+_PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def tensor_order(config: ModelConfig, fmt: str) -> Iterator[tuple[weights.Rule, int | None, str]]:
+    """(rule, layer or None, torch name), embeddings first, then layer by layer, then the head."""
+    unlayered = [r for r in weights.RULES if not r.layered]
+    for rule in unlayered[:1]:
+        yield rule, None, weights.names(rule, config, fmt)[0]
+    for i in range(config.n_layers):
+        for rule in (r for r in weights.RULES if r.layered):
+            yield rule, i, weights.names(rule, config, fmt)[i]
+    for rule in unlayered[1:]:
+        yield rule, None, weights.names(rule, config, fmt)[0]
+
+
+def _with_param_dtype(config: ModelConfig, dtypes) -> ModelConfig:
+    names = {np.dtype(d).name for d in dtypes}
+    return config.replace(param_dtype=names.pop()) if len(names) == 1 and names <= set(_PARAM_DTYPES) else config
+
+
+def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype=None,
+             overwrite: bool = False, progress: Progress | None = None) -> ModelConfig:
+    """Convert a Meta ("meta") or Hugging Face ("hf") folder to a params-only Orbax checkpoint."""
+    src = open_source(source, input_dir)
+    config = src.config
+    leaf_dtypes = {}
+    for rule in weights.RULES:
+        found = {np.dtype(src.dtype(n)) for n in weights.names(rule, config, source)}
+        if dtype is None and len(found) > 1:
+            raise ValueError(f"{input_dir}: {rule.meta if source == 'meta' else rule.hf} is stored in several "
+                             f"dtypes {sorted(map(str, found))} across layers; pass dtype (--dtype) to pick one")
+        leaf_dtypes[rule.path] = np.dtype(dtype) if dtype is not None else found.pop()
+    config = _with_param_dtype(config, leaf_dtypes.values())
+    abstract = checkpoint.abstract_params(config)
+    shapes = {r.path: (_get(abstract, r.path)[0], leaf_dtypes[r.path]) for r in weights.RULES}
+    total = sum(1 for _ in tensor_order(config, source))
+    with checkpoint.output_dir(output_dir, overwrite) as tmp:
+        writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in weights.RULES if r.layered})
+        for done, (rule, layer, name) in enumerate(tensor_order(config, source), 1):
+            try:
+                ours = weights.tensor_to_ours(rule, src.read(name), config, source)
+            except ValueError as e:
+                raise ValueError(f"{src.file_of(name)}: {e}") from e
+            writer.write(rule.path, ours.astype(leaf_dtypes[rule.path], copy=False), layer)
+            if progress:
+                progress(done, total)
+        writer.close()
+        config.save(tmp / checkpoint.CONFIG_FILE)
+        checkpoint.copy_tokenizer_files(input_dir, tmp)
+    return config
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9 bytes, '500MB', '2GiB', or a plain number of bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    number = s.rstrip("KMGIB")
+    if s[len(number):] not in units or not number:
+        raise ValueError(f"size {size!r}: expected a number of bytes or e.g. '5GB', '500MB', '2GiB'")
+    return int(float(number) * units[s[len(number):]])
+
+
+def _meta_shard_shape(rule: weights.Rule, shape: tuple[int, ...], n: int, config: ModelConfig) -> tuple[int, ...]:
+    axis = weights.embedding_split_axis(config) if rule.path == ("tok_embeddings",) else rule.meta_shard_axis
+    if axis is None or n == 1:
+        return shape
+    if shape[axis] % n:
+        raise ValueError(f"{rule.meta}: axis {axis} of size {shape[axis]} does not split into {n} shards")
+    return shape[:axis] + (shape[axis] // n,) + shape[axis + 1:]
+
+
+def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, shards: int):
+    specs = [{} for _ in range(shards)]
+    for rule, _, name in tensor_order(config, "meta"):
+        shape = _meta_shard_shape(rule, weights.torch_shape(rule, config), shards, config)
+        for s in specs:
+            s[name] = (shape, dtypes[rule.path])
+    (out / "params.json").write_text(json.dumps(config.to_meta_params(), indent=2))
+    writers = [TorchFileWriter(out / f"consolidated.{k:02d}.pth", s) for k, s in enumerate(specs)]
+
+    def write(rule, name, w):
+        for writer, piece in zip(writers, weights.split_meta_shards(rule, w, shards, config)):
+            writer.write(name, piece)
+    return writers, write
+
+
+def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: int):
+    groups, size = [[]], 0
+    for rule, _, name in tensor_order(config, "hf"):
+        shape = weights.torch_shape(rule, config)
+        nbytes = int(np.prod(shape)) * dtypes[rule.path].itemsize
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape, dtypes[rule.path]))
+        size += nbytes
+    n = len(groups)
+    files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    writers, writer_of, total = [], {}, 0
+    for fname, group in zip(files, groups):
+        w = SafetensorsWriter(out / fname, {name: (shape, dt) for name, shape, dt in group})
+        writers.append(w)
+        for name, shape, dt in group:
+            writer_of[name] = w
+            total += int(np.prod(shape)) * dt.itemsize
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: Path(v.path).name for k, v in writer_of.items()}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf = config.to_hf_config()
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    generation = {"_from_model_config": True, "bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return writers, lambda rule, name, w: writer_of[name].write(name, w)
+
+
+def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, shards: int = 1,
+               max_shard_size: str | int = "5GB", dtype=None, overwrite: bool = False,
+               progress: Progress | None = None) -> ModelConfig:
+    """Write a params-only checkpoint or training step as Meta files (`shards` of them) or an HF folder."""
+    if target not in ("meta", "hf"):
+        raise ValueError(f"unknown target format {target!r}; known: 'meta', 'hf'")
+    if target == "hf" and shards != 1:
+        raise ValueError("shards applies to Meta output only (use max_shard_size for Hugging Face)")
+    d = checkpoint.resolve_checkpoint(input_dir)
+    config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
+    reader = ParamsReader(d / checkpoint.PARAMS_DIR)
+    checkpoint.check_params_tree(checkpoint.abstract_params(config), _nested(reader.shapes),
+                                 str(d / checkpoint.PARAMS_DIR))
+    dtypes = {r.path: np.dtype(dtype) if dtype is not None else reader.shapes[r.path][1] for r in weights.RULES}
+    config = _with_param_dtype(config, dtypes.values())
+    total = sum(1 for _ in tensor_order(config, target))
+    with checkpoint.output_dir(output_dir, overwrite) as tmp:
+        if target == "meta":
+            writers, write = _meta_writers(tmp, config, dtypes, shards)
+        else:
+            writers, write = _hf_writers(tmp, config, dtypes, parse_size(max_shard_size))
+        for done, (rule, layer, name) in enumerate(tensor_order(config, target), 1):
+            ours = reader.read(rule.path, layer).astype(dtypes[rule.path], copy=False)
+            write(rule, name, weights.tensor_to_torch(rule, ours, config, target))
+            if progress:
+                progress(done, total)
+        for w in writers:
+            w.close()
+        checkpoint.copy_tokenizer_files(d, tmp)
+    return config
+
+
+def _nested(flat: dict) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree

@@ -1,0 +1,153 @@
+"""PyTorch zip checkpoints (.pth, .bin) read and written one tensor at a time.
+
+Reading: `torch.load(map_location="meta", weights_only=True)` unpickles names, shapes,
+dtypes and each storage's byte offset in the archive, without data and without running
+code; each tensor's bytes are then read with `pread`. Nothing is memory-mapped, because
+touched mmap pages stay in the process's RSS until the mapping goes away; read buffers
+are freed as soon as the caller drops the array.
+
+Writing: `torch.save` under `torch.serialization.skip_data()` writes a complete archive
+with space reserved for every storage (from `torch.empty` tensors, whose untouched pages
+cost no memory); a meta load gives the offsets, and each tensor is `pwrite`n in place.
+The result is an ordinary archive that `torch.load(..., weights_only=True)` reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_dtypes
+import numpy as np
+import torch
+
+TORCH_TO_NUMPY = {
+    torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float64: np.dtype(np.float64),
+    torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int8: np.dtype(np.int8),
+    torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
+}
+NUMPY_TO_TORCH = {v: k for k, v in TORCH_TO_NUMPY.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int                   # byte offset of element 0 in the file
+    strides: tuple[int, ...]      # in elements
+
+
+def pread_exact(fd: int, nbytes: int, offset: int, what: str) -> np.ndarray:
+    """Read exactly `nbytes` at `offset` into a fresh uint8 array (pread caps one call at ~2 GB)."""
+    buf = np.empty(nbytes, np.uint8)
+    view, pos = memoryview(buf), 0
+    while pos < nbytes:
+        n = os.preadv(fd, [view[pos:pos + (1 << 30)]], offset + pos)
+        if n == 0:
+            raise ValueError(f"{what}: file ends at byte {offset + pos}, expected {nbytes - pos} more bytes (truncated?)")
+        pos += n
+    return buf
+
+
+def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view, pos = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)), 0
+    while pos < len(view):
+        pos += os.pwrite(fd, view[pos:pos + (1 << 30)], offset + pos)
+
+
+class TorchFile:
+    """A PyTorch zip checkpoint holding a flat dict of tensors, read tensor by tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            state = torch.load(self.path, map_location="meta", weights_only=True)
+        except Exception as e:  # a truncated zip loses its central directory: say so
+            raise ValueError(f"{self.path}: cannot read as a PyTorch zip checkpoint "
+                             f"(truncated or not a torch.save file?): {type(e).__name__}: {e}") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{self.path}: expected a flat dict of tensors (a state dict)")
+        size = os.path.getsize(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        for name, t in state.items():
+            if t.dtype not in TORCH_TO_NUMPY:
+                raise ValueError(f"{self.path}: tensor {name}: unsupported dtype {t.dtype}")
+            storage_offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+            if storage_offset is None:
+                raise ValueError(f"{self.path}: tensor {name}: no storage offset (legacy, non-zip torch file?)")
+            dtype = TORCH_TO_NUMPY[t.dtype]
+            entry = TensorEntry(tuple(t.shape), dtype, storage_offset + t.storage_offset() * dtype.itemsize,
+                                tuple(t.stride()))
+            if entry.offset + _span(entry) > size:
+                raise ValueError(f"{self.path}: tensor {name} needs bytes up to {entry.offset + _span(entry)} "
+                                 f"but the file has {size} (truncated?)")
+            self.entries[name] = entry
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.entries[name].dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor `name` as a fresh contiguous numpy array (bfloat16 via ml_dtypes)."""
+        e = self.entries[name]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raw = pread_exact(fd, _span(e), e.offset, f"{self.path}: tensor {name}").view(e.dtype)
+        finally:
+            os.close(fd)
+        if _is_contiguous(e):
+            return raw.reshape(e.shape)
+        strided = np.lib.stride_tricks.as_strided(raw, e.shape, [s * e.dtype.itemsize for s in e.strides])
+        return np.ascontiguousarray(strided)
+
+
+def _span(e: TensorEntry) -> int:
+    """Bytes from element 0 to the last element of a (possibly strided) tensor."""
+    if any(s == 0 for s in e.shape):
+        return 0
+    return (sum((n - 1) * s for n, s in zip(e.shape, e.strides)) + 1) * e.dtype.itemsize
+
+
+def _is_contiguous(e: TensorEntry) -> bool:
+    expected, stride = [], 1
+    for n in reversed(e.shape):
+        expected.append(stride)
+        stride *= n
+    return tuple(reversed(expected)) == e.strides or int(np.prod(e.shape)) <= 1
+
+
+class TorchFileWriter:
+    """Writes a state dict whose names, shapes and dtypes are known up front, tensor by tensor.
+
+    `close()` fails unless every tensor was written.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
+        self.path, self.specs = str(path), dict(specs)
+        # Untouched torch.empty storages: virtual memory only, never read under skip_data.
+        skeleton = {n: torch.empty(shape, dtype=NUMPY_TO_TORCH[np.dtype(dt)]) for n, (shape, dt) in specs.items()}
+        with torch.serialization.skip_data():
+            torch.save(skeleton, self.path)
+        del skeleton
+        meta = torch.load(self.path, map_location="meta", weights_only=True)
+        self._offsets = {n: t.untyped_storage()._checkpoint_offset for n, t in meta.items()}
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._pending = set(self.specs)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        shape, dtype = self.specs[name]
+        if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+            raise ValueError(f"{self.path}: tensor {name}: got {array.shape} {array.dtype}, "
+                             f"expected {tuple(shape)} {np.dtype(dtype)}")
+        pwrite_all(self._fd, array, self._offsets[name])
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._pending:
+            raise ValueError(f"{self.path}: tensors never written: {sorted(self._pending)[:8]}")

@@ -1,0 +1,127 @@
+"""PyTorch checkpoint folders (Meta or Hugging Face) opened for tensor-by-tensor reading.
+
+`open_source(fmt, dir)` reads the config file and every weight file's header, checks the
+tensor names against the config, and returns a source whose `read(name)` gives one full
+(merged, torch-layout) tensor as numpy.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax import weights
+from llama_jax.config import ModelConfig
+from llama_jax.safetensors_io import SafetensorsFile
+from llama_jax.torch_io import TorchFile
+
+
+class MetaSource:
+    """params.json + consolidated.NN.pth (any number of model-parallel shards)."""
+
+    fmt = "meta"
+
+    def __init__(self, directory: str | Path):
+        d = Path(directory)
+        if not (d / "params.json").is_file():
+            raise FileNotFoundError(f"{d}: no params.json (a Meta checkpoint has params.json and consolidated.NN.pth)")
+        paths = sorted(d.glob("consolidated.*.pth"))
+        if not paths:
+            raise FileNotFoundError(f"{d}: no consolidated.NN.pth files")
+        indices = [int(m.group(1)) if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", p.name)) else -1 for p in paths]
+        if sorted(indices) != list(range(len(paths))):
+            raise ValueError(f"{d}: shard files {[p.name for p in paths]} are not consolidated.00 .. "
+                             f"consolidated.{len(paths) - 1:02d} (a shard is missing or misnamed)")
+        self.shards = [TorchFile(p) for p in paths]
+        keys0 = set(self.shards[0].keys())
+        for s in self.shards[1:]:
+            if set(s.keys()) != keys0:
+                diff = sorted(keys0 ^ set(s.keys()))
+                raise ValueError(f"{s.path}: shards disagree in tensor names with {self.shards[0].path}: {diff[:8]}")
+        params = json.loads((d / "params.json").read_text())
+        self.config = ModelConfig.from_meta_params(params, vocab_size=self._vocab_size(params),
+                                                   source=str(d / "params.json"))
+        weights.check_names(keys0, self.config, "meta", source=str(self.shards[0].path))
+
+    def _vocab_size(self, params: dict) -> int:
+        name = "tok_embeddings.weight"
+        if name not in self.shards[0].entries:
+            raise ValueError(f"{self.shards[0].path}: missing tensor {name}")
+        shapes = [s.shape(name) for s in self.shards]
+        if len(shapes) > 1 and shapes[0][1] == params.get("dim"):  # LLaMA 3: split along the vocabulary
+            return sum(s[0] for s in shapes)
+        return shapes[0][0]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.shards[0].dtype(name)
+
+    def read(self, name: str) -> np.ndarray:
+        rule = rule_of(name, self.config, "meta")
+        if weights.meta_merge_axis(rule, [s.shape(name) for s in self.shards], self.config) is None:
+            return self.shards[0].read(name)  # replicated: shard 0 holds it whole
+        return weights.merge_meta_shards(rule, [s.read(name) for s in self.shards], self.config,
+                                         f"{name} in {[Path(s.path).name for s in self.shards]}")
+
+    def file_of(self, name: str) -> str:
+        return self.shards[0].path if len(self.shards) == 1 else f"{Path(self.shards[0].path).parent}/consolidated.*.pth"
+
+
+class HFSource:
+    """config.json + model.safetensors / model-*.safetensors + index / pytorch_model*.bin."""
+
+    fmt = "hf"
+
+    def __init__(self, directory: str | Path):
+        d = Path(directory)
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d}: no config.json (a Hugging Face checkpoint has config.json and weights)")
+        self.config = ModelConfig.from_hf_config(json.loads((d / "config.json").read_text()),
+                                                 source=str(d / "config.json"))
+        self.files = {}  # tensor name -> opened file
+        for path in _hf_weight_files(d):
+            f = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchFile(path)
+            for name in f.keys():
+                if name in self.files:
+                    raise ValueError(f"{path}: tensor {name} also in {self.files[name].path}")
+                self.files[name] = f
+        weights.check_names(self.files.keys(), self.config, "hf", source=str(d))
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.files[name].dtype(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.files[name].read(name)
+
+    def file_of(self, name: str) -> str:
+        return self.files[name].path
+
+
+def _hf_weight_files(d: Path) -> list[Path]:
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (d / index).is_file():
+            weight_map = json.loads((d / index).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (d / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{d / index}: lists files that do not exist: {missing}")
+            return [d / f for f in files]
+        if (d / single).is_file():
+            return [d / single]
+    raise FileNotFoundError(f"{d}: no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
+
+
+def rule_of(name: str, config: ModelConfig, fmt: str) -> weights.Rule:
+    for rule in weights.RULES:
+        if name in weights.names(rule, config, fmt):
+            return rule
+    raise KeyError(name)
+
+
+def open_source(fmt: str, directory: str | Path):
+    """A MetaSource ("meta") or HFSource ("hf") over `directory`."""
+    if fmt not in ("meta", "hf"):
+        raise ValueError(f"unknown source format {fmt!r}; known: 'meta', 'hf'")
+    return MetaSource(directory) if fmt == "meta" else HFSource(directory)
