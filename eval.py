@@ -1,0 +1,126 @@
+"""Evaluate a llama_jax checkpoint: the paper's zero-shot tasks and rolling perplexity.
+
+    python eval.py --checkpoint DIR --tasks piqa,hellaswag,arc_easy --data_dir DATA --output results.json
+    python eval.py --checkpoint DIR --perplexity tfds:lm1b:test --output ppl.json
+
+Tasks read `DATA/{task}/{split}.jsonl` (or `DATA/{task}_{split}.jsonl`) in Hugging Face layout
+when present, else TFDS (`--tfds_data_dir`; nothing is downloaded). Perplexity sources:
+stdlib[:split], text:PATH, lines:PATH, jsonl:PATH[#field], tfds:NAME[:split].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="llama_jax checkpoint directory (model_config.json + params/)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the checkpoint)")
+    p.add_argument("--tasks", default="", help="comma-separated: boolq,piqa,siqa,hellaswag,winogrande,arc_easy,"
+                                               "arc_challenge,openbookqa (or 'all')")
+    p.add_argument("--data_dir", default=None, help="directory of local task JSONL files")
+    p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir (default: TFDS's own)")
+    p.add_argument("--split", default=None, help="evaluation split (default: the harness's per task)")
+    p.add_argument("--num_fewshot", type=int, default=0, help="solved examples from the train split per prompt")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task / perplexity source")
+    p.add_argument("--perplexity", default=None, help="a data source to compute rolling perplexity on")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: disjoint windows)")
+    p.add_argument("--max_length", type=int, default=None, help="context length (default: the model's max_seq_len)")
+    p.add_argument("--tokens_per_batch", type=int, default=4096)
+    p.add_argument("--dtype", default=None, help="cast params on load, e.g. bfloat16")
+    p.add_argument("--output", required=True, help="JSON result file")
+    return p.parse_args(argv)
+
+
+def _progress(total, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="req" if desc != "perplexity" else "doc", dynamic_ncols=True)
+
+
+def run_tasks(args, scorer, tokenizer, names) -> dict:
+    from llama_jax.evaluation import evaluate_docs, get_task, load_docs
+    from llama_jax.evaluation.multiple_choice import n_options, option
+    tasks = [get_task(n) for n in names]
+    # Load every dataset before scoring anything, so a missing one fails in seconds.
+    loaded = []
+    for t in tasks:
+        docs = load_docs(t, args.split, args.data_dir, args.tfds_data_dir)[:args.limit]
+        train = load_docs(t, t.train_split, args.data_dir, args.tfds_data_dir) if args.num_fewshot else ()
+        loaded.append((t, docs, train))
+    results = {}
+    for t, docs, train in loaded:
+        total = sum(n_options(d) for d in docs)
+        if t.paper_norm:
+            total += len({option(d, i)[1] for d in docs for i in range(n_options(d))})
+        start = time.perf_counter()
+        with _progress(total, t.name) as bar:
+            m = evaluate_docs(scorer, tokenizer, t, docs, num_fewshot=args.num_fewshot, train_docs=train,
+                              seed=args.seed, progress=bar.update)
+        m["seconds"] = time.perf_counter() - start
+        m["requests_per_second"] = total / m["seconds"]
+        results[t.name] = m
+    return results
+
+
+def run_perplexity(args, scorer, tokenizer) -> dict:
+    from llama_jax.data.sources import open_source
+    from llama_jax.evaluation import parse_source, perplexity
+    src = open_source(parse_source(args.perplexity, args.tfds_data_dir))
+    n = len(src) if args.limit is None else min(args.limit, len(src))
+    with _progress(n, "perplexity") as bar:
+        m = perplexity(scorer, tokenizer, (src[i] for i in range(n)), stride=args.stride, progress=bar.update)
+    m["source"] = args.perplexity
+    return m
+
+
+def print_table(results: dict, ppl: dict | None) -> None:
+    cols = ("n", "acc", "acc_norm", "acc_paper")
+    if results:
+        print(f"\n{'task':<15}" + "".join(f"{c:>10}" for c in cols) + f"{'paper':>11}")
+        for name, m in results.items():
+            cells = "".join(f"{m[c]:>10}" if c == "n" else (f"{100 * m[c]:>10.1f}" if c in m else f"{'-':>10}")
+                            for c in cols)
+            print(f"{name:<15}{cells}{100 * m[m['paper_metric']]:>11.1f}")
+        print("(accuracies in %; 'paper' is the paper's Table 3 metric: acc_norm by characters, "
+              "acc_paper for BoolQ/OBQA, acc for WinoGrande)")
+    if ppl:
+        print(f"\nperplexity on {ppl['source']}: {ppl['documents']} documents, {ppl['tokens']} tokens: "
+              f"token ppl {ppl['token_perplexity']:.4f}, bits/byte {ppl['bits_per_byte']:.4f}, "
+              f"word ppl {ppl['word_perplexity']:.4f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from llama_jax.data import check_vocab
+    from llama_jax.evaluation import TASKS, Scorer, get_task
+    from llama_jax.generate_text import find_tokenizer, load_for_generation
+    names = list(TASKS) if args.tasks == "all" else [n for n in args.tasks.split(",") if n.strip()]
+    names = [get_task(n).name for n in names]  # unknown names fail before the model loads
+    if not names and not args.perplexity:
+        raise ValueError("nothing to do: give --tasks and/or --perplexity")
+    tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
+    config, params = load_for_generation(args.checkpoint, dtype=args.dtype)
+    check_vocab(tokenizer, config.vocab_size)
+    scorer = Scorer(config, params, max_length=args.max_length, tokens_per_batch=args.tokens_per_batch)
+    results = run_tasks(args, scorer, tokenizer, names) if names else {}
+    ppl = run_perplexity(args, scorer, tokenizer) if args.perplexity else None
+    print_table(results, ppl)
+    out = {"config": {**vars(args), "tasks": names, "max_length": scorer.max_length, "model": config.to_dict(),
+                      "tokenizer": tokenizer.path, "tokenizer_vocab_size": tokenizer.vocab_size},
+           "results": results, "perplexity": ppl}
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ValueError as e:  # DataError is a ValueError: bad input the user must fix
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
