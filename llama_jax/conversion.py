@@ -63,7 +63,7 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
         writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in weights.RULES if r.layered})
         for done, (rule, layer, name) in enumerate(tensor_order(config, source), 1):
             try:
-                ours = weights.tensor_to_ours(rule, src.read(name), config, source)
+                ours = weights.tensor_to_ours(rule, src.read(name), config, source, name)
             except ValueError as e:
                 raise ValueError(f"{src.file_of(name)}: {e}") from e
             writer.write(rule.path, ours.astype(leaf_dtypes[rule.path], copy=False), layer)

@@ -116,11 +116,13 @@ def _rope_heads(rule: Rule, c: ModelConfig) -> int:
     return c.n_heads if rule.rope == "q" else c.kv_heads
 
 
-def tensor_to_ours(rule: Rule, w: np.ndarray, config: ModelConfig, source: str) -> np.ndarray:
-    """One full torch-layout tensor (`source` "meta" or "hf") -> our layout for one layer."""
+def tensor_to_ours(rule: Rule, w: np.ndarray, config: ModelConfig, source: str, name: str | None = None) -> np.ndarray:
+    """One full torch-layout tensor (`source` "meta" or "hf") -> our layout for one layer.
+
+    `name` (the tensor's own name, layer index filled in) is only used in errors."""
     expected = torch_shape(rule, config)
     if tuple(w.shape) != expected:
-        name = rule.meta if source == "meta" else rule.hf
+        name = name or (rule.meta if source == "meta" else rule.hf)
         raise ValueError(f"{name}: shape {tuple(w.shape)} does not match the config, expected {expected}")
     if source == "hf" and rule.rope:
         w = hf_to_meta_rotary(w, _rope_heads(rule, config))
