@@ -74,7 +74,12 @@ class ParamsWriter:
                 save_args[path] = ocp.SaveArgs(chunk_byte_size=max(layer_bytes, 1), shard_axes=(0,))
             else:
                 save_args[path] = ocp.SaveArgs(chunk_byte_size=_SMALL_CHUNK)
-        with ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False) as ckptr:
+        # Orbax deep-copies numpy leaves before an async save by default, which would turn
+        # each zero-strided leaf into a full array: a registry whose handler does not copy.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False, type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(self.directory, args=ocp.args.PyTreeSave(_unflat(zeros), save_args=_unflat(save_args)))
         names = {p: ".".join(p) for p in self.shapes}  # Orbax's leaf directory names
         self._arrays = _open_leaves(self.directory, names, use_ocdbt=False, use_zarr3=False)
