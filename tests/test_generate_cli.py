@@ -1,0 +1,62 @@
+"""The text front end and `python -m llama_jax.generate` on a tiny saved checkpoint; foreign folders."""
+import glob
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import Llama, ModelConfig
+from llama_jax.checkpoint import save_params
+from llama_jax.generate import main
+from llama_jax.generate_text import generate_text, load_for_generation
+
+pytest.importorskip("sentencepiece")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from llama_jax.data import train_tokenizer
+    cfg = ModelConfig.preset("tiny")
+    params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"])
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_params(path, params, cfg)
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:40]
+    tok = train_tokenizer([open(f, errors="ignore").read() for f in files], 512, str(path / "tokenizer.model"))
+    return str(path), cfg, params, tok
+
+
+def test_generate_text_streams_what_it_returns(checkpoint):
+    _, cfg, params, tok = checkpoint
+    pieces = []
+    out = generate_text(cfg, params, tok, ["Hello world", "import os"], 20, temperature=0.7, seed=2,
+                        stream=lambda r, s: pieces.append((r, s)))
+    for r, text in enumerate(out):
+        assert "".join(s for row, s in pieces if row == r) == text
+
+
+def test_cli(checkpoint, capsys):
+    path, cfg, params, tok = checkpoint
+    main(["--checkpoint", path, "--prompt", "def f(x):", "--max-new-tokens", "12", "--tensor-parallel", "1"])
+    printed = capsys.readouterr().out
+    expected = generate_text(cfg, params, tok, "def f(x):", 12)[0]
+    assert printed == "def f(x):" + expected + "\n"
+
+
+def test_foreign_or_missing_checkpoints_are_named(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="Hugging Face PyTorch checkpoint.*to_orbax.py --source hf"):
+        load_for_generation(str(tmp_path / "hf"))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="Meta PyTorch checkpoint.*--source meta"):
+        load_for_generation(str(tmp_path / "meta"))
+    with pytest.raises(ValueError, match="no such directory"):
+        load_for_generation(str(tmp_path / "nothing"))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="not a llama_jax checkpoint"):
+        load_for_generation(str(tmp_path / "other"))
+    with pytest.raises(SystemExit, match="error: .*Meta"):
+        main(["--checkpoint", str(tmp_path / "meta"), "--prompt", "x"])
