@@ -137,3 +137,12 @@ def test_perplexity_counts_tokens_across_windows(models):
     # Equal to scoring each document's windows directly.
     total = sum(ll for d in docs for ll, _ in scorer.loglikelihood(rolling_windows(tok.encode(d, bos=False), 1, 128)))
     assert abs(m["loglikelihood"] - total) < 1e-3
+
+
+def test_mesh_gives_the_same_scores(models):
+    from llama_jax.sharding import make_mesh
+    _, params = models
+    reqs = _requests(np.random.default_rng(2), 10, 100)
+    plain = Scorer(CFG, params).loglikelihood(reqs)
+    meshed = Scorer(CFG, params, mesh=make_mesh((2, -1, 1)), tokens_per_batch=512).loglikelihood(reqs)
+    np.testing.assert_allclose([x for x, _ in meshed], [x for x, _ in plain], rtol=1e-5, atol=1e-4)
