@@ -151,3 +151,29 @@ def test_real_model_picks_the_designed_answers(tokenizer, tmp_path):
     train = load_docs(task, split="validation", data_dir=str(tmp_path))
     m = evaluate_docs(Scorer(cfg, params), tokenizer, task, train, num_fewshot=2, train_docs=train)
     assert m["acc"] == 1.0
+
+
+def test_tfds_records_are_converted_to_the_same_docs(monkeypatch):
+    """TFDS rows (bytes, numpy, ClassLabel ints) -> the docs the Hugging Face rows give."""
+    import tensorflow_datasets as tfds
+    records = {
+        "ai2_arc/ARC-Easy": {"question": b"Q", "answerKey": np.int64(1),
+                             "choices": {"text": np.array([b"x", b"y"], object), "label": np.array([0, 1])}},
+        "openbookqa": {"question": {"stem": b"S", "choice_A": b"a", "choice_B": b"b", "choice_C": b"c",
+                                    "choice_D": b"d"}, "answerKey": np.int64(2)},
+        "winogrande": {"sentence": b"A _ b.", "option1": b"x", "option2": b"y", "label": np.int64(0)},
+        "bool_q": {"passage": b"P.", "question": b"q", "answer": np.bool_(True), "title": b"t"},
+        "hellaswag": {"context": b"A man runs.", "activity_label": b"Run", "endings": np.array([b"x", b"y"], object),
+                      "label": np.int32(1)},
+    }
+    seen = []
+    monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir, download: seen.append(split) or [records[name]])
+    docs = {n: load_docs(get_task(n))[0] for n in ("arc_easy", "openbookqa", "winogrande", "boolq", "hellaswag")}
+    assert docs["arc_easy"].choices == ("x", "y") and docs["arc_easy"].gold == 1
+    assert docs["openbookqa"].contexts == ("S",) and docs["openbookqa"].choices == ("a", "b", "c", "d")
+    assert docs["openbookqa"].gold == 2
+    assert docs["winogrande"].contexts == ("A x", "A y") and docs["winogrande"].gold == 0
+    assert docs["boolq"].gold == 1 and docs["hellaswag"].contexts == ("Run: A man runs.",)
+    assert seen[:2] == ["test", "test"] and seen[2] == "validation"
+    load_docs(get_task("winogrande"), split="train")
+    assert seen[-1] == "train_xl"
