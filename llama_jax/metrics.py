@@ -55,7 +55,10 @@ class MetricsWriter:
         if not active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = open(path, "a")
+        if self._jsonl.tell() and not _ends_with_newline(path):
+            self._jsonl.write("\n")  # a run killed mid-line: keep the next rows parseable
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -73,6 +76,12 @@ class MetricsWriter:
         if self.active:
             self._jsonl.close()
             self._tb.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _plain(v):

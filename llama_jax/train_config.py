@@ -86,3 +86,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.peak_tflops = 0.0          # per device, for MFU; 0: look up the device kind
     c.sample = ml_collections.ConfigDict({"prompt": "def ", "max_new_tokens": 0, "temperature": 0.0})
     return c
+
+
+def sources_list(data) -> list[dict]:
+    """A DataConfig's sources as plain dicts (the `data.sources` value of a config)."""
+    out = []
+    for s in data.sources:
+        d = dataclasses.asdict(s)
+        out.append({k: v.value if isinstance(v, enum.Enum) else v for k, v in d.items() if v is not None})
+    return out
+
+
+def paper_config(preset: str, peak_lr: float, train_tokens: float) -> ml_collections.ConfigDict:
+    """The paper's recipe (Table 2, section 2.2) for a preset: 4M-token batches (2048 x 2048),
+    warmup 2000 + cosine to 10%, AdamW b2 0.95, wd 0.1, clip 1.0, bf16 compute, float32
+    master weights and optimizer state, remat keeping the linear layers' outputs."""
+    c = base_config()
+    c.batch_size = 2048
+    c.seq_len = 2048
+    c.steps = int(train_tokens // (c.batch_size * c.seq_len))
+    c.log_every = 10
+    c.eval_every = 1000
+    c.eval_batches = 8
+    c.checkpoint_every = 1000
+    c.model = model_dict(preset, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
+    c.optimizer.peak_lr = peak_lr
+    c.data = data_dict([{"kind": "tfds", "name": "c4/en", "split": "train"}])
+    c.eval_data.sources = [{"kind": "tfds", "name": "c4/en", "split": "validation"}]
+    return c

@@ -206,12 +206,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
         run.manager.wait_until_finished()  # in-flight saves are of checked, good steps
         run.writer.close()
     out = {"step": step, "loss": logger_last.get("loss"), "eval_loss": logger_last.get("eval_loss")}
-    s = cfg.sample
-    if s.max_new_tokens > 0 and jax.process_count() == 1:
-        from llama_jax.train_sample import sample_text
-        out["sample"] = sample_text(run.model, run.state.params, run.tokenizer, s.prompt, s.max_new_tokens,
-                                    s.temperature, cfg.seed)
+    if cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
+        out["sample"] = sample(run)
     return out
+
+
+def sample(run: Run) -> str:
+    """The configured prompt and its continuation by the current params (gathered to the
+    host first: meant for the small demo models)."""
+    from llama_jax.generate_text import generate_text
+    s = run.cfg.sample
+    params = jax.device_get(run.state.params)
+    new = generate_text(run.model, params, run.tokenizer, [s.prompt], s.max_new_tokens,
+                        temperature=s.temperature, seed=run.cfg.seed)
+    return s.prompt + new[0]
 
 
 def _chain(on_log: Callable | None, last: dict) -> Callable:

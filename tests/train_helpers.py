@@ -1,0 +1,82 @@
+"""Shared pieces of the training tests: a small config, a tokenizer, metrics readers."""
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py, shrunk: 6 float32 steps of 16 x 32 tokens, logged every step.
+
+    n_kv_heads=4 so that every parameter divides a tensor axis of 4; data.shards=2 so a
+    single process reads the same batches as two processes.
+    """
+    sys.path.insert(0, REPO)
+    from configs import tiny
+    from llama_jax.train_config import model_dict
+    c = tiny.get_config()
+    c.steps = STEPS
+    c.log_every = 1
+    c.eval_every = 0
+    c.eval_batches = 0
+    c.checkpoint_every = 100
+    c.batch_size = 16
+    c.seq_len = 32
+    c.model = model_dict("tiny", n_kv_heads=4, dtype="float32")
+    c.optimizer.warmup_steps = 2
+    c.data.shards = 2
+    for k, v in overrides.items():
+        node, *path = k.split(".")
+        target = c
+        for p in [node, *path][:-1]:
+            target = target[p]
+        target[[node, *path][-1]] = v
+    return c
+
+
+def as_flags(cfg_overrides: dict) -> list[str]:
+    """--config.KEY=VALUE flags reproducing tiny_config(**overrides) from configs/tiny.py."""
+    base = {"steps": STEPS, "log_every": 1, "eval_every": 0, "eval_batches": 0, "checkpoint_every": 100,
+            "batch_size": 16, "seq_len": 32, "model.n_kv_heads": 4, "optimizer.warmup_steps": 2,
+            "data.shards": 2}
+    base.update(cfg_overrides)
+    return [f"--config.{k}={v}" for k, v in base.items()]
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a step logged twice (before a kill, then after the
+    resume) keeps its last value."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                out[row["step"]] = row["loss"]
+    return out
+
+
+def assert_same_losses(got: dict, want: dict, rtol: float = 2e-6):
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for s in want:
+        assert abs(got[s] - want[s]) <= rtol * abs(want[s]), (s, got[s], want[s])
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tokenizer_path):
+    """Losses by step of the uninterrupted 6-step run on mesh (1, 8, 1), one process."""
+    from llama_jax import trainer
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    trainer.train(tiny_config(**{"data.tokenizer": tokenizer_path, "mesh": (1, 8, 1)}), workdir)
+    return losses(workdir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    from llama_jax.data import SourceConfig, train_tokenizer
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    train_tokenizer(SourceConfig(), 512, path, max_chars=2_000_000)
+    return path
