@@ -25,10 +25,12 @@ FLAGS = flags.FLAGS
 
 
 def _multi_process_env() -> bool:
-    """True when a cluster launcher says there are several processes (auto-detection)."""
+    """True on TPU VMs (jax finds the pod's hosts itself; one host works too) and when a
+    cluster launcher (SLURM, Open MPI) says there are several processes."""
+    import importlib.util
     env = os.environ
-    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+    return (importlib.util.find_spec("libtpu") is not None
+            or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
 def _init_distributed():
@@ -37,6 +39,36 @@ def _init_distributed():
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif _multi_process_env():
         jax.distributed.initialize()
+
+
+def _config_keys(argv) -> list[str]:
+    """Every dotted key of the --config file's get_config(), for the unknown-key message."""
+    import importlib.util
+    import ml_collections
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+    path, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+    def walk(d, prefix):
+        for k, v in d.items():
+            yield from walk(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + k]
+    return sorted(walk(cfg, ""))
+
+
+def _parse_flags(argv):
+    # ml_collections reports an unknown --config.KEY as a bare KeyError/AttributeError
+    # traceback; say which key and list the valid ones instead.
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError):
+        valid = _config_keys(argv)
+        given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+        unknown = [k for k in given if k not in valid]
+        sys.exit(f"error: unknown config key(s) {unknown}; valid keys:\n  " + "\n  ".join(valid))
 
 
 def main(argv):
@@ -78,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

@@ -165,8 +165,9 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, t
     assert_same_losses(losses(tmp_path), reference)
 
 
-@pytest.mark.parametrize("flag, message", [("--config.no_such_key=1", "no_such_key"),
-                                           ("--config.steps=many", "steps")])
+@pytest.mark.parametrize("flag, message", [("--config.no_such_key=1", "['no_such_key']; valid keys:"),
+                                           ("--config.model.dimm=1", "\n  model.dim\n"),
+                                           ("--config.steps=many", "--config.steps=many")])
 def test_unknown_key_or_wrong_type_is_an_error(tmp_path, flag, message):
     p = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path), flag],
                        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
