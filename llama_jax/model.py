@@ -11,6 +11,13 @@ Parameters (layers stacked on a leading L axis by nn.scan):
   tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
   [L,D]; norm/weight [D]; output [D,V].
+
+Decoding runs `decode_forward` instead of the scan: a Python loop over `Block` with
+per-layer weights and per-layer (k, v) caches. On the GPU, slicing layer l out of a
+stacked [L, ...] array inside a step copies it (weights would move ~3x per token), and a
+stacked cache would be sliced and re-stacked every step. `split_layers(params)` makes the
+per-layer form: the same tree with `layers` a tuple of L per-layer trees. It is a runtime
+form only (made when generation starts), never stored: checkpoints keep the stacked layout.
 """
 from __future__ import annotations
 
@@ -183,28 +190,45 @@ class Llama(nn.Module):
         c = self.config
         b, t = tokens.shape
         if positions is None:
-            start = 0 if cache_index is None else cache_index
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = _default_positions(b, t, 0 if cache_index is None else cache_index)
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c.param_dtype)
-        x = jnp.take(emb, tokens, axis=0).astype(jnp.dtype(c.dtype))
-        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        x = embed(emb, tokens, c)
         sin, cos = rope_tables(positions, c)
         layer_cache, kv_segment_ids = None, None
         if cache is not None:
-            if segment_ids is None:
-                segment_ids = jnp.ones((b, t), jnp.int32)
-            kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache_index))
+            segment_ids, kv_segment_ids = _cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
             layer_cache = (cache["k"], cache["v"])
         x, new_layer_cache = _stacked_blocks(c)(c, name="layers")(
             x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
         x = RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="norm")(x)
         out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
-        logits = output_logits(x, out.astype(x.dtype))
-        logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+        logits = project_logits(x, out)
         if cache is None:
             return logits
         k, v = new_layer_cache
         return logits, {"k": k, "v": v, "segment_ids": kv_segment_ids}
+
+
+def _default_positions(batch: int, length: int, start) -> Array:
+    return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def _cache_segment_ids(cached, segment_ids, cache_index, batch: int, length: int):
+    """(query segment ids [B,T], key segment ids [B,S] with the new block written at cache_index)."""
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    return segment_ids, jax.lax.dynamic_update_slice(cached, segment_ids, (0, cache_index))
+
+
+def embed(table: Array, tokens: Array, config: ModelConfig) -> Array:
+    """Token embeddings [B,T,D] in the compute dtype, from the table [V,D]."""
+    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(config.dtype))
+    return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+
+def project_logits(x: Array, output: Array) -> Array:
+    """float32 logits [B,T,V] from normalised activations [B,T,D] and the output matrix [D,V]."""
+    return nn.with_logical_constraint(output_logits(x, output.astype(x.dtype)), ("batch", "seq", "vocab"))
 
 
 @jax.custom_vjp
@@ -238,6 +262,57 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
     dt = jnp.dtype(dtype or config.dtype)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
             "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+def split_layers(params) -> dict:
+    """The per-layer runtime form for `decode_forward`: `layers` as a tuple of L trees.
+
+    Not a second layout: made from the stacked params when decoding starts, never stored.
+    Under jit (or on device arrays) each slice is a copy; on numpy arrays it is a view.
+    """
+    params = nn.unbox(params)
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    layers = tuple(jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n))
+    return {**params, "layers": layers}
+
+
+def is_split(params) -> bool:
+    """Whether `params` is the per-layer runtime form of `split_layers`."""
+    return isinstance(params, dict) and isinstance(params.get("layers"), (tuple, list))
+
+
+def init_decode_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty cache for `decode_forward`: "kv", L pairs (k, v) [B,S,K,H], and "segment_ids" [B,S]."""
+    shape = (batch, max_len, config.kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    kv = tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(config.n_layers))
+    return {"kv": kv, "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+def decode_forward(config: ModelConfig, params: dict, tokens: Array, cache: dict, cache_index,
+                   positions=None, segment_ids=None, last_only: bool = False):
+    """`Llama`'s cached forward, one Python-level `Block` per layer -> (float32 logits, new cache).
+
+    `params`: the form of `split_layers`; `cache`: from `init_decode_cache`; tokens [B,T]
+    fill key slots cache_index .. cache_index+T-1. Logits are [B,T,V], or [B,1,V] for the
+    last position only with `last_only` (a long prefill then never holds [B,T,V] float32).
+    """
+    c = config
+    b, t = tokens.shape
+    if positions is None:
+        positions = _default_positions(b, t, cache_index)
+    segment_ids, kv_segment_ids = _cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
+    x = embed(params["tok_embeddings"], tokens, c)
+    sin, cos = rope_tables(positions, c)
+    kv = []
+    for layer, layer_cache in zip(params["layers"], cache["kv"], strict=True):
+        x, new_layer_cache = Block(c).apply({"params": layer}, x, layer_cache, sin, cos, segment_ids,
+                                            cache_index, kv_segment_ids)
+        kv.append(new_layer_cache)
+    if last_only:
+        x = x[:, -1:]  # the final norm and the projection act per position
+    x = RMSNorm(c.dim, c.norm_eps, c.param_dtype).apply({"params": params["norm"]}, x)
+    return project_logits(x, params["output"]), {"kv": tuple(kv), "segment_ids": kv_segment_ids}
 
 
 def param_shapes(config: ModelConfig):

@@ -39,6 +39,27 @@ def test_cached_decoding_equals_full_forward(params):
         np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5, err_msg=f"position {i}")
 
 
+def test_decode_forward_equals_full_forward(params):
+    """The per-layer decode path (what generate runs) against the stacked full forward."""
+    tokens = _tokens(2, 560, seed=3)
+    full = np.asarray(jax.jit(Llama(CFG).apply)({"params": params}, tokens))
+    split = M.split_layers(params)
+    assert len(split["layers"]) == CFG.n_layers
+    step = jax.jit(lambda c, tok, i, last: M.decode_forward(CFG, split, tok, c, i, last_only=last),
+                   static_argnums=3)
+    prefill = 520
+    cache = M.init_decode_cache(CFG, 2, 600)
+    logits, _ = step(cache, tokens[:, :prefill], 0, False)
+    np.testing.assert_allclose(logits, full[:, :prefill], rtol=1e-5, atol=1e-5)
+    logits, cache = step(cache, tokens[:, :prefill], 0, True)
+    assert logits.shape == (2, 1, CFG.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], full[:, prefill - 1], rtol=1e-5, atol=1e-5)
+    for i in range(prefill, tokens.shape[1]):  # then one token at a time
+        logits, cache = step(cache, tokens[:, i:i + 1], i, True)
+        np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5, err_msg=f"position {i}")
+    np.testing.assert_array_equal(cache["segment_ids"], np.arange(600)[None].repeat(2, 0) < 560)
+
+
 def test_packed_row_gives_each_document_its_own_logits(params):
     lengths = [200, 7, 300, 5]  # the last 5 slots are padding (segment 0)
     docs = [_tokens(1, n, seed=i)[0] for i, n in enumerate(lengths[:3])]
