@@ -1,0 +1,165 @@
+"""Training speed of our train step against transformers + torch, in the same run.
+
+Shapes: the LLaMA-1.1B shape of the peer script (dim 2048, 22 layers, 32 heads, ffn 5632,
+vocab 32000) and LLaMA-7B; batch 8 x 2048 per device, bf16 compute, float32 master
+params and AdamW state (the paper's optimizer chain from llama_jax.optim). One FLOP
+formula throughout (llama_jax.metrics.flops_per_token): 6 x non-embedding params +
+6 x layers x dim x seq; MFU against 989 TFLOP/s dense bf16 per H200.
+Timing as the peer script: 3 warm-up steps, then the mean of 10 timed steps.
+The peer (/work/shared/peers/hf_torch_h200.py, vendored as benchmarks/peers/) runs first,
+in a subprocess, so the frameworks never share GPU memory.
+
+    python benchmarks/train_step.py                       # one GPU: 1.1B (+ peer), 7B
+    python benchmarks/train_step.py --shapes 7b --no-peer # two GPUs: FSDP over both
+    python benchmarks/train_step.py --shapes tiny --no-peer --steps 2   # CPU smoke test
+Writes $OUT/train_step.json (or ./train_step.json) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+
+def default_remat(name: str, n_devices: int) -> str:
+    """Keep the weight matmuls' outputs (the paper's recipe) where memory allows.
+
+    7B on one GPU: float32 params, grads and AdamW moments take 16 bytes a parameter
+    (108 GB), so activations must be recomputed; FSDP over two GPUs halves that.
+    """
+    if name == "7b" and n_devices == 1:
+        return "full"
+    return "none" if name == "tiny" else "dots_no_batch"
+
+
+def shape(name: str):
+    from llama_jax import ModelConfig
+    if name == "1b":
+        return ModelConfig(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=256,
+                           norm_eps=1e-6, max_seq_len=2048)
+    if name == "7b":
+        return ModelConfig.preset("llama-7b")
+    if name == "tiny":
+        return ModelConfig.preset("tiny")
+    raise ValueError(f"unknown shape {name!r}: 1b, 7b, tiny")
+
+
+def ours(name: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from llama_jax import metrics, optim, sharding, train_state
+    n_dev = jax.device_count()
+    cfg = shape(name).replace(dtype="bfloat16", param_dtype="float32",
+                              remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention)
+    mesh = sharding.make_mesh((1, -1, 1))
+    tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
+    schedule = optim.lr_schedule(optim.OptimizerConfig(warmup_steps=10), 1000)
+    abstract = train_state.abstract_state(cfg, tx)
+    shardings = train_state.state_shardings(abstract, mesh)
+    state = train_state.init_state(cfg, tx, mesh, jax.random.PRNGKey(0))
+    step = train_state.make_train_step(cfg, tx, schedule, mesh, shardings)
+    b, t = args.batch * n_dev, args.seq
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t + 1), 0, cfg.vocab_size, jnp.int32)
+    bs = train_state.batch_sharding(mesh)
+    # Unpacked rows, as the peer trains: no segment ids, so cuDNN runs its causal kernel.
+    batch = {"tokens": jax.device_put(tokens[:, :-1], bs), "targets": jax.device_put(tokens[:, 1:], bs),
+             "loss_mask": jax.device_put(jnp.ones((b, t), jnp.float32), bs),
+             "segment_ids": None, "positions": None}
+    t0 = time.time()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.time() - t0  # the first call: trace + compile + one step
+    for _ in range(2):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.time()
+    for _ in range(args.steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    dt = (time.time() - t0) / args.steps
+    tps = b * t / dt
+    fpt = metrics.flops_per_token(cfg, t)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"devices": n_dev, "remat": cfg.remat_policy.value, "attention": cfg.attention_impl.value,
+            "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
+            "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
+            "mfu": round(tps * fpt / n_dev / (args.peak * 1e12), 3), "compile_s": round(compile_s, 1),
+            "peak_mem_gb": round(stats.get("peak_bytes_in_use", 0) / 1e9, 1), "loss": float(m["loss"])}
+
+
+def peer(shapes, args) -> dict:
+    """transformers + torch (eager and torch.compile), timed by the vendored peer script."""
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peers')!r})
+import hf_torch_h200 as P
+from transformers import LlamaConfig
+shapes = {{"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32),
+          "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)}}
+for name in {list(shapes)!r}:
+    kw = shapes[name]
+    cfg = LlamaConfig(vocab_size=32000, num_key_value_heads=kw["num_attention_heads"], max_position_embeddings=2048,
+                      rms_norm_eps=1e-6, attn_implementation="sdpa", **kw)
+    for compile_ in (False, True):
+        key = f"peer_{{name}}_{{'compile' if compile_ else 'eager'}}"
+        try:
+            P.train(key, cfg, {args.batch}, {args.seq}, compile_)
+        except Exception as e:
+            P.out[key] = repr(e)[:300]
+            torch.cuda.empty_cache()
+print("PEER_JSON" + json.dumps(P.out))
+"""
+    env = dict(os.environ, PEAK_TFLOPS=str(args.peak))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEER_JSON"):
+            return json.loads(line[len("PEER_JSON"):])
+    return {"error": (proc.stderr or proc.stdout)[-1500:]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="1b,7b")
+    ap.add_argument("--peer-shapes", default="1b")
+    ap.add_argument("--batch", type=int, default=8, help="rows per device")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--remat", default="", help="override the per-shape remat policy")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args(argv)
+    out = {"args": vars(args), "date": time.strftime("%Y-%m-%d")}
+    if not args.no_peer:
+        out["peer"] = peer(args.peer_shapes.split(","), args)
+        print("peer", json.dumps(out["peer"]), flush=True)
+    import jax
+    out["jax"] = jax.__version__
+    out["device"] = jax.devices()[0].device_kind
+    for name in args.shapes.split(","):
+        try:
+            out[name] = ours(name, args)
+        except Exception as e:  # record and go on: a failed shape is a result too
+            out[name] = {"error": repr(e)[:500]}
+        print(name, json.dumps(out[name]), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "train_step.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\n{'run':28s} {'tok/s':>9s} {'TFLOP/s/dev':>12s} {'MFU':>6s} {'compile s':>9s} {'peak GB':>8s}")
+    for name in args.shapes.split(","):
+        r = out[name]
+        if "error" not in r:
+            print(f"{'ours_' + name + '_x' + str(r['devices']):28s} {r['tokens_per_s']:9d} {r['tflops_per_device']:12.1f} "
+                  f"{r['mfu']:6.3f} {r['compile_s']:9.1f} {r['peak_mem_gb']:8.1f}")
+    for k, r in out.get("peer", {}).items():
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            print(f"{k:28s} {r['tokens_per_s']:9d} {'':12s} {r['mfu']:6.3f} {r['warmup_s']:9.1f} {r['peak_mem_gb']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
