@@ -11,6 +11,11 @@ Sampling follows Meta's reference `sample_top_p`: softmax(logits / temperature),
 descending, drop tokens whose cumulative probability *before* them exceeds top_p (the
 top token always stays), renormalise, draw. `top_k` (not in Meta's code) keeps the k
 most likely tokens first. temperature 0 is greedy.
+
+The loop runs `model.decode_forward` on the per-layer runtime form of the params
+(`model.split_layers`) with per-layer KV caches in the loop state. `generate` splits
+stacked params once per call, outside the loop (a copy of the weights held for the call);
+pass `split_layers(params)` instead, and drop the stacked tree, to hold one copy and skip it.
 """
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama, init_cache, param_shapes
+from llama_jax.model import decode_forward, init_decode_cache, is_split, param_shapes, split_layers
 
 _PAD = -1  # written into the output after a row has stopped
-_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+_KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 class Sampling(NamedTuple):
@@ -126,14 +131,17 @@ def _check_sampling(config, temperature, top_p, top_k) -> Sampling:
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_shapes(config: ModelConfig):
-    return jax.tree.map(lambda x: (tuple(x.shape)), nn.unbox(param_shapes(config)))
+def _expected_shapes(config: ModelConfig, split: bool):
+    shapes = nn.unbox(param_shapes(config))
+    if split:
+        shapes = jax.eval_shape(split_layers, shapes)
+    return jax.tree.map(lambda x: (tuple(x.shape)), shapes)
 
 
 def check_params(config: ModelConfig, params) -> None:
-    """Raise if `params` is not a parameter tree of this config (names and shapes)."""
+    """Raise if `params` is not a parameter tree of this config (names and shapes), stacked or split."""
     params = nn.unbox(params)
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(config, is_split(params))
     try:
         got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
         bad = [(jax.tree_util.keystr(k), g, e) for (k, g), e in
@@ -166,16 +174,15 @@ def _layout(rows: list[np.ndarray], batch: int, prompt_len: int):
 
 def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool):
     """The traced body of one generation call: prefill, then the decode while_loop."""
-    model = Llama(config)
     n_out = cache_len - prompt_len
 
     def run(params, tokens, positions, segments, lengths, done, max_new, stop_ids, key, temperature, top_p):
         batch = tokens.shape[0]
-        cache = init_cache(config, batch, cache_len)
-        cache = {k: nn.with_logical_constraint(v, _CACHE_AXES if k != "segment_ids" else ("batch", "seq"))
-                 for k, v in cache.items()}
-        logits, cache = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments,
-                                    cache=cache, cache_index=0)
+        cache = init_decode_cache(config, batch, cache_len)
+        cache = {"kv": jax.tree.map(lambda a: nn.with_logical_constraint(a, _KV_AXES), cache["kv"]),
+                 "segment_ids": nn.with_logical_constraint(cache["segment_ids"], ("batch", "seq"))}
+        logits, cache = decode_forward(config, params, tokens, cache, 0, positions=positions,
+                                       segment_ids=segments, last_only=True)
 
         def pick(logits, i, done):
             tok = sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p, mode)
@@ -196,8 +203,8 @@ def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampl
             i, cache, out, tok, done = state
             pos = (lengths + i - 1)[:, None]
             feed = jnp.maximum(tok, 0)[:, None]  # stopped rows carry _PAD; feed any valid id
-            logits, cache = model.apply({"params": params}, feed, positions=pos, segment_ids=ones,
-                                        cache=cache, cache_index=prompt_len + i - 1)
+            logits, cache = decode_forward(config, params, feed, cache, prompt_len + i - 1, positions=pos,
+                                           segment_ids=ones)
             tok, done = pick(logits, i, done)
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
             return i + 1, cache, out, tok, done
@@ -225,18 +232,38 @@ def _compiled(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampli
     if mesh is None:
         return jax.jit(fn)
     from llama_jax import sharding
-    param_sh = sharding.logical_to_shardings(param_shapes(config), mesh)
     rep = sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(nn.unbox(param_sh),) + (rep,) * 10, out_shardings=rep)
+    return jax.jit(fn, in_shardings=(_param_shardings(config, mesh, True),) + (rep,) * 10, out_shardings=rep)
 
 
-def _place_params(config: ModelConfig, params, mesh):
-    params = nn.unbox(params)
-    if mesh is None:
-        return params
+@functools.lru_cache(maxsize=16)
+def _param_shardings(config: ModelConfig, mesh, split: bool):
+    """The params' NamedShardings on `mesh`, stacked or in the split form (the layer axis dropped)."""
+    from jax.sharding import NamedSharding, PartitionSpec
     from llama_jax import sharding
-    # A no-op for params already on these shardings (e.g. from load_checkpoint(mesh=...)).
-    return jax.device_put(params, nn.unbox(sharding.logical_to_shardings(param_shapes(config), mesh)))
+    stacked = nn.unbox(sharding.logical_to_shardings(param_shapes(config), mesh))
+    if not split:
+        return stacked
+    one = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])), stacked["layers"])
+    return {**stacked, "layers": (one,) * config.n_layers}
+
+
+@functools.lru_cache(maxsize=16)
+def _splitter(config: ModelConfig, mesh):
+    if mesh is None:
+        return jax.jit(split_layers)
+    return jax.jit(split_layers, in_shardings=(_param_shardings(config, mesh, False),),
+                   out_shardings=_param_shardings(config, mesh, True))
+
+
+def _decode_params(config: ModelConfig, params, mesh):
+    """The params in the split form the compiled loop takes, placed on the mesh if any."""
+    params = nn.unbox(params)
+    split = is_split(params)
+    if mesh is not None:
+        # A no-op for params already on these shardings (e.g. from load_checkpoint(mesh=...)).
+        params = jax.device_put(params, _param_shardings(config, mesh, split))
+    return params if split else _splitter(config, mesh)(params)  # one copy of the weights per call
 
 
 class _Reorder:
@@ -262,6 +289,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     never stop), which is included in its result. `stream(step, tokens)` is called on the
     host once per step with one id per prompt (-1 for rows that have stopped). With `mesh`,
     params are placed on the model's logical shardings (tensor-parallel over "tensor").
+    `params` may be stacked (as stored) or `model.split_layers(params)`, which saves a copy.
     """
     rows = _check_prompts(config, prompts, max_new_tokens)
     mode = _check_sampling(config, temperature, top_p, top_k)
@@ -283,7 +311,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
             jax.random.PRNGKey(seed), np.float32(max(temperature, 1e-6)), np.float32(top_p))
     _sink[0] = None if stream is None else _Reorder(stream, len(rows))
     try:
-        out = _run(fn, _place_params(config, params, mesh), args, mesh)
+        out = _run(fn, _decode_params(config, params, mesh), args, mesh)
     finally:
         _sink[0] = None
     return [[int(t) for t in row[:max_new_tokens] if t != _PAD] for row in out[:len(rows)]]
