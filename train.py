@@ -92,7 +92,7 @@ def main(argv):
     bar = tqdm(total=cfg.steps, disable=not lead, dynamic_ncols=True)
     def on_log(step, row):
         bar.n = step
-        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "lr", "eval_loss") if row.get(k) is not None})
+        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss_mean", "lr", "eval_loss") if row.get(k) is not None})
     try:
         out = trainer.train(cfg, FLAGS.workdir, stop=stop, on_log=on_log)
     except trainer.NonFiniteLoss as e:
@@ -102,7 +102,8 @@ def main(argv):
     bar.close()
     if lead:
         why = " (stopped by signal)" if stop.requested else ""
-        print(f"step {out['step']}{why}: loss {out['loss']}, eval loss {out['eval_loss']}; "
+        print(f"step {out['step']}{why}: loss {out['loss_mean']} (mean since the last log), "
+              f"eval loss {out['eval_loss']}; "
               f"checkpoints in {os.path.join(FLAGS.workdir, 'checkpoints')}")
         if "sample" in out:
             print("sample:\n" + out["sample"])

@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 8             # global, in sequences
     c.seq_len = 256
     c.micro_batches = 1          # gradient accumulation: batch_size / micro_batches rows at a time
-    c.model = model_dict("tiny")
+    c.model = model_dict("tiny", dtype="bfloat16")  # compute dtype; params stay float32
     c.data = data_dict([{"kind": "stdlib", "split": "train"}])
     c.eval_data = ml_collections.ConfigDict({"sources": [{"kind": "stdlib", "split": "eval"}]})
     c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))

@@ -64,6 +64,16 @@ def _model_from_init(cfg, model: ModelConfig, mesh):
     return ModelConfig.from_dict({**loaded.architecture, **execution}), params
 
 
+def _checkpoint_tokenizer(path: str) -> str:
+    """The tokenizer.model beside a checkpoint: a pretrained model keeps its tokenizer."""
+    from llama_jax.checkpoint import resolve_checkpoint
+    tok = os.path.join(resolve_checkpoint(path), "tokenizer.model")
+    if not os.path.isfile(tok):
+        raise ValueError(f"init_from={path!r} has no tokenizer.model beside its params: "
+                         f"pass --config.data.tokenizer=PATH/tokenizer.model")
+    return tok
+
+
 def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds everything a run needs; restores the latest checkpoint if there is one."""
     mesh = sharding.make_mesh(tuple(cfg.mesh))
@@ -82,6 +92,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
 
     data_d = cfg.data.to_dict()
     tok_path, shard_count = data_d.pop("tokenizer"), data_d.pop("shards") or jax.process_count()
+    if cfg.init_from and not tok_path:
+        tok_path = _checkpoint_tokenizer(cfg.init_from)
     data = DataConfig.from_dict(data_d)
     tokenizer = tokenizer_for(tok_path, data, model.vocab_size, workdir)
     inp = ShardedInput(data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, shard_count,
@@ -146,7 +158,7 @@ class _Logger:
         self.flops_per_token = metrics_lib.flops_per_token(run.model, cfg.seq_len)
         self.peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
         self.since_step, self.since = run.start_step, time.perf_counter()
-        self.last: dict = {}
+        self.window: list[float] = []
 
     def read(self, step: int, device_metrics, force_log: bool = False, extra: dict | None = None) -> dict:
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -155,17 +167,18 @@ class _Logger:
                 f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite. Stopped without "
                 f"saving this step; the last good checkpoint in {self.run.workdir}/checkpoints is kept. "
                 f"Resume from it with a lower optimizer.peak_lr or longer optimizer.warmup_steps.")
-        self.last = m
+        self.window.append(m["loss"])
         if force_log or step % self.run.cfg.log_every == 0:
             now = time.perf_counter()
             tps = (step - self.since_step) * self.tokens_per_step / max(now - self.since, 1e-9)
-            row = {**m, "tokens_per_s": tps,
+            # loss_mean: over the steps since the last log (one step's loss is noisy: rows differ).
+            row = {**m, "loss_mean": sum(self.window) / len(self.window), "tokens_per_s": tps,
                    "mfu": metrics_lib.mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
                    **(extra or {})}
             self.run.writer.write(step, row)
             if self.on_log:
                 self.on_log(step, row)
-            self.since_step, self.since = step, time.perf_counter()
+            self.since_step, self.since, self.window = step, time.perf_counter(), []
         return m
 
 
@@ -197,7 +210,8 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None = None,
           on_log: Callable | None = None) -> dict:
-    """Runs (or resumes) training to `cfg.steps`; returns {"step", "loss", "sample"}."""
+    """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
+    loss_mean, eval_loss, and a text sample when `cfg.sample.max_new_tokens` > 0."""
     run = setup(cfg, workdir)
     logger_last: dict = {}
     try:
@@ -205,7 +219,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
     finally:
         run.manager.wait_until_finished()  # in-flight saves are of checked, good steps
         run.writer.close()
-    out = {"step": step, "loss": logger_last.get("loss"), "eval_loss": logger_last.get("eval_loss")}
+    out = {"step": step, **{k: logger_last.get(k) for k in ("loss", "loss_mean", "eval_loss")}}
     if cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
         out["sample"] = sample(run)
     return out

@@ -42,8 +42,9 @@ def test_same_losses_on_every_mesh(tmp_path, tokenizer_path, reference, mesh):
     assert_same_losses(losses(run(tmp_path, "m", tokenizer_path, mesh=mesh)), reference)
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path, tokenizer_path, reference):
-    got = losses(run(tmp_path, "acc", tokenizer_path, mesh=(1, 8, 1), micro_batches=2))
+@pytest.mark.parametrize("overrides", [{"micro_batches": 2}, {"model.remat_policy": "full"}])
+def test_gradient_accumulation_and_remat_match_the_plain_step(tmp_path, tokenizer_path, reference, overrides):
+    got = losses(run(tmp_path, "acc", tokenizer_path, mesh=(1, 8, 1), **overrides))
     assert_same_losses(got, reference)
 
 
@@ -72,6 +73,17 @@ def test_init_is_sharded_and_step_dir_loads_as_params_checkpoint(tmp_path, token
                                      mesh=sharding.make_mesh((1, 8, 1)))
     assert config.architecture == train_config.model_config(cfg).architecture
     np.testing.assert_array_equal(np.asarray(params["output"]), np.asarray(run_.state.params["output"]))
+
+    # Fine-tuning from that step directory, onto another mesh: same params, fresh optimizer,
+    # and the checkpoint's tokenizer (data.tokenizer left empty).
+    step0 = os.path.join(str(tmp_path), "checkpoints", "0")
+    cfg2 = tiny_config(**{"init_from": step0, "mesh": (2, 2, 2), "model.n_layers": 1})
+    tuned = trainer.setup(cfg2, str(tmp_path / "finetune"))
+    assert tuned.model.n_layers == 2 and int(tuned.state.step) == 0  # the checkpoint's architecture
+    assert tuned.tokenizer.path == os.path.join(step0, "tokenizer.model")
+    for a, b in zip(jax.tree.leaves(tuned.state.params), jax.tree.leaves(run_.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.asarray(tuned.state.opt_state[1][0].mu["output"]).any()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_path):
