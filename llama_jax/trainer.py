@@ -56,12 +56,11 @@ class Run:
     start_step: int
 
 
-def _model_from_init(cfg, model: ModelConfig, mesh):
-    """(model config, params) from `init_from`: its architecture, our execution fields."""
-    from llama_jax import load_checkpoint
-    loaded, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
-    execution = {k: v for k, v in model.to_dict().items() if k not in loaded.architecture}
-    return ModelConfig.from_dict({**loaded.architecture, **execution}), params
+def _with_architecture(model: ModelConfig, checkpoint_dir: str) -> ModelConfig:
+    """The architecture stored beside a checkpoint's params, with this run's execution fields."""
+    stored = ModelConfig.load(os.path.join(checkpoint_dir, "model_config.json"))
+    execution = {k: v for k, v in model.to_dict().items() if k not in stored.architecture}
+    return ModelConfig.from_dict({**stored.architecture, **execution})
 
 
 def _checkpoint_tokenizer(path: str) -> str:
@@ -81,9 +80,11 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     manager = train_checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
                                             cfg.async_checkpoints)
     latest = manager.latest_step()
-    init_params = None
-    if cfg.init_from and latest is None:
-        model, init_params = _model_from_init(cfg, model, mesh)
+    if latest is not None:  # a resumed run keeps its own architecture (fine-tuned or not)
+        model = _with_architecture(model, os.path.join(workdir, "checkpoints", str(latest)))
+    elif cfg.init_from:
+        from llama_jax.checkpoint import resolve_checkpoint
+        model = _with_architecture(model, str(resolve_checkpoint(cfg.init_from)))
     opt_cfg = train_config.optimizer_config(cfg)
     tx, schedule = optim.make_optimizer(opt_cfg, cfg.steps), optim.lr_schedule(opt_cfg, cfg.steps)
     boxed = train_state.abstract_state(model, tx)
@@ -102,8 +103,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         state, data_states = train_checkpoint.restore(manager, latest, abstract, shardings, inp.shards, shard_count)
         inp.set_states(data_states)
         log.info("resumed from %s/checkpoints/%d", workdir, latest)
-    elif init_params is not None:
-        state = train_state.state_from_params(init_params, tx, shardings)
+    elif cfg.init_from:
+        from llama_jax import load_checkpoint
+        _, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
+        state = train_state.state_from_params(params, tx, shardings)
         log.info("initialised from %s", cfg.init_from)
     else:
         state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))

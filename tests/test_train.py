@@ -84,6 +84,10 @@ def test_init_is_sharded_and_step_dir_loads_as_params_checkpoint(tmp_path, token
     for a, b in zip(jax.tree.leaves(tuned.state.params), jax.tree.leaves(run_.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.asarray(tuned.state.opt_state[1][0].mu["output"]).any()
+    trainer.save(tuned)
+    tuned.manager.wait_until_finished()
+    resumed = trainer.setup(cfg2, str(tmp_path / "finetune"))  # resumes: still the checkpoint's 2 layers
+    assert resumed.model.n_layers == 2 and resumed.start_step == 0
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_path):
