@@ -73,14 +73,14 @@ def _parse_flags(argv):
 
 def main(argv):
     del argv
+    # Orbax and jax log every save step and backend probe at INFO through absl: quiet them.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     _init_distributed()
     import jax
     from tqdm import tqdm
     from llama_jax import trainer
 
     lead = jax.process_index() == 0
-    # Orbax logs every save step at INFO through absl: keep ours, quiet theirs.
-    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("llama_jax").setLevel(logging.INFO if lead else logging.WARNING)
     cfg = FLAGS.config
     stop = trainer.StopRequest()
