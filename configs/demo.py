@@ -5,8 +5,9 @@
 
 A 1024-piece tokenizer is trained on the corpus first (seconds), then 1000 steps of a
 4-layer, 128-dim GQA model on 16 x 128 tokens a step, float32 (bf16 matmuls are slow on
-CPUs). Expected on a 2-core laptop CPU: a few minutes, loss from ~6.9 (ln 1024) to ~3,
-eval loss close behind, and a sample that looks like Python.
+CPUs). Measured on a busy 2-core CPU: 3.5 minutes of training; eval loss 4.47 at step 250,
+3.45 at step 1000 (ln 1024 = 6.9 at the start), and a sample with Python's look (def,
+docstrings, indentation) if not its sense.
 Resume: run the same command again with a larger --config.steps (and the same
 --config.optimizer.total_steps, so the schedule is unchanged).
 """
