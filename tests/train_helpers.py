@@ -9,42 +9,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
-def tiny_config(**overrides):
-    """configs/tiny.py, shrunk: 6 float32 steps of 16 x 32 tokens, logged every step.
+# configs/tiny.py shrunk: 6 float32 steps of 16 x 32 tokens, logged every step.
+# n_kv_heads=4 so that every parameter divides a tensor axis of 4; data.shards=2 so that
+# a single process reads the same batches as two processes.
+TEST_OVERRIDES = {"steps": STEPS, "log_every": 1, "eval_every": 0, "eval_batches": 0, "checkpoint_every": 100,
+                  "batch_size": 16, "seq_len": 32, "model.n_kv_heads": 4, "optimizer.warmup_steps": 2,
+                  "data.shards": 2}
 
-    n_kv_heads=4 so that every parameter divides a tensor axis of 4; data.shards=2 so a
-    single process reads the same batches as two processes.
-    """
+
+def tiny_config(**overrides):
+    """configs/tiny.py with TEST_OVERRIDES and `overrides` ("a.b" keys) applied."""
     sys.path.insert(0, REPO)
     from configs import tiny
-    from llama_jax.train_config import model_dict
     c = tiny.get_config()
-    c.steps = STEPS
-    c.log_every = 1
-    c.eval_every = 0
-    c.eval_batches = 0
-    c.checkpoint_every = 100
-    c.batch_size = 16
-    c.seq_len = 32
-    c.model = model_dict("tiny", n_kv_heads=4, dtype="float32")
-    c.optimizer.warmup_steps = 2
-    c.data.shards = 2
-    for k, v in overrides.items():
-        node, *path = k.split(".")
-        target = c
-        for p in [node, *path][:-1]:
-            target = target[p]
-        target[[node, *path][-1]] = v
+    for key, value in {**TEST_OVERRIDES, **overrides}.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return c
 
 
-def as_flags(cfg_overrides: dict) -> list[str]:
-    """--config.KEY=VALUE flags reproducing tiny_config(**overrides) from configs/tiny.py."""
-    base = {"steps": STEPS, "log_every": 1, "eval_every": 0, "eval_batches": 0, "checkpoint_every": 100,
-            "batch_size": 16, "seq_len": 32, "model.n_kv_heads": 4, "optimizer.warmup_steps": 2,
-            "data.shards": 2}
-    base.update(cfg_overrides)
-    return [f"--config.{k}={v}" for k, v in base.items()]
+def as_flags(overrides: dict) -> list[str]:
+    """The --config.KEY=VALUE flags that make train.py's configs/tiny.py tiny_config(**overrides)."""
+    return [f"--config.{k}={v}" for k, v in {**TEST_OVERRIDES, **overrides}.items()]
 
 
 def losses(workdir) -> dict[int, float]:
