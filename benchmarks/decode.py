@@ -18,7 +18,6 @@ Writes $OUT/decode.json (or ./decode.json) and prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -35,8 +34,6 @@ def parse(argv=None):
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (tiny shapes only)")
-    ap.add_argument("--steps-per-check", default="",
-                    help="also time these decode steps per stop check (e.g. 1,32), pre-split params")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -123,7 +120,6 @@ def ours(args) -> dict:
     import flax.linen as nn
     import numpy as np
     from llama_jax import Llama, ModelConfig, generate
-    gen = importlib.import_module("llama_jax.generate")  # the module (the package's `generate` is the function)
     from llama_jax.model import split_layers
     out = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
     bw = copy_bandwidth(jax, jnp, (64 << 20) if args.cpu_smoke else (4 << 30))
@@ -134,10 +130,7 @@ def ours(args) -> dict:
     split = jax.jit(split_layers)(params)
     for b in map(int, args.batches.split(",")):
         prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()
-        default = gen.STEPS_PER_CHECK
-        for name, p, k in ((f"jax_b{b}", params, default), (f"jax_split_b{b}", split, default),
-                           *((f"jax_split_b{b}_check{k}", split, k) for k in _ints(args.steps_per_check))):
-            gen.STEPS_PER_CHECK = k
+        for name, p in ((f"jax_b{b}", params), (f"jax_split_b{b}", split)):
             call = lambda: generate(cfg, p, prompts, args.new_tokens, stop_ids=())  # noqa: E731
             t0 = time.time()
             first = call(); call()
@@ -149,12 +142,7 @@ def ours(args) -> dict:
             need = step_bytes(cfg, b, args.prompt_len, args.new_tokens)
             out[name] = {"seconds": dt, "warmup_s": round(warm, 1), "bytes_per_step": need}
             print(name, out[name], file=sys.stderr, flush=True)
-        gen.STEPS_PER_CHECK = default
     return out
-
-
-def _ints(csv: str) -> list[int]:
-    return [int(x) for x in csv.split(",") if x]
 
 
 def table(args, mine: dict, theirs: dict) -> list[dict]:
@@ -164,8 +152,7 @@ def table(args, mine: dict, theirs: dict) -> list[dict]:
     for b in map(int, args.batches.split(",")):
         need = step_bytes(cfg, b, args.prompt_len, args.new_tokens)
         floor_ms = 1e3 * (need["weights"] + need["kv_cache"]) / bw
-        extra = [(f"jax_split_b{b}_check{k}", mine) for k in _ints(args.steps_per_check)]
-        for name, src in ((f"jax_b{b}", mine), (f"jax_split_b{b}", mine), *extra, (f"hf_static_b{b}", theirs),
+        for name, src in ((f"jax_b{b}", mine), (f"jax_split_b{b}", mine), (f"hf_static_b{b}", theirs),
                           (f"hf_dynamic_b{b}", theirs)):
             r = src.get(name, {})
             if "seconds" not in r:
@@ -193,12 +180,12 @@ def main():
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\ncopy bandwidth {mine['copy_bandwidth_TBps']:.2f} TB/s on {mine['device']}; {path}")
-    print(f"{'run':<24}{'tok/s':>10}{'ms/step':>10}{'floor ms':>10}{'roofline':>10}")
+    print(f"{'run':<18}{'tok/s':>10}{'ms/step':>10}{'floor ms':>10}{'roofline':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['run']:<24}  {r['error'][:80]}")
+            print(f"{r['run']:<18}  {r['error'][:80]}")
         else:
-            print(f"{r['run']:<24}{r['tokens_per_s']:>10}{r['ms_per_step']:>10}{r['roofline_ms_per_step']:>10}"
+            print(f"{r['run']:<18}{r['tokens_per_s']:>10}{r['ms_per_step']:>10}{r['roofline_ms_per_step']:>10}"
                   f"{r['roofline_share']:>10.1%}")
 
 

@@ -32,10 +32,6 @@ from llama_jax.model import decode_forward, init_decode_cache, is_split, param_s
 
 _PAD = -1  # written into the output after a row has stopped
 _KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
-# Decode steps per while_loop iteration. On the GPU every iteration copies the stop test to
-# the host and waits for it, so the device idles while the next step is launched; checking
-# every few steps costs at most STEPS_PER_CHECK - 1 wasted steps (their tokens are dropped).
-STEPS_PER_CHECK = 8
 
 
 class Sampling(NamedTuple):
@@ -176,10 +172,9 @@ def _layout(rows: list[np.ndarray], batch: int, prompt_len: int):
     return tokens, positions, segments, lengths, done
 
 
-def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool,
-               steps_per_check: int):
+def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool):
     """The traced body of one generation call: prefill, then the decode while_loop."""
-    n_out = cache_len - prompt_len + steps_per_check - 1  # room for the steps past max_new
+    n_out = cache_len - prompt_len
 
     def run(params, tokens, positions, segments, lengths, done, max_new, stop_ids, key, temperature, top_p):
         batch = tokens.shape[0]
@@ -204,7 +199,7 @@ def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampl
             i, _, _, _, done = state
             return (i < max_new) & ~jnp.all(done)
 
-        def step(_, state):
+        def body(state):
             i, cache, out, tok, done = state
             pos = (lengths + i - 1)[:, None]
             feed = jnp.maximum(tok, 0)[:, None]  # stopped rows carry _PAD; feed any valid id
@@ -215,7 +210,6 @@ def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampl
             return i + 1, cache, out, tok, done
 
         state = (jnp.int32(1), cache, out, first, done)
-        body = lambda state: jax.lax.fori_loop(0, steps_per_check, step, state)  # noqa: E731
         _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
         return out
 
@@ -233,9 +227,8 @@ def _stream_sink(step, tokens):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool, mesh,
-              steps_per_check: int):
-    fn = _decode_fn(config, prompt_len, cache_len, mode, streaming, steps_per_check)
+def _compiled(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool, mesh):
+    fn = _decode_fn(config, prompt_len, cache_len, mode, streaming)
     if mesh is None:
         return jax.jit(fn)
     from llama_jax import sharding
@@ -274,21 +267,15 @@ def _decode_params(config: ModelConfig, params, mesh):
 
 
 class _Reorder:
-    """Hands steps to the user's callback in order (debug callbacks may arrive out of order).
+    """Hands steps to the user's callback in order (debug callbacks may arrive out of order)."""
 
-    Drops the steps the loop ran past the end (past max_new_tokens, or once every row has
-    stopped: all -1), which a while_loop iteration of several steps can run.
-    """
-
-    def __init__(self, stream: Callable, n_rows: int, max_new_tokens: int):
-        self.stream, self.n_rows, self.limit, self.next, self.held = stream, n_rows, max_new_tokens, 0, {}
+    def __init__(self, stream: Callable, n_rows: int):
+        self.stream, self.n_rows, self.next, self.held = stream, n_rows, 0, {}
 
     def __call__(self, step: int, tokens: np.ndarray):
         self.held[step] = tokens[:self.n_rows]
         while self.next in self.held:
-            tokens = self.held.pop(self.next)
-            if self.next < self.limit and (tokens != _PAD).any():
-                self.stream(self.next, tokens)
+            self.stream(self.next, self.held.pop(self.next))
             self.next += 1
 
 
@@ -319,10 +306,10 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     tokens, positions, segments, lengths, done = _layout(rows, batch, prompt_len)
     stop_arr = np.full(bucket_pow2(len(stops), minimum=4), _PAD, np.int32)  # bucketed: no recompile
     stop_arr[:len(stops)] = stops
-    fn = _compiled(config, prompt_len, cache_len, mode, stream is not None, mesh, STEPS_PER_CHECK)
+    fn = _compiled(config, prompt_len, cache_len, mode, stream is not None, mesh)
     args = (tokens, positions, segments, lengths, done, np.int32(max_new_tokens), stop_arr,
             jax.random.PRNGKey(seed), np.float32(max(temperature, 1e-6)), np.float32(top_p))
-    _sink[0] = None if stream is None else _Reorder(stream, len(rows), max_new_tokens)
+    _sink[0] = None if stream is None else _Reorder(stream, len(rows))
     try:
         out = _run(fn, _decode_params(config, params, mesh), args, mesh)
     finally:
