@@ -24,6 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 
@@ -86,7 +87,15 @@ def ours(name: str, args) -> dict:
     tps = b * t / dt
     fpt = metrics.flops_per_token(cfg, t)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"devices": n_dev, "remat": cfg.remat_policy.value, "attention": cfg.attention_impl.value,
+    prof = {}
+    if args.profile:
+        import gpu_profile
+        def once():
+            nonlocal state
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+        prof = {"profile": gpu_profile.profile(once)}
+    return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "attention": cfg.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
             "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
             "mfu": round(tps * fpt / n_dev / (args.peak * 1e12), 3), "compile_s": round(compile_s, 1),
@@ -134,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also trace 3 steps: GPU time by kernel kind")
     args = ap.parse_args(argv)
     out = {"args": vars(args), "date": time.strftime("%Y-%m-%d")}
     if not args.no_peer:

@@ -29,6 +29,7 @@ class RematPolicy(enum.Enum):
     DOTS = "dots"          # keep matmul outputs (the paper's recipe), recompute the rest
     DOTS_NO_BATCH = "dots_no_batch"  # keep weight matmuls only (not attention's batched dots)
     MINIMAL = "minimal"    # keep the named projections (q, k, v, attention out, w1, w3)
+    DOTS_FLASH = "dots_flash"  # dots_no_batch + the fused attention kernel's outputs (no re-run)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")

@@ -157,12 +157,21 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), new_cache
 
 
+def _dots_and_flash_saveable(prim, *args, **params) -> bool:
+    # cuDNN's attention forward is one primitive with its softmax statistics as a second
+    # output; saving both lets the backward pass skip re-running the forward kernel.
+    if prim.name.startswith("dot_product_attention_fwd"):
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
+
 _REMAT_POLICIES = {
     RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
     RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
     RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     RematPolicy.MINIMAL: jax.checkpoint_policies.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up"),
+    RematPolicy.DOTS_FLASH: _dots_and_flash_saveable,
 }
 
 
