@@ -9,8 +9,8 @@ Timing as the peer script: 3 warm-up steps, then the mean of 10 timed steps.
 The peer (/work/shared/peers/hf_torch_h200.py, vendored as benchmarks/peers/) runs first,
 in a subprocess, so the frameworks never share GPU memory.
 
-    python benchmarks/train_step.py                       # one GPU: 1.1B (+ peer), 7B
-    python benchmarks/train_step.py --shapes 7b --no-peer # two GPUs: FSDP over both
+    python benchmarks/train_step.py                       # one GPU: 1.1B, with the peer
+    python benchmarks/train_step.py --no-peer             # two GPUs: 7B, FSDP over both
     python benchmarks/train_step.py --shapes tiny --no-peer --steps 2   # CPU smoke test
 Writes $OUT/train_step.json (or ./train_step.json) and prints a table.
 """
@@ -36,7 +36,7 @@ def default_remat(name: str, n_devices: int) -> str:
     """
     if name == "7b" and n_devices == 1:
         return "full"
-    return "none" if name == "tiny" else "dots_no_batch"
+    return "none" if name == "tiny" else "dots_flash"
 
 
 def shape(name: str):
@@ -134,7 +134,7 @@ print("PEER_JSON" + json.dumps(P.out))
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="1b,7b")
+    ap.add_argument("--shapes", default="", help="default: 1b on one GPU, 7b on several")
     ap.add_argument("--peer-shapes", default="1b")
     ap.add_argument("--batch", type=int, default=8, help="rows per device")
     ap.add_argument("--seq", type=int, default=2048)
@@ -146,10 +146,12 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="also trace 3 steps: GPU time by kernel kind")
     args = ap.parse_args(argv)
     out = {"args": vars(args), "date": time.strftime("%Y-%m-%d")}
-    if not args.no_peer:
+    if not args.no_peer:  # first: JAX would take most of the GPU's memory once started
         out["peer"] = peer(args.peer_shapes.split(","), args)
         print("peer", json.dumps(out["peer"]), flush=True)
     import jax
+    if not args.shapes:
+        args.shapes = "1b" if jax.device_count() == 1 else "7b"
     out["jax"] = jax.__version__
     out["device"] = jax.devices()[0].device_kind
     for name in args.shapes.split(","):

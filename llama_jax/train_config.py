@@ -109,7 +109,7 @@ def paper_config(preset: str, peak_lr: float, train_tokens: float) -> ml_collect
     c.eval_every = 1000
     c.eval_batches = 8
     c.checkpoint_every = 1000
-    c.model = model_dict(preset, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
+    c.model = model_dict(preset, dtype="bfloat16", param_dtype="float32", remat_policy="dots_flash")
     c.optimizer.peak_lr = peak_lr
     c.data = data_dict([{"kind": "tfds", "name": "c4/en", "split": "train"}])
     c.eval_data.sources = [{"kind": "tfds", "name": "c4/en", "split": "validation"}]
