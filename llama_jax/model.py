@@ -84,14 +84,13 @@ def rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
 
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,T,heads,H] by the tables' angles."""
-    x32 = x.astype(jnp.float32)
-    # (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]): a reversal within each pair, which fuses as an
-    # elementwise op (a stack of the two halves becomes a slower concatenate on GPUs).
-    pairs = x32.reshape(*x.shape[:-1], -1, 2)  # [B,T,heads,H/2,2]
-    partner = (pairs[..., ::-1] * jnp.array([-1.0, 1.0], jnp.float32)).reshape(x.shape)
-    sin = jnp.repeat(sin, 2, axis=-1)[:, :, None, :]  # [B,T,1,H]: one angle per pair
-    cos = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]
-    return (x32 * cos + partner * sin).astype(x.dtype)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B,T,heads,H/2,2]
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    # (A pair-swap form, x*cos + swap(x)*sin, avoids this concatenate but was slower on an
+    # H200: XLA fused it into Triton GEMMs that ran below cuBLAS; see benchmarks/RESULTS.md.)
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nn.Module):
