@@ -17,7 +17,7 @@ import numpy as np
 
 from llama_jax import checkpoint, weights
 from llama_jax.config import ModelConfig
-from llama_jax.params_io import ParamsReader, ParamsWriter
+from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
 from llama_jax.safetensors_io import SafetensorsWriter
 from llama_jax.torch_io import TorchFileWriter
 from llama_jax.torch_sources import open_source
@@ -157,7 +157,7 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
     d = checkpoint.resolve_checkpoint(input_dir)
     config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
     reader = ParamsReader(d / checkpoint.PARAMS_DIR)
-    checkpoint.check_params_tree(checkpoint.abstract_params(config), _nested(reader.shapes),
+    checkpoint.check_params_tree(checkpoint.abstract_params(config), unflatten(reader.shapes),
                                  str(d / checkpoint.PARAMS_DIR))
     dtypes = {r.path: np.dtype(dtype) if dtype is not None else reader.shapes[r.path][1] for r in weights.RULES}
     config = _with_param_dtype(config, dtypes.values())
@@ -176,13 +176,3 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
             w.close()
         checkpoint.copy_tokenizer_files(d, tmp)
     return config
-
-
-def _nested(flat: dict) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree

@@ -34,7 +34,7 @@ def _flat(tree, prefix=()) -> dict[Path, object]:
     return out
 
 
-def _unflat(flat: dict[Path, object]) -> dict:
+def unflatten(flat: dict[Path, object]) -> dict:
     tree: dict = {}
     for path, v in flat.items():
         node = tree
@@ -80,7 +80,7 @@ class ParamsWriter:
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False, type_handler_registry=registry)
         with ocp.Checkpointer(handler) as ckptr:
-            ckptr.save(self.directory, args=ocp.args.PyTreeSave(_unflat(zeros), save_args=_unflat(save_args)))
+            ckptr.save(self.directory, args=ocp.args.PyTreeSave(unflatten(zeros), save_args=unflatten(save_args)))
         names = {p: ".".join(p) for p in self.shapes}  # Orbax's leaf directory names
         self._arrays = _open_leaves(self.directory, names, use_ocdbt=False, use_zarr3=False)
         for path, arr in self._arrays.items():  # guard against a change in Orbax's naming

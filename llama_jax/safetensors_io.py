@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from llama_jax.torch_io import pread_exact, pwrite_all
+from llama_jax.torch_io import PreallocatedWriter, pread_exact
 
 ST_TO_NUMPY = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -74,7 +74,7 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(shape)
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(PreallocatedWriter):
     """Writes one .safetensors file whose tensors (name -> (shape, dtype)) are known up front.
 
     Tensors are laid out in the order given; `close()` fails unless all were written.
@@ -93,21 +93,9 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes
         self._data_start = 8 + len(blob)
-        self._offsets = {n: h["data_offsets"][0] for n, h in header.items() if n != "__metadata__"}
+        self._offsets = {n: self._data_start + h["data_offsets"][0]
+                         for n, h in header.items() if n != "__metadata__"}
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(self._fd, struct.pack("<Q", len(blob)) + blob)
         os.ftruncate(self._fd, self._data_start + offset)
         self._pending = set(self.specs)
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        shape, dtype = self.specs[name]
-        if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-            raise ValueError(f"{self.path}: tensor {name}: got {array.shape} {array.dtype}, "
-                             f"expected {tuple(shape)} {np.dtype(dtype)}")
-        pwrite_all(self._fd, array, self._data_start + self._offsets[name])
-        self._pending.discard(name)
-
-    def close(self) -> None:
-        os.close(self._fd)
-        if self._pending:
-            raise ValueError(f"{self.path}: tensors never written: {sorted(self._pending)[:8]}")

@@ -121,23 +121,16 @@ def _is_contiguous(e: TensorEntry) -> bool:
     return tuple(reversed(expected)) == e.strides or int(np.prod(e.shape)) <= 1
 
 
-class TorchFileWriter:
-    """Writes a state dict whose names, shapes and dtypes are known up front, tensor by tensor.
+class PreallocatedWriter:
+    """Fills a file laid out up front (`_fd`, absolute `_offsets` by name), tensor by tensor.
 
-    `close()` fails unless every tensor was written.
+    `close()` fails unless every tensor in `specs` was written.
     """
-
-    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
-        self.path, self.specs = str(path), dict(specs)
-        # Untouched torch.empty storages: virtual memory only, never read under skip_data.
-        skeleton = {n: torch.empty(shape, dtype=NUMPY_TO_TORCH[np.dtype(dt)]) for n, (shape, dt) in specs.items()}
-        with torch.serialization.skip_data():
-            torch.save(skeleton, self.path)
-        del skeleton
-        meta = torch.load(self.path, map_location="meta", weights_only=True)
-        self._offsets = {n: t.untyped_storage()._checkpoint_offset for n, t in meta.items()}
-        self._fd = os.open(self.path, os.O_WRONLY)
-        self._pending = set(self.specs)
+    path: str
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]]
+    _fd: int
+    _offsets: dict[str, int]
+    _pending: set[str]
 
     def write(self, name: str, array: np.ndarray) -> None:
         shape, dtype = self.specs[name]
@@ -151,3 +144,19 @@ class TorchFileWriter:
         os.close(self._fd)
         if self._pending:
             raise ValueError(f"{self.path}: tensors never written: {sorted(self._pending)[:8]}")
+
+
+class TorchFileWriter(PreallocatedWriter):
+    """Writes a state dict whose names, shapes and dtypes are known up front, tensor by tensor."""
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
+        self.path, self.specs = str(path), dict(specs)
+        # Untouched torch.empty storages: virtual memory only, never read under skip_data.
+        skeleton = {n: torch.empty(shape, dtype=NUMPY_TO_TORCH[np.dtype(dt)]) for n, (shape, dt) in specs.items()}
+        with torch.serialization.skip_data():
+            torch.save(skeleton, self.path)
+        del skeleton
+        meta = torch.load(self.path, map_location="meta", weights_only=True)
+        self._offsets = {n: t.untyped_storage()._checkpoint_offset for n, t in meta.items()}
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._pending = set(self.specs)
