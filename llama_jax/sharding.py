@@ -64,9 +64,24 @@ def activate(mesh: Mesh, rules=RULES):
 
 
 def logical_to_shardings(boxed_tree, mesh: Mesh, rules=RULES):
-    """NamedShardings for a tree of flax LogicallyPartitioned boxes (e.g. from eval_shape)."""
+    """NamedShardings for a tree of flax LogicallyPartitioned boxes (e.g. from eval_shape).
+
+    An axis whose size the mesh axes do not divide (2 kv heads over a tensor axis of 4)
+    stays unsplit on them: replicated rather than an error.
+    """
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    shapes = jax.tree.map(lambda x: np.shape(x.value if is_box(x) else x), boxed_tree, is_leaf=is_box)
+    return jax.tree.map(lambda sh, shape: _fit(sh, shape, mesh), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _fit(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    def size(axes):
+        return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+    spec = [a if a is None or shape[i] % size(a) == 0 else None for i, a in enumerate(sharding.spec)]
+    return NamedSharding(mesh, PartitionSpec(*spec)) if spec != list(sharding.spec) else sharding
 
 
 def logical_sharding(mesh: Mesh, names: Sequence[str | None], rules=RULES) -> NamedSharding:
