@@ -13,7 +13,7 @@ top token always stays), renormalise, draw. `top_k` (not in Meta's code) keeps t
 most likely tokens first. temperature 0 is greedy.
 
 The loop runs `model.decode_forward` on the per-layer runtime form of the params
-(`model.split_layers`) with per-layer KV caches in the loop state. `generate` splits
+(`model.split_layers`: q/k/v and w1/w3 projections fused) with per-layer KV caches in the loop state. `generate` splits
 stacked params once per call, outside the loop (a copy of the weights held for the call);
 pass `split_layers(params)` instead, and drop the stacked tree, to hold one copy and skip it.
 """
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import decode_forward, init_decode_cache, is_split, param_shapes, split_layers
+from llama_jax.model import (decode_forward, decode_layer_shapes, init_decode_cache, is_split, param_shapes,
+                             split_layers)
 
 _PAD = -1  # written into the output after a row has stopped
 _KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
@@ -238,13 +239,12 @@ def _compiled(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampli
 
 @functools.lru_cache(maxsize=16)
 def _param_shardings(config: ModelConfig, mesh, split: bool):
-    """The params' NamedShardings on `mesh`, stacked or in the split form (the layer axis dropped)."""
-    from jax.sharding import NamedSharding, PartitionSpec
+    """The params' NamedShardings on `mesh`, stacked or in the split (per-layer, fused) form."""
     from llama_jax import sharding
     stacked = nn.unbox(sharding.logical_to_shardings(param_shapes(config), mesh))
     if not split:
         return stacked
-    one = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])), stacked["layers"])
+    one = nn.unbox(sharding.logical_to_shardings(decode_layer_shapes(config), mesh))
     return {**stacked, "layers": (one,) * config.n_layers}
 
 

@@ -16,8 +16,9 @@ Decoding runs `decode_forward` instead of the scan: a Python loop over `Block` w
 per-layer weights and per-layer (k, v) caches. On the GPU, slicing layer l out of a
 stacked [L, ...] array inside a step copies it (weights would move ~3x per token), and a
 stacked cache would be sliced and re-stacked every step. `split_layers(params)` makes the
-per-layer form: the same tree with `layers` a tuple of L per-layer trees. It is a runtime
-form only (made when generation starts), never stored: checkpoints keep the stacked layout.
+per-layer form: the same tree with `layers` a tuple of L per-layer trees whose q/k/v and
+w1/w3 projections are fused (`Block(fused=True)` reads them). It is a runtime form only
+(made when generation starts), never stored: checkpoints keep the stacked layout.
 """
 from __future__ import annotations
 
@@ -94,20 +95,29 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
 
 
 class Attention(nn.Module):
+    """`fused`: the decode runtime form (see `split_layers`), one projection wqkv [D,K,G+2,H]."""
     config: ModelConfig
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, sin, cos, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
         c = self.config
         d, n, kh, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
         dt = jnp.dtype(c.dtype)
-        wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), c.param_dtype)
-        wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
-        wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
+        if self.fused:
+            g = n // kh
+            wqkv = _param(self, "wqkv", (d, kh, g + 2, h), ("embed", "kv_heads", None, "head_dim"), c.param_dtype)
+            qkv = jnp.einsum("BTD,DKJH->BTKJH", x, wqkv.astype(dt))
+            q = qkv[..., :g, :].reshape(*x.shape[:2], n, h)
+            k, v = qkv[..., g, :], qkv[..., g + 1, :]
+        else:
+            wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), c.param_dtype)
+            wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
+            wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
+            q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "query_proj")
+            k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
+            v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), c.param_dtype)
-        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "query_proj")
-        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
-        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
         q = nn.with_logical_constraint(apply_rope(q, sin, cos), ("batch", "seq", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rope(k, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -128,34 +138,46 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """`fused`: the decode runtime form (see `split_layers`), one projection w13 [D,2,F]."""
     config: ModelConfig
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         d, f = c.dim, c.ffn_hidden_dim
         dt = jnp.dtype(c.dtype)
-        w1 = _param(self, "w1", (d, f), ("embed", "mlp"), c.param_dtype)
-        w3 = _param(self, "w3", (d, f), ("embed", "mlp"), c.param_dtype)
+        if self.fused:
+            w13 = _param(self, "w13", (d, 2, f), ("embed", None, "mlp"), c.param_dtype)
+            gate_up = jnp.einsum("BTD,DJF->BTJF", x, w13.astype(dt))
+            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        else:
+            w1 = _param(self, "w1", (d, f), ("embed", "mlp"), c.param_dtype)
+            w3 = _param(self, "w3", (d, f), ("embed", "mlp"), c.param_dtype)
+            gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
+            up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), c.param_dtype)
-        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
-        up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
         return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(dt)), "mlp_out")
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer, shaped for nn.scan: (x, layer_cache) -> (x, new_layer_cache)."""
+    """Pre-norm decoder layer, shaped for nn.scan: (x, layer_cache) -> (x, new_layer_cache).
+
+    `fused`: the per-layer decode form's parameters (`split_layers`), same math.
+    """
     config: ModelConfig
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, cache, sin, cos, segment_ids, cache_index, kv_segment_ids):
         c = self.config
-        h, new_cache = Attention(c, name="attention")(
+        h, new_cache = Attention(c, self.fused, name="attention")(
             RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="attention_norm")(x),
             sin, cos, segment_ids, cache, cache_index, kv_segment_ids)
         x = x + h
-        x = x + FeedForward(c, name="feed_forward")(RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="ffn_norm")(x))
+        x = x + FeedForward(c, self.fused, name="feed_forward")(
+            RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="ffn_norm")(x))
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), new_cache
 
 
@@ -279,12 +301,36 @@ def split_layers(params) -> dict:
     """The per-layer runtime form for `decode_forward`: `layers` as a tuple of L trees.
 
     Not a second layout: made from the stacked params when decoding starts, never stored.
-    Under jit (or on device arrays) each slice is a copy; on numpy arrays it is a view.
+    Each layer's projections that read the same input are fused, so a decode step runs 5
+    weight matrix-vector products per layer instead of 7: attention {wqkv [D,K,G+2,H], wo}
+    (per kv head k its G query heads, then its key and value head) and feed_forward
+    {w13 [D,2,F] (w1 | w3), w2}. Every weight is copied (on numpy arrays as well).
     """
     params = nn.unbox(params)
     n = jax.tree.leaves(params["layers"])[0].shape[0]
-    layers = tuple(jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n))
+    layers = tuple(fuse_layer(jax.tree.map(lambda x, i=i: x[i], params["layers"])) for i in range(n))
     return {**params, "layers": layers}
+
+
+def fuse_layer(layer) -> dict:
+    """One stacked-form layer's params -> the fused form `Block(config, fused=True)` takes."""
+    a, f = layer["attention"], layer["feed_forward"]
+    xp = np if isinstance(a["wq"], np.ndarray) else jnp
+    d, n, h = a["wq"].shape
+    kh = a["wk"].shape[1]
+    wqkv = xp.concatenate([a["wq"].reshape(d, kh, n // kh, h), a["wk"][:, :, None], a["wv"][:, :, None]], axis=2)
+    w13 = xp.stack([f["w1"], f["w3"]], axis=1)
+    return {**layer, "attention": {"wqkv": wqkv, "wo": a["wo"]},
+            "feed_forward": {"w13": w13, "w2": f["w2"]}}
+
+
+def decode_layer_shapes(config: ModelConfig):
+    """One fused decode layer's abstract params (with logical partitioning boxes)."""
+    x = jax.ShapeDtypeStruct((1, 1, config.dim), jnp.dtype(config.dtype))
+    sc = jax.ShapeDtypeStruct((1, 1, config.head_dim // 2), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda r, x, s, c, g: Block(config, fused=True).init(r, x, None, s, c, g, None, None),
+                          jax.random.PRNGKey(0), x, sc, sc, seg)["params"]
 
 
 def is_split(params) -> bool:
@@ -317,8 +363,8 @@ def decode_forward(config: ModelConfig, params: dict, tokens: Array, cache: dict
     sin, cos = rope_tables(positions, c)
     kv = []
     for layer, layer_cache in zip(params["layers"], cache["kv"], strict=True):
-        x, new_layer_cache = Block(c).apply({"params": layer}, x, layer_cache, sin, cos, segment_ids,
-                                            cache_index, kv_segment_ids)
+        x, new_layer_cache = Block(c, fused=True).apply({"params": layer}, x, layer_cache, sin, cos,
+                                                        segment_ids, cache_index, kv_segment_ids)
         kv.append(new_layer_cache)
     if last_only:
         x = x[:, -1:]  # the final norm and the projection act per position
