@@ -64,6 +64,8 @@ def _parse_flags(argv):
     # traceback; say which key and list the valid ones instead.
     try:
         return FLAGS(argv)
+    except flags.IllegalFlagValueError as e:  # a value of the wrong type
+        sys.exit(f"error: {e}")
     except (AttributeError, KeyError):
         valid = _config_keys(argv)
         given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
