@@ -13,9 +13,10 @@ top token always stays), renormalise, draw. `top_k` (not in Meta's code) keeps t
 most likely tokens first. temperature 0 is greedy.
 
 The loop runs `model.decode_forward` on the per-layer runtime form of the params
-(`model.split_layers`: q/k/v and w1/w3 projections fused) with per-layer KV caches in the loop state. `generate` splits
-stacked params once per call, outside the loop (a copy of the weights held for the call);
-pass `split_layers(params)` instead, and drop the stacked tree, to hold one copy and skip it.
+(`model.split_layers`: q/k/v and w1/w3 projections fused) with per-layer KV caches in
+the loop state. `generate` splits stacked params once per call, outside the loop (a copy
+of the weights held for the call); pass `split_layers(params)` instead, and drop the
+stacked tree, to hold one copy and skip it.
 """
 from __future__ import annotations
 
