@@ -9,21 +9,21 @@ import time
 
 from tqdm import tqdm
 
-from llama_jax.data import DataError, Tokenizer, pretokenize
+from llama_jax.data import DataError, load_tokenizer, pretokenize
 from llama_jax.data.cli import add_source_flags, source_from_flags
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_flags(p)
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model: SentencePiece or LLaMA 3 tiktoken BPE")
     p.add_argument("--output", required=True, help="directory for the shards")
     p.add_argument("--docs_per_shard", type=int, default=100_000)
     args = p.parse_args(argv)
     start = time.time()
     try:
         bar = tqdm(unit="doc")
-        meta = pretokenize(source_from_flags(args), Tokenizer(args.tokenizer), args.output,
+        meta = pretokenize(source_from_flags(args), load_tokenizer(args.tokenizer), args.output,
                            docs_per_shard=args.docs_per_shard, progress=lambda n: bar.update(1))
         bar.close()
     except DataError as e:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from llama_jax.data import DataConfig, SourceConfig, Tokenizer, make_dataset, pretokenize, train_tokenizer  # noqa: E402
+from llama_jax.data import DataConfig, SourceConfig, load_tokenizer, make_dataset, pretokenize, train_tokenizer  # noqa: E402
 from llama_jax.data.sources import open_source  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main():
     args = p.parse_args()
     tmp = tempfile.mkdtemp()
     t0 = time.perf_counter()
-    tok = Tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer(
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer(
         SourceConfig(), args.vocab_size, os.path.join(tmp, "tok.model"))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
                "tokenizer_vocab": tok.vocab_size, "tokenizer_train_s": time.perf_counter() - t0,

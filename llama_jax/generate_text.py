@@ -84,9 +84,10 @@ def load_for_generation(path: str, dtype: str | None = None, mesh=None):
 
 
 def find_tokenizer(checkpoint: str, explicit: str | None = None):
-    """`explicit`, else a tokenizer.model beside the checkpoint; a llama_jax.data.Tokenizer."""
-    from llama_jax.data import Tokenizer
+    """`explicit`, else a tokenizer.model beside the checkpoint: a llama_jax.data.Tokenizer
+    (SentencePiece, LLaMA 1/2) or Llama3Tokenizer (tiktoken BPE), picked from the file."""
+    from llama_jax.data import load_tokenizer
     path = explicit or os.path.join(checkpoint, "tokenizer.model")
     if not os.path.isfile(path):
         raise ValueError(f"no tokenizer at {path}: pass --tokenizer PATH/tokenizer.model")
-    return Tokenizer(path)
+    return load_tokenizer(path)

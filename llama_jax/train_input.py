@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax.data import DataConfig, DataError, Tokenizer, check_vocab, make_dataset, make_global_batch
+from llama_jax.data import (DataConfig, DataError, Llama3Tokenizer, Tokenizer, check_vocab, load_tokenizer,
+                            make_dataset, make_global_batch)
 from llama_jax.data import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ class ShardedInput:
             it.set_state(states[i])
 
 
-def tokenizer_for(path: str, data: DataConfig, vocab_size: int, workdir: str) -> Tokenizer:
+def tokenizer_for(path: str, data: DataConfig, vocab_size: int, workdir: str) -> Tokenizer | Llama3Tokenizer:
     """The configured tokenizer, or one trained on the training sources (LLaMA's recipe,
     the model's vocab_size) and kept as WORKDIR/tokenizer.model for resumes."""
     if path:
-        tok = Tokenizer(path)
+        tok = load_tokenizer(path)
     else:
         path = os.path.join(workdir, "tokenizer.model")
         if jax.process_index() == 0 and not os.path.exists(path):
@@ -70,7 +71,7 @@ def tokenizer_for(path: str, data: DataConfig, vocab_size: int, workdir: str) ->
             train_tokenizer(data, vocab_size, path + ".tmp")
             os.replace(path + ".tmp", path)  # atomic: a killed run never leaves half a file
         _barrier("tokenizer")
-        tok = Tokenizer(path)
+        tok = load_tokenizer(path)
     check_vocab(tok, vocab_size)
     return tok
 

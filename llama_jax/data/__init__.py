@@ -9,6 +9,9 @@ Entry points:
       pretokenized (a `pretokenize` output directory). `weight` mixes sources per document.
   Tokenizer(model_path)            .encode(text, bos=True, eos=False), .decode(ids),
                                    .bos_id, .eos_id, .pad_id (-1), .vocab_size
+  Llama3Tokenizer(model_path)      the same interface over LLaMA 3's tiktoken BPE file
+                                   (bos n_ranks = 128000, eos 128001, .eot_id 128009)
+  load_tokenizer(path)             Tokenizer or Llama3Tokenizer, picked from the file
   train_tokenizer(texts_or_source, vocab_size, output_path) -> Tokenizer   (LLaMA recipe)
   check_vocab(tokenizer, model_vocab_size)     DataError if the tokenizer is too large
   make_dataset(data_config, tokenizer, seq_len, global_batch_size, seed=0,
@@ -26,9 +29,10 @@ from llama_jax.data.packing import BATCH_KEYS, PipelineStats, pack_documents
 from llama_jax.data.pipeline import DataIterator, make_dataset, make_global_batch
 from llama_jax.data.pretokenize import PretokenizedSource, pretokenize
 from llama_jax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from llama_jax.data.tiktoken_tokenizer import Llama3Tokenizer, load_tokenizer
 
 __all__ = [
-    "BATCH_KEYS", "DataConfig", "DataError", "DataIterator", "PipelineStats", "PretokenizedSource",
-    "SourceConfig", "SourceKind", "TextUnit", "Tokenizer", "check_vocab", "make_dataset",
+    "BATCH_KEYS", "DataConfig", "DataError", "DataIterator", "Llama3Tokenizer", "PipelineStats", "PretokenizedSource",
+    "SourceConfig", "SourceKind", "TextUnit", "Tokenizer", "check_vocab", "load_tokenizer", "make_dataset",
     "make_global_batch", "pack_documents", "paper_mixture", "pretokenize", "train_tokenizer",
 ]

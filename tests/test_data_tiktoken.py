@@ -1,0 +1,97 @@
+"""LLaMA 3 tokenizer: a tiny tiktoken BPE file round-trips text, puts the 256 special
+tokens after the ranks (bos n, eos n+1, eot n+9), and load_tokenizer tells it from a
+SentencePiece model and from junk."""
+import base64
+import os
+import pickle
+
+import pytest
+
+from llama_jax.data import DataError, Llama3Tokenizer, Tokenizer, load_tokenizer, train_tokenizer
+from llama_jax.generate_text import find_tokenizer
+
+MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
+N_RANKS = 256 + len(MERGES)
+TEXTS = ["hello world", "", " ", "def f(x):\n    return x + 12345\n\n\n",
+         "unicode: héllo wörld, 世界, emoji 🙂, math ∮ E·da = Q", "trailing space ",
+         "it's <|begin_of_text|> as plain text", "  tabs\t\tand   spaces   \n"]
+
+
+def _write_ranks(path, tokens):
+    with open(path, "w") as f:
+        for rank, tok in enumerate(tokens):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tik_path(tmp_path_factory):
+    return _write_ranks(tmp_path_factory.mktemp("tik") / "tokenizer.model",
+                        [bytes([b]) for b in range(256)] + MERGES)
+
+
+def test_round_trip_and_merges(tik_path):
+    tok = Llama3Tokenizer(tik_path)
+    for text in TEXTS:
+        ids = tok.encode(text, bos=False)
+        assert all(0 <= i < N_RANKS for i in ids)
+        assert tok.decode(ids) == text
+        assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+    assert tok.encode("hello world", bos=False) == [256 + MERGES.index(b"hello"), 256 + MERGES.index(b" world")]
+    assert tok.encode("é", bos=False) == list("é".encode())  # no merge: its UTF-8 bytes
+    assert tok.id_to_piece(256 + MERGES.index(b"hello")) == "hello"
+
+
+def test_special_ids(tik_path):
+    tok = Llama3Tokenizer(tik_path)
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id) == (N_RANKS, N_RANKS + 1, N_RANKS + 9, -1)
+    assert tok.vocab_size == N_RANKS + 256
+    st = tok.special_tokens
+    assert (st["<|begin_of_text|>"], st["<|end_of_text|>"], st["<|start_header_id|>"],
+            st["<|end_header_id|>"], st["<|eot_id|>"]) == (N_RANKS, N_RANKS + 1, N_RANKS + 6, N_RANKS + 7, N_RANKS + 9)
+    assert st["<|reserved_special_token_0|>"] == N_RANKS + 2 and st["<|reserved_special_token_4|>"] == N_RANKS + 8
+    assert st["<|reserved_special_token_250|>"] == N_RANKS + 255 and len(st) == 256
+    ids = tok.encode("hello", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.bos_id not in ids[1:-1]
+    assert tok.encode("hello", bos=False) == ids[1:-1]
+    # special-token text in the input is plain text, never a special id
+    assert all(i < N_RANKS for i in tok.encode("<|begin_of_text|><|eot_id|>", bos=False))
+    assert tok.decode([tok.eot_id]) == "<|eot_id|>"
+
+
+def test_long_runs_and_pickle(tik_path):
+    tok = Llama3Tokenizer(tik_path)
+    text = "x" * 30_000 + " " * 30_000 + "hello"
+    assert tok.decode(tok.encode(text, bos=False)) == text
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode(TEXTS[4]) == tok.encode(TEXTS[4]) and copy.path == tok.path
+
+
+def test_edited_file_at_same_path_is_reread(tmp_path):
+    path = _write_ranks(tmp_path / "t.model", [bytes([b]) for b in range(256)])
+    assert Llama3Tokenizer(path).vocab_size == 256 + 256
+    _write_ranks(path, [bytes([b]) for b in range(256)] + [b"ab"])
+    assert Llama3Tokenizer(path).vocab_size == 257 + 256
+
+
+def test_load_tokenizer_picks_the_class(tik_path, tmp_path):
+    sp = train_tokenizer(["hello world, this is some text\n"] * 50 + [f"line {i}" for i in range(200)], 300,
+                         str(tmp_path / "sp" / "tokenizer.model"))
+    loaded = load_tokenizer(sp.path)
+    assert type(loaded) is Tokenizer and loaded.vocab_size == 300 and loaded.bos_id == 1
+    assert type(load_tokenizer(tik_path)) is Llama3Tokenizer
+    # a checkpoint folder's tokenizer.model: find_tokenizer picks it too
+    assert type(find_tokenizer(os.path.dirname(tik_path))) is Llama3Tokenizer
+    assert type(find_tokenizer(str(tmp_path / "sp"))) is Tokenizer
+    assert Tokenizer(sp.path).encode("hello") == loaded.encode("hello")  # Tokenizer(...) as before
+
+
+@pytest.mark.parametrize("content", [b"", b"just some text\nmore\n", b"\x00\x01\x02garbage",
+                                     b"aGVsbG8= 0\nnot base64 here\n", b"aGVsbG8= 3\n"])
+def test_neither_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="tokenizer.model"):
+        load_tokenizer(str(path))
+    with pytest.raises(DataError, match="not found"):
+        load_tokenizer(str(tmp_path / "missing.model"))
