@@ -17,7 +17,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
 from llama_jax.data import DataConfig, SourceConfig, load_tokenizer, make_dataset, pretokenize, train_tokenizer  # noqa: E402
 from llama_jax.data.sources import open_source  # noqa: E402

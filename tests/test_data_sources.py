@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from llama_jax.data import DataConfig, DataError, SourceConfig, Tokenizer, make_dataset, train_tokenizer
+from llama_jax.data import DataConfig, DataError, SourceConfig, make_dataset, train_tokenizer
 from llama_jax.data.sources import open_source, stdlib_files
 
 

@@ -11,7 +11,7 @@ import re
 from typing import Iterator, Sequence
 
 from llama_jax.data.config import DataError
-from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.data.tokenizer import Tokenizer, read_model_file
 
 # LLaMA 3's pre-tokenizer split (the cl100k pattern): contractions, letter runs with one
 # leading non-letter, up to 3 digits, punctuation runs, newlines, other whitespace.
@@ -69,11 +69,7 @@ class Llama3Tokenizer:
 
     def __init__(self, model_path: str | None = None, *, model_bytes: bytes | None = None):
         import tiktoken
-        if model_bytes is None:
-            if not model_path or not os.path.isfile(model_path):
-                raise DataError(f"tokenizer model not found: {model_path!r}")
-            with open(model_path, "rb") as f:
-                model_bytes = f.read()
+        model_bytes = read_model_file(model_path) if model_bytes is None else model_bytes
         self.path = model_path or "<in-memory>"
         self._bytes = model_bytes
         ranks = parse_ranks(model_bytes, self.path)

@@ -15,16 +15,20 @@ from llama_jax.data.config import DataConfig, DataError, SourceConfig
 log = logging.getLogger(__name__)
 
 
+def read_model_file(model_path: str | None) -> bytes:
+    """The bytes of a tokenizer model file, or a DataError naming the missing path."""
+    if not model_path or not os.path.isfile(model_path):
+        raise DataError(f"tokenizer model not found: {model_path!r}")
+    with open(model_path, "rb") as f:
+        return f.read()
+
+
 class Tokenizer:
     """A SentencePiece model. LLaMA's: unk 0, bos 1, eos 2, no pad (pad_id -1)."""
 
     def __init__(self, model_path: str | None = None, *, model_proto: bytes | None = None):
         import sentencepiece as spm
-        if model_proto is None:
-            if not model_path or not os.path.isfile(model_path):
-                raise DataError(f"tokenizer model not found: {model_path!r}")
-            with open(model_path, "rb") as f:
-                model_proto = f.read()
+        model_proto = read_model_file(model_path) if model_proto is None else model_proto
         self.path = model_path or "<in-memory>"
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor()
