@@ -43,13 +43,17 @@ def profile(run_once, calls: int = 3, top: int = 15) -> dict:
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in e["args"].get("name", "")}
     by_name, count = collections.Counter(), collections.Counter()
+    start, end = float("inf"), 0.0
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
             by_name[e["name"]] += e["dur"] / 1e3 / calls
             count[e["name"]] += 1
+            start, end = min(start, e["ts"]), max(end, e["ts"] + e["dur"])
     by_kind = collections.Counter()
     for name, ms in by_name.items():
         by_kind[kind(name)] += ms
     return {"ms_per_call_by_kind": {k: round(v, 1) for k, v in by_kind.most_common()},
             "gpu_ms_per_call": round(sum(by_name.values()), 1),
+            # first kernel's start to last kernel's end, per call: busy time plus idle gaps
+            "span_ms_per_call": round((end - start) / 1e3 / calls, 1) if count else 0.0,
             "top_kernels": [(round(ms, 2), count[n] // calls, n[:100]) for n, ms in by_name.most_common(top)]}
