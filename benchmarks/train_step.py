@@ -57,7 +57,8 @@ def ours(name: str, args) -> dict:
     from llama_jax import metrics, optim, sharding, train_state
     n_dev = jax.device_count()
     cfg = shape(name).replace(dtype="bfloat16", param_dtype="float32",
-                              remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention)
+                              remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
+                              layer_loop=args.layer_loop)
     mesh = sharding.make_mesh((1, -1, 1))
     tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
     schedule = optim.lr_schedule(optim.OptimizerConfig(warmup_steps=10), 1000)
@@ -87,6 +88,9 @@ def ours(name: str, args) -> dict:
     tps = b * t / dt
     fpt = metrics.flops_per_token(cfg, t)
     stats = jax.devices()[0].memory_stats() or {}
+    if args.hlo:  # the optimized HLO, to read the profile's fusion names against
+        with open(args.hlo, "w") as fh:
+            fh.write(step.lower(state, batch).compile().as_text())
     prof = {}
     if args.profile:
         import gpu_profile
@@ -94,8 +98,8 @@ def ours(name: str, args) -> dict:
             nonlocal state
             state, m = step(state, batch)
             jax.block_until_ready(m)
-        prof = {"profile": gpu_profile.profile(once)}
-    return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "attention": cfg.attention_impl.value,
+        prof = {"profile": gpu_profile.profile(once, top=args.top)}
+    return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "layer_loop": cfg.layer_loop.value, "attention": cfg.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
             "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
             "mfu": round(tps * fpt / n_dev / (args.peak * 1e12), 3), "compile_s": round(compile_s, 1),
@@ -141,8 +145,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--remat", default="", help="override the per-shape remat policy")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--layer-loop", default="unrolled", help="unrolled or scan (ModelConfig.layer_loop)")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--json", default="train_step.json", help="results file, under $OUT if set (an absolute path as is)")
+    ap.add_argument("--hlo", default="", help="also write the compiled step's HLO text here")
+    ap.add_argument("--top", type=int, default=15, help="--profile: how many kernels to list")
     ap.add_argument("--profile", action="store_true", help="also trace 3 steps: GPU time by kernel kind")
     args = ap.parse_args(argv)
     out = {"args": vars(args), "date": time.strftime("%Y-%m-%d")}
@@ -160,7 +168,7 @@ def main(argv=None):
         except Exception as e:  # record and go on: a failed shape is a result too
             out[name] = {"error": repr(e)[:500]}
         print(name, json.dumps(out[name]), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "train_step.json"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'run':28s} {'tok/s':>9s} {'TFLOP/s/dev':>12s} {'MFU':>6s} {'compile s':>9s} {'peak GB':>8s}")
     for name in args.shapes.split(","):

@@ -32,6 +32,12 @@ class RematPolicy(enum.Enum):
     DOTS_FLASH = "dots_flash"  # dots_no_batch + the fused attention kernel's outputs (no re-run)
 
 
+class LayerLoop(enum.Enum):
+    SCAN = "scan"          # nn.scan over the stacked layers: compile time independent of depth
+    UNROLLED = "unrolled"  # the same stacked params, one layer after another in the program:
+    #                        no per-layer stacking of saved activations (faster on GPUs)
+
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,6 +77,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = AttentionImpl.AUTO
     remat_policy: RematPolicy = RematPolicy.NONE
     scan_unroll: int = 1            # layers per nn.scan iteration
+    layer_loop: LayerLoop = LayerLoop.SCAN  # how training/eval forward passes run the layers
 
     def __post_init__(self):
         def bad(field, msg):
@@ -101,7 +108,8 @@ class ModelConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in _DTYPES:
                 bad(f, f"must be one of {_DTYPES}")
-        for f, enum_cls in (("attention_impl", AttentionImpl), ("remat_policy", RematPolicy)):
+        for f, enum_cls in (("attention_impl", AttentionImpl), ("remat_policy", RematPolicy),
+                            ("layer_loop", LayerLoop)):
             v = getattr(self, f)
             if not isinstance(v, enum_cls):
                 try:
@@ -148,7 +156,7 @@ class ModelConfig:
         d = self.architecture
         d.update(dtype=self.dtype, param_dtype=self.param_dtype,
                  attention_impl=self.attention_impl.value, remat_policy=self.remat_policy.value,
-                 scan_unroll=self.scan_unroll)
+                 scan_unroll=self.scan_unroll, layer_loop=self.layer_loop.value)
         return d
 
     @classmethod

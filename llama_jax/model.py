@@ -32,7 +32,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention
-from llama_jax.config import ModelConfig, RematPolicy, RopeScaling
+from llama_jax.config import LayerLoop, ModelConfig, RematPolicy, RopeScaling
 
 Array = Any
 _init = nn.initializers.normal(stddev=0.02)
@@ -84,13 +84,15 @@ def rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
 
 
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,T,heads,H] by the tables' angles."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,T,heads,H] by the tables' angles.
+
+    (a, b) -> (a cos - b sin, a sin + b cos), written as x * cos + swap(x) * (-sin, sin):
+    one elementwise pass. (Stacking the two halves instead made XLA emit a concatenate
+    kernel that ran at a third of the memory bandwidth on an H200.)
+    """
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B,T,heads,H/2,2]
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
-    # (A pair-swap form, x*cos + swap(x)*sin, avoids this concatenate but was slower on an
-    # H200: XLA fused it into Triton GEMMs that ran below cuBLAS; see benchmarks/RESULTS.md.)
-    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    signed_sin = jnp.stack([-sin, sin], axis=-1)[:, :, None]  # [B,T,1,H/2,2]
+    out = pairs * cos[:, :, None, :, None] + pairs[..., ::-1] * signed_sin
     return out.reshape(x.shape).astype(x.dtype)
 
 
@@ -209,6 +211,31 @@ def _stacked_blocks(config: ModelConfig):
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
+def _unrolled_blocks(config: ModelConfig, layers, x, sin, cos, segment_ids):
+    """The scan's computation with the loop unrolled: layer l reads slice l of the stacked params.
+
+    Under nn.scan, every activation the backward pass keeps is copied into an [L, ...]
+    buffer (zeroed first) and each parameter gradient into another; unrolled, they stay
+    where they were computed. `lax.split` (whose transpose is a concatenate) cuts the
+    stacked params, so the gradients come back stacked without summing padded copies.
+
+    Remat: XLA may merge a recomputation with the forward value it repeats (no
+    `prevent_cse`), trading some memory for time (on an H200, 7B FSDP: +6 GB, 1% faster),
+    except under remat "full", whose point is memory.
+    """
+    def block(p, x, sin, cos, segment_ids):
+        return Block(config, parent=None).apply({"params": p}, x, None, sin, cos, segment_ids, None, None)[0]
+    policy = config.remat_policy
+    if policy is not RematPolicy.NONE:
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[policy], prevent_cse=policy is RematPolicy.FULL)
+    n = config.n_layers
+    leaves, treedef = jax.tree.flatten(layers)
+    pieces = [jax.lax.split(a, (1,) * n, axis=0) for a in leaves]
+    for i in range(n):
+        x = block(treedef.unflatten([p[i][0] for p in pieces]), x, sin, cos, segment_ids)
+    return x
+
+
 class Llama(nn.Module):
     """LLaMA: `apply({"params": p}, tokens)` -> float32 logits [B,T,V].
 
@@ -231,8 +258,11 @@ class Llama(nn.Module):
         if cache is not None:
             segment_ids, kv_segment_ids = _cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
             layer_cache = (cache["k"], cache["v"])
-        x, new_layer_cache = _stacked_blocks(c)(c, name="layers")(
-            x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
+        if c.layer_loop is LayerLoop.UNROLLED and cache is None and not self.is_initializing():
+            x = _unrolled_blocks(c, nn.unbox(self.variables["params"]["layers"]), x, sin, cos, segment_ids)
+        else:
+            x, new_layer_cache = _stacked_blocks(c)(c, name="layers")(
+                x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
         x = RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="norm")(x)
         out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
         logits = project_logits(x, out)

@@ -72,9 +72,21 @@ def token_losses(config: ModelConfig, params, batch) -> tuple[jax.Array, jax.Arr
     """(sum of masked next-token cross-entropies, number of counted tokens), float32."""
     logits = Llama(config).apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # float32 [B,T]
+    ce = cross_entropy(logits, batch["targets"])  # float32 [B,T]
     mask = batch["loss_mask"]
     return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def cross_entropy(logits, targets):
+    """-log softmax(logits)[target], float32 [B,T], from float32 logits [B,T,V].
+
+    The target logit is picked by a one-hot mask, not a gather: a gather's gradient is a
+    scatter, which splits the backward pass over the [B,T,V] logits into three passes
+    (softmax, scatter, cast); this way it is one elementwise pass.
+    """
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    return lse - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
 def _micro_batches(batch, n: int):
@@ -145,4 +157,9 @@ def _traced_under(mesh: Mesh, fn: Callable) -> Callable:
     def call(*args):
         with sharding.activate(mesh):
             return fn(*args)
+
+    def lower(*args):  # for inspecting the compiled step (benchmarks/train_step.py --hlo)
+        with sharding.activate(mesh):
+            return fn.lower(*args)
+    call.lower = lower
     return call

@@ -75,6 +75,28 @@ def test_packed_row_gives_each_document_its_own_logits(params):
         start += len(doc)
 
 
+@pytest.mark.parametrize("remat", ["none", "full", "dots_flash"])
+def test_unrolled_layer_loop_equals_the_scan(params, remat):
+    """Same stacked params, same logits, same (stacked) gradients, packed rows included."""
+    tokens = _tokens(2, 520)
+    segs = np.repeat((np.arange(520) >= 200)[None].astype(np.int32) + 1, 2, 0)
+    pos = np.concatenate([np.arange(200), np.arange(320)])[None].repeat(2, 0).astype(np.int32)
+    probe = np.random.default_rng(3).standard_normal((2, 520, CFG.vocab_size)).astype(np.float32)
+
+    def loss_and_logits(p, cfg):
+        logits = Llama(cfg).apply({"params": p}, tokens, positions=pos, segment_ids=segs)
+        return jnp.sum(logits * probe), logits
+
+    grad = jax.jit(jax.grad(loss_and_logits, has_aux=True), static_argnums=1)
+    scan_g, scan_l = grad(params, CFG.replace(remat_policy=remat))
+    unrolled_g, unrolled_l = grad(params, CFG.replace(remat_policy=remat, layer_loop="unrolled"))
+    np.testing.assert_allclose(unrolled_l, scan_l, rtol=1e-5, atol=1e-5 * np.abs(scan_l).max())
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(unrolled_g), jax.tree.leaves(scan_g)):
+        assert a.shape == b.shape, jax.tree_util.keystr(path)
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
 def test_changing_a_token_changes_no_earlier_logit(params):
     tokens = _tokens(1, 520)
     changed = tokens.copy()
@@ -119,6 +141,7 @@ def test_logical_axes_on_every_parameter():
     ("dim", 130, "divisible by n_heads"), ("n_kv_heads", 3, "multiple of n_kv_heads"),
     ("dim", 4 * 15, "odd head_dim"), ("norm_eps", 0.0, "norm_eps"), ("vocab_size", 0, "vocab_size"),
     ("dtype", "float8", "dtype"), ("attention_impl", "flash9", "attention_impl"),
+    ("layer_loop", "while", "layer_loop"),
 ])
 def test_invalid_configs_fail_naming_field_and_value(field, value, needle):
     with pytest.raises(ValueError, match=needle) as e:
@@ -177,3 +200,5 @@ def test_execution_fields_stay_out_of_the_architecture():
     assert a.architecture == CFG.architecture and a.to_meta_params() == CFG.to_meta_params()
     assert a.remat_policy.value == "full"  # strings are converted to enums once, at construction
     assert dataclasses.replace(a, dtype="float32", remat_policy="none", attention_impl="auto") == CFG
+    u = CFG.replace(layer_loop="unrolled")
+    assert u.architecture == CFG.architecture and ModelConfig.from_dict(u.to_dict()) == u

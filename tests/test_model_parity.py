@@ -40,10 +40,11 @@ def case(request):
     return cfg, model, params_from_hf(model, cfg)
 
 
-def test_logits_match_transformers(case):
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_logits_match_transformers(case, layer_loop):
     cfg, model, params = case
     tokens = _tokens(cfg)
-    ours = np.asarray(jax.jit(Llama(cfg).apply)({"params": params}, tokens))
+    ours = np.asarray(jax.jit(Llama(cfg.replace(layer_loop=layer_loop)).apply)({"params": params}, tokens))
     theirs = hf_logits(model, tokens)
     assert ours.dtype == np.float32 and ours.shape == (2, T, cfg.vocab_size)
     err = rel_err(ours, theirs)
@@ -143,10 +144,12 @@ def test_rope_frequencies_match_transformers(case):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_gradients_match_transformers(case):
+@pytest.mark.parametrize("layer_loop,remat", [("scan", "none"), ("unrolled", "dots_flash")])
+def test_gradients_match_transformers(case, layer_loop, remat):
     """Backward pass too (our output projection has a custom VJP): grads of one loss."""
     from llama_jax import weights
     cfg, model, params = case
+    cfg = cfg.replace(layer_loop=layer_loop, remat_policy=remat)
     tokens = _tokens(cfg, b=1, t=520, seed=4)
     probe = np.random.default_rng(5).standard_normal((1, 520, cfg.vocab_size)).astype(np.float32)
     model.zero_grad()
