@@ -19,6 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from decode import copy_bandwidth  # benchmarks/decode.py: the same measurement
+
 
 def gemms(d: int, f: int, v: int, m: int, layers: int):
     """(name, M, K, N, count per step) for every weight GEMM of one train step."""
@@ -52,17 +54,6 @@ def time_gemm(mm: int, k: int, n: int, reps: int = 20) -> float:
     return best
 
 
-def copy_bandwidth(gb: float = 4.0) -> float:
-    x = jnp.ones((int(gb * 2**30) // 4,), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001)
-    f(x).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * x.nbytes * 10 / (time.perf_counter() - t0) / 1e12
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--dim", type=int, default=2048)
@@ -80,7 +71,7 @@ def main(argv=None):
         total_ms += s * count * 1e3
         total_flop += flop * count
         print(json.dumps(rows[-1]), flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(jax, jnp, 4 << 30) / 1e12
     summary = {"device": jax.devices()[0].device_kind, "matmul_ms_per_step": round(total_ms, 1),
                "matmul_tflops": round(total_flop / total_ms / 1e9, 1), "copy_tb_per_s": round(bw, 2)}
     print(json.dumps(summary))

@@ -99,7 +99,8 @@ def ours(name: str, args) -> dict:
             state, m = step(state, batch)
             jax.block_until_ready(m)
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
-    return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "layer_loop": cfg.layer_loop.value, "attention": cfg.attention_impl.value,
+    return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "layer_loop": cfg.layer_loop.value,
+            "attention": cfg.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
             "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
             "mfu": round(tps * fpt / n_dev / (args.peak * 1e12), 3), "compile_s": round(compile_s, 1),

@@ -7,7 +7,8 @@ Rotary convention: Meta's interleaved pairs (x[2i], x[2i+1]). Meta's weights loa
 are; Hugging Face's q/k rows are permuted to rotate halves, and weights.py undoes that
 permutation. Nothing in this file knows about Hugging Face.
 
-Parameters (layers stacked on a leading L axis by nn.scan):
+Parameters (layers stacked on a leading L axis by nn.scan; `ModelConfig.layer_loop="unrolled"`
+runs the same stacked parameters one layer after another instead of through the scan):
   tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
   [L,D]; norm/weight [D]; output [D,V].
