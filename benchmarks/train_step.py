@@ -58,7 +58,7 @@ def ours(name: str, args) -> dict:
     n_dev = jax.device_count()
     cfg = shape(name).replace(dtype="bfloat16", param_dtype="float32",
                               remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
-                              layer_loop=args.layer_loop)
+                              layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up))
     mesh = sharding.make_mesh((1, -1, 1))
     tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
     schedule = optim.lr_schedule(optim.OptimizerConfig(warmup_steps=10), 1000)
@@ -100,6 +100,7 @@ def ours(name: str, args) -> dict:
             jax.block_until_ready(m)
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
     return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "layer_loop": cfg.layer_loop.value,
+            "fuse_gate_up": cfg.fuse_gate_up,
             "attention": cfg.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
             "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
@@ -147,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--remat", default="", help="override the per-shape remat policy")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--layer-loop", default="unrolled", help="unrolled or scan (ModelConfig.layer_loop)")
+    ap.add_argument("--fuse-gate-up", type=int, default=1, help="1: w1|w3 as one matmul, Pallas SwiGLU "
+                    "backward on GPUs (ModelConfig.fuse_gate_up); 0: two matmuls")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json", default="train_step.json", help="results file, under $OUT if set (an absolute path as is)")

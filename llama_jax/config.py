@@ -78,6 +78,8 @@ class ModelConfig:
     remat_policy: RematPolicy = RematPolicy.NONE
     scan_unroll: int = 1            # layers per nn.scan iteration
     layer_loop: LayerLoop = LayerLoop.SCAN  # how training/eval forward passes run the layers
+    fuse_gate_up: bool = False      # w1 and w3 as one matmul (stacked at run time), SwiGLU's
+    #                                 backward as one kernel on GPUs (model.FeedForward)
 
     def __post_init__(self):
         def bad(field, msg):
@@ -105,6 +107,8 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             bad("rope_scaling", "must be a RopeScaling, a dict of its fields, or None")
+        if not isinstance(self.fuse_gate_up, (bool, np.bool_)):
+            bad("fuse_gate_up", "must be True or False")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in _DTYPES:
                 bad(f, f"must be one of {_DTYPES}")
@@ -156,7 +160,8 @@ class ModelConfig:
         d = self.architecture
         d.update(dtype=self.dtype, param_dtype=self.param_dtype,
                  attention_impl=self.attention_impl.value, remat_policy=self.remat_policy.value,
-                 scan_unroll=self.scan_unroll, layer_loop=self.layer_loop.value)
+                 scan_unroll=self.scan_unroll, layer_loop=self.layer_loop.value,
+                 fuse_gate_up=bool(self.fuse_gate_up))
         return d
 
     @classmethod

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import attention
+from llama_jax import attention, kernels
 from llama_jax.config import LayerLoop, ModelConfig, RematPolicy, RopeScaling
 
 Array = Any
@@ -121,8 +121,10 @@ class Attention(nn.Module):
             k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
             v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), c.param_dtype)
-        q = nn.with_logical_constraint(apply_rope(q, sin, cos), ("batch", "seq", "heads", "head_dim"))
-        k = nn.with_logical_constraint(apply_rope(k, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
+        q = nn.with_logical_constraint(checkpoint_name(apply_rope(q, sin, cos), "query_rotated"),
+                                       ("batch", "seq", "heads", "head_dim"))
+        k = nn.with_logical_constraint(checkpoint_name(apply_rope(k, sin, cos), "key_rotated"),
+                                       ("batch", "seq", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:
             out = attention.attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
@@ -141,7 +143,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """`fused`: the decode runtime form (see `split_layers`), one projection w13 [D,2,F]."""
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
+
+    `fused`: the decode runtime form (see `split_layers`), one projection w13 [D,2,F].
+    `config.fuse_gate_up`: w1 and w3 stacked at run time into that [D,2,F] form, so both
+    run as one matmul, and SwiGLU's backward pass is one kernel on GPUs (`kernels.swiglu`);
+    the parameters stay w1 and w3.
+    """
     config: ModelConfig
     fused: bool = False
 
@@ -152,15 +160,21 @@ class FeedForward(nn.Module):
         dt = jnp.dtype(c.dtype)
         if self.fused:
             w13 = _param(self, "w13", (d, 2, f), ("embed", None, "mlp"), c.param_dtype)
-            gate_up = jnp.einsum("BTD,DJF->BTJF", x, w13.astype(dt))
-            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         else:
             w1 = _param(self, "w1", (d, f), ("embed", "mlp"), c.param_dtype)
             w3 = _param(self, "w3", (d, f), ("embed", "mlp"), c.param_dtype)
+        w2 = _param(self, "w2", (f, d), ("mlp", "embed"), c.param_dtype)
+        if self.fused or c.fuse_gate_up:
+            if not self.fused:
+                w13 = jnp.stack([w1, w3], axis=1)
+            gate_up = checkpoint_name(jnp.einsum("BTD,DJF->BTJF", x, w13.astype(dt)), "mlp_gate_up")
+            gate_up = nn.with_logical_constraint(gate_up, ("batch", "seq", None, "mlp"))
+            hidden = kernels.swiglu(gate_up)
+        else:
             gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
             up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
-        w2 = _param(self, "w2", (f, d), ("mlp", "embed"), c.param_dtype)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
+            hidden = nn.silu(gate) * up
+        hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "mlp"))
         return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(dt)), "mlp_out")
 
 
@@ -197,7 +211,7 @@ _REMAT_POLICIES = {
     RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
     RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     RematPolicy.MINIMAL: jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up"),
+        "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up", "mlp_gate_up"),
     RematPolicy.DOTS_FLASH: _dots_and_flash_saveable,
 }
 

@@ -141,7 +141,7 @@ def test_logical_axes_on_every_parameter():
     ("dim", 130, "divisible by n_heads"), ("n_kv_heads", 3, "multiple of n_kv_heads"),
     ("dim", 4 * 15, "odd head_dim"), ("norm_eps", 0.0, "norm_eps"), ("vocab_size", 0, "vocab_size"),
     ("dtype", "float8", "dtype"), ("attention_impl", "flash9", "attention_impl"),
-    ("layer_loop", "while", "layer_loop"),
+    ("layer_loop", "while", "layer_loop"), ("fuse_gate_up", "yes", "fuse_gate_up"),
 ])
 def test_invalid_configs_fail_naming_field_and_value(field, value, needle):
     with pytest.raises(ValueError, match=needle) as e:
@@ -200,5 +200,5 @@ def test_execution_fields_stay_out_of_the_architecture():
     assert a.architecture == CFG.architecture and a.to_meta_params() == CFG.to_meta_params()
     assert a.remat_policy.value == "full"  # strings are converted to enums once, at construction
     assert dataclasses.replace(a, dtype="float32", remat_policy="none", attention_impl="auto") == CFG
-    u = CFG.replace(layer_loop="unrolled")
+    u = CFG.replace(layer_loop="unrolled", fuse_gate_up=True)
     assert u.architecture == CFG.architecture and ModelConfig.from_dict(u.to_dict()) == u

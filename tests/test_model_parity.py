@@ -144,12 +144,12 @@ def test_rope_frequencies_match_transformers(case):
     np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("layer_loop,remat", [("scan", "none"), ("unrolled", "dots_flash")])
-def test_gradients_match_transformers(case, layer_loop, remat):
+@pytest.mark.parametrize("layer_loop,remat,fuse", [("scan", "none", False), ("unrolled", "dots_flash", True)])
+def test_gradients_match_transformers(case, layer_loop, remat, fuse):
     """Backward pass too (our output projection has a custom VJP): grads of one loss."""
     from llama_jax import weights
     cfg, model, params = case
-    cfg = cfg.replace(layer_loop=layer_loop, remat_policy=remat)
+    cfg = cfg.replace(layer_loop=layer_loop, remat_policy=remat, fuse_gate_up=fuse)
     tokens = _tokens(cfg, b=1, t=520, seed=4)
     probe = np.random.default_rng(5).standard_normal((1, 520, cfg.vocab_size)).astype(np.float32)
     model.zero_grad()

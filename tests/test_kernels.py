@@ -1,0 +1,90 @@
+"""kernels.swiglu: the Pallas backward pass (interpret mode on CPU) against XLA's gradient,
+and the model with `fuse_gate_up` against the unfused model, on one device and a mesh."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import Llama, ModelConfig, kernels, sharding
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", True)
+
+
+def _reference(h):
+    return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 2, 512), (3, 5, 2, 96), (4, 2, 40)])  # last: F=40 falls back
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_kernel_matches_xla_gradient(interpret, shape, dtype):
+    h = (2 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)
+    g = jax.random.normal(jax.random.PRNGKey(1), shape[:-2] + shape[-1:]).astype(dtype)
+    y, vjp = jax.vjp(kernels.swiglu, h)
+    y_ref, vjp_ref = jax.vjp(_reference, h)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    d, d_ref = np.asarray(vjp(g)[0], np.float32), np.asarray(vjp_ref(g)[0], np.float32)
+    assert d.shape == h.shape
+    scale = np.abs(d_ref).max()
+    # The kernel computes in float32 and rounds once; XLA rounds bf16 intermediates.
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    assert np.abs(d - d_ref).max() <= tol * scale
+    # Against a float64 computation of the derivative, float32 inputs only.
+    if dtype == jnp.float32:
+        a, u, g64 = (np.asarray(x, np.float64) for x in (h[..., 0, :], h[..., 1, :], g))
+        s = 1 / (1 + np.exp(-a))
+        exact = np.stack([g64 * u * s * (1 + a * (1 - s)), g64 * a * s], axis=-2)
+        assert np.abs(d - exact).max() <= 1e-6 * np.abs(exact).max()
+
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=64, max_seq_len=512)  # F = 192
+
+
+def _grad_fn():
+    """A fresh jitted (loss, grads): jit caches traces per function, and kernels.INTERPRET
+    is read while tracing."""
+    def grads(cfg, params, tokens, probe):
+        def loss(p):
+            return jnp.sum(Llama(cfg).apply({"params": p}, tokens) * probe)
+        return jax.value_and_grad(loss)(params)
+    return jax.jit(grads, static_argnums=0)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("loop,remat", [("scan", "none"), ("unrolled", "dots_flash"), ("unrolled", "minimal")])
+def test_fused_gate_up_equals_the_unfused_model(monkeypatch, kernel, loop, remat):
+    monkeypatch.setattr(kernels, "INTERPRET", kernel)
+    cfg = CFG.replace(layer_loop=loop, remat_policy=remat)
+    params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 520)).astype(np.int32)
+    probe = np.random.default_rng(1).standard_normal((2, 520, cfg.vocab_size)).astype(np.float32)
+    ref_loss, ref = _grad_fn()(cfg, params, tokens, probe)
+    loss, got = _grad_fn()(cfg.replace(fuse_gate_up=True), params, tokens, probe)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+def test_fused_gate_up_kernel_runs_per_shard_on_a_mesh(interpret):
+    """On a (2, 2, 2) mesh the kernel runs under shard_map (F split over "tensor"): same gradients."""
+    cfg = CFG.replace(layer_loop="unrolled", remat_policy="dots_flash")
+    params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 256)).astype(np.int32)
+    probe = np.random.default_rng(1).standard_normal((4, 256, cfg.vocab_size)).astype(np.float32)
+    _, ref = _grad_fn()(cfg, params, tokens, probe)
+    mesh = sharding.make_mesh((2, 2, 2))
+    shapes = Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    placed = jax.device_put(params, sharding.logical_to_shardings(shapes, mesh))
+    fused = cfg.replace(fuse_gate_up=True)
+    step = _grad_fn()
+    with sharding.activate(mesh):
+        lowered = step.lower(fused, placed, tokens, probe).as_text()
+        _, got = step(fused, placed, tokens, probe)
+    assert "shard_map" in lowered or "sdy.manual_computation" in lowered
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+        err = np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max()
+        assert err < 1e-5, (jax.tree_util.keystr(path), err)
