@@ -88,3 +88,38 @@ def test_fused_gate_up_kernel_runs_per_shard_on_a_mesh(interpret):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
         err = np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max()
         assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+def _backend_kernel_case(monkeypatch):
+    """bf16 through the real kernel on a GPU; float32 through interpret mode elsewhere."""
+    if jax.default_backend() == "gpu":
+        return jnp.bfloat16
+    monkeypatch.setattr(kernels, "INTERPRET", True)
+    return jnp.float32
+
+
+def test_swiglu_kernel_per_shard_equals_whole(monkeypatch):
+    """Under a mesh (rows over data x fsdp, F over tensor) every shard runs the same
+    elementwise kernel: bit-equal to one call over the whole array, and within one
+    rounding of the output dtype of the float64 derivative."""
+    dtype = _backend_kernel_case(monkeypatch)
+    n = jax.device_count()
+    if n < 2:
+        pytest.skip("needs several devices")
+    mesh = sharding.make_mesh((2, 2, 2) if n >= 8 else (1, n, 1))
+    h = (2 * jax.random.normal(jax.random.PRNGKey(0), (8, 128, 2, 512))).astype(dtype)
+    g = jax.random.normal(jax.random.PRNGKey(1), (8, 128, 512)).astype(dtype)
+    grad = jax.jit(lambda h, g: jax.vjp(kernels.swiglu, h)[1](g)[0])
+    whole = np.asarray(grad(h, g), np.float32)
+    spec = sharding.logical_sharding(mesh, ("batch", "seq", None, "mlp"))
+    with sharding.activate(mesh):
+        hs = jax.device_put(h, spec)
+        gs = jax.device_put(g, sharding.logical_sharding(mesh, ("batch", "seq", "mlp")))
+        assert "shard_map" in grad.lower(hs, gs).as_text() or "manual_computation" in grad.lower(hs, gs).as_text()
+        sharded = np.asarray(grad(hs, gs), np.float32)
+    np.testing.assert_array_equal(sharded, whole)
+    a, u, g64 = (np.asarray(x, np.float64) for x in (h[..., 0, :], h[..., 1, :], g))
+    s = 1 / (1 + np.exp(-a))
+    exact = np.stack([g64 * u * s * (1 + a * (1 - s)), g64 * a * s], axis=-2)
+    ulp = 2.0 ** -8 if dtype == jnp.bfloat16 else 2.0 ** -23  # half an ulp of the output, relative
+    assert np.all(np.abs(whole - exact) <= ulp * np.abs(exact) + 1e-6 * np.abs(exact).max())
