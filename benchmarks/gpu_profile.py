@@ -30,6 +30,16 @@ def kind(name: str) -> str:
     return "other"
 
 
+def kernel_events(trace_dir: str) -> list[dict]:
+    """The GPU kernel events (name, ts, dur in us) of a jax.profiler trace, by start time."""
+    path = glob.glob(trace_dir + "/**/*perfetto_trace.json.gz", recursive=True)[0]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in e["args"].get("name", "")}
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids), key=lambda e: e["ts"])
+
+
 def profile(run_once, calls: int = 3, top: int = 15) -> dict:
     """Trace `calls` calls of `run_once()` (which must block until done); ms per call by kind."""
     tdir = tempfile.mkdtemp(prefix="trace_")
@@ -37,18 +47,12 @@ def profile(run_once, calls: int = 3, top: int = 15) -> dict:
     for _ in range(calls):
         run_once()
     jax.profiler.stop_trace()
-    path = glob.glob(tdir + "/**/*perfetto_trace.json.gz", recursive=True)[0]
-    events = json.load(gzip.open(path))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "GPU" in e["args"].get("name", "")}
     by_name, count = collections.Counter(), collections.Counter()
     start, end = float("inf"), 0.0
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-            by_name[e["name"]] += e["dur"] / 1e3 / calls
-            count[e["name"]] += 1
-            start, end = min(start, e["ts"]), max(end, e["ts"] + e["dur"])
+    for e in kernel_events(tdir):
+        by_name[e["name"]] += e["dur"] / 1e3 / calls
+        count[e["name"]] += 1
+        start, end = min(start, e["ts"]), max(end, e["ts"] + e["dur"])
     by_kind = collections.Counter()
     for name, ms in by_name.items():
         by_kind[kind(name)] += ms

@@ -54,9 +54,33 @@ def shape(name: str):
     raise ValueError(f"unknown shape {name!r}: 1b, 7b, tiny")
 
 
-def ours(name: str, args) -> dict:
+def random_batch(cfg, mesh, b: int, t: int) -> dict:
+    """A [b, t] batch of random tokens, placed as the train step expects. Unpacked rows, as
+    the peer trains: no segment ids, so cuDNN runs its causal kernel."""
     import jax
     import jax.numpy as jnp
+    from llama_jax import train_state
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t + 1), 0, cfg.vocab_size, jnp.int32)
+    bs = train_state.batch_sharding(mesh)
+    return {"tokens": jax.device_put(tokens[:, :-1], bs), "targets": jax.device_put(tokens[:, 1:], bs),
+            "loss_mask": jax.device_put(jnp.ones((b, t), jnp.float32), bs), "segment_ids": None, "positions": None}
+
+
+def timed_steps(step, state, batch, n: int, warm: int = 2):
+    """(state, seconds per step): `warm` steps, then the mean of n queued steps."""
+    import jax
+    for _ in range(warm):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return state, (time.perf_counter() - t0) / n
+
+
+def ours(name: str, args) -> dict:
+    import jax
     from llama_jax import metrics, optim, sharding, train_state
     n_dev = jax.device_count()
     cfg = shape(name).replace(dtype="bfloat16", param_dtype="float32",
@@ -70,24 +94,12 @@ def ours(name: str, args) -> dict:
     state = train_state.init_state(cfg, tx, mesh, jax.random.PRNGKey(0))
     step = train_state.make_train_step(cfg, tx, schedule, mesh, shardings)
     b, t = args.batch * n_dev, args.seq
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t + 1), 0, cfg.vocab_size, jnp.int32)
-    bs = train_state.batch_sharding(mesh)
-    # Unpacked rows, as the peer trains: no segment ids, so cuDNN runs its causal kernel.
-    batch = {"tokens": jax.device_put(tokens[:, :-1], bs), "targets": jax.device_put(tokens[:, 1:], bs),
-             "loss_mask": jax.device_put(jnp.ones((b, t), jnp.float32), bs),
-             "segment_ids": None, "positions": None}
+    batch = random_batch(cfg, mesh, b, t)
     t0 = time.time()
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.time() - t0  # the first call: trace + compile + one step
-    for _ in range(2):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    t0 = time.time()
-    for _ in range(args.steps):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    dt = (time.time() - t0) / args.steps
+    state, dt = timed_steps(step, state, batch, args.steps)
     tps = b * t / dt
     fpt = metrics.flops_per_token(cfg, t)
     stats = jax.devices()[0].memory_stats() or {}

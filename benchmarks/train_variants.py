@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import sys
@@ -52,12 +50,7 @@ def trace(step, state, batch, n=4, top=40):
     jax.block_until_ready(m)
     wall = (time.perf_counter() - t0) / n
     jax.profiler.stop_trace()
-    path = glob.glob(tdir + "/**/*perfetto_trace.json.gz", recursive=True)[0]
-    ev = json.load(gzip.open(path))
-    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    gpu = {e["pid"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"
-           and "GPU" in e["args"].get("name", "")}
-    ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("pid") in gpu), key=lambda e: e["ts"])
+    ks = gpu_profile.kernel_events(tdir)
     by, cnt = collections.Counter(), collections.Counter()
     for e in ks:
         by[e["name"]] += e["dur"] / 1e3 / n
@@ -86,7 +79,6 @@ def main(argv=None):
     ap.add_argument("--peak", type=float, default=989.0)
     args = ap.parse_args(argv)
     import jax
-    import jax.numpy as jnp
     import train_step as TS
     from llama_jax import metrics, optim, sharding, train_state
     n_dev = jax.device_count()
@@ -99,10 +91,7 @@ def main(argv=None):
     shardings = train_state.state_shardings(train_state.abstract_state(base, tx), mesh)
     state = train_state.init_state(base, tx, mesh, jax.random.PRNGKey(0))
     b, t = 8 * n_dev, 2048
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t + 1), 0, base.vocab_size, jnp.int32)
-    bs = train_state.batch_sharding(mesh)
-    batch = {"tokens": jax.device_put(tokens[:, :-1], bs), "targets": jax.device_put(tokens[:, 1:], bs),
-             "loss_mask": jax.device_put(jnp.ones((b, t), jnp.float32), bs), "segment_ids": None, "positions": None}
+    batch = TS.random_batch(base, mesh, b, t)
     flop = b * t * metrics.flops_per_token(base, t) / n_dev
     steps, out = {}, {"args": vars(args), "device": jax.devices()[0].device_kind, "variants": {}}
     for name, cfg in variants:  # every variant must keep the parameter tree: they share the state
@@ -115,14 +104,8 @@ def main(argv=None):
         print(name, "compiled in", out["variants"][name]["compile_s"], "s", flush=True)
     for r in range(args.rounds):
         for name, step in steps.items():
-            for _ in range(2):
-                state, m = step(state, batch)
-            jax.block_until_ready(m)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, m = step(state, batch)
-            jax.block_until_ready(m)
-            out["variants"][name]["step_s"].append((time.perf_counter() - t0) / args.steps)
+            state, dt = TS.timed_steps(step, state, batch, args.steps)
+            out["variants"][name]["step_s"].append(dt)
         print("round", r, {k: round(flop / v["step_s"][-1] / 1e12, 1) for k, v in out["variants"].items()}, flush=True)
     for name, v in out["variants"].items():
         med = sorted(v["step_s"])[len(v["step_s"]) // 2]
