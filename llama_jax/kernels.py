@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
+
+from llama_jax import sharding
 
 INTERPRET = False  # tests: route through the Pallas kernel in interpret mode on any backend
 _F32 = jnp.float32
@@ -76,22 +79,6 @@ def _bwd_local(gate_up, g, interpret: bool):
     return dh.reshape(gate_up.shape)
 
 
-def _mesh_specs(shape, axes):
-    """(mesh, PartitionSpec of gate_up, of its gradient) to run per shard, or None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return None
-    spec = nn.logical_to_mesh_axes(axes)
-    for dim, names in zip(shape, spec):
-        names = () if names is None else (names,) if isinstance(names, str) else names
-        size = 1
-        for name in names:
-            size *= mesh.shape[name]
-        if dim % size:
-            return "indivisible"
-    return mesh, spec, jax.sharding.PartitionSpec(*spec[:-2], spec[-1])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def swiglu(gate_up, axes=("batch", "seq", None, "mlp")):
     """silu(gate_up[..., 0, :]) * gate_up[..., 1, :]; `axes`: gate_up's logical axis names."""
@@ -104,13 +91,15 @@ def _swiglu_fwd(gate_up, axes):
 
 def _swiglu_bwd(axes, gate_up, g):
     mode = _mode(gate_up)
-    where = _mesh_specs(gate_up.shape, axes) if mode else None
-    if mode is None or where == "indivisible":
+    mesh = jax.sharding.get_abstract_mesh()
+    per_shard = not mesh.empty and mesh.size > 1
+    spec = nn.logical_to_mesh_axes(axes) if per_shard else None
+    if mode is None or (per_shard and not all(sharding.divides(gate_up.shape, spec, mesh))):
         return jax.vjp(_reference, gate_up)[1](g)
     run = functools.partial(_bwd_local, interpret=mode == "interpret")
-    if where is not None:
-        mesh, spec_h, spec_g = where
-        run = jax.shard_map(run, mesh=mesh, in_specs=(spec_h, spec_g), out_specs=spec_h, check_vma=False)
+    if per_shard:  # elementwise: each device runs the kernel on its own block
+        spec_g = PartitionSpec(*spec[:-2], spec[-1])
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec_g), out_specs=spec, check_vma=False)
     return (run(gate_up, g),)
 
 

@@ -121,10 +121,8 @@ class Attention(nn.Module):
             k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
             v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), c.param_dtype)
-        q = nn.with_logical_constraint(checkpoint_name(apply_rope(q, sin, cos), "query_rotated"),
-                                       ("batch", "seq", "heads", "head_dim"))
-        k = nn.with_logical_constraint(checkpoint_name(apply_rope(k, sin, cos), "key_rotated"),
-                                       ("batch", "seq", "kv_heads", "head_dim"))
+        q = nn.with_logical_constraint(apply_rope(q, sin, cos), ("batch", "seq", "heads", "head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:
             out = attention.attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
@@ -140,6 +138,9 @@ class Attention(nn.Module):
         out = checkpoint_name(out, "attention_out")
         y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
         return checkpoint_name(y, "attention_proj"), new_cache
+
+
+_GATE_UP_AXES = ("batch", "seq", None, "mlp")  # w1 and w3's outputs stacked: [B,T,2,F]
 
 
 class FeedForward(nn.Module):
@@ -168,8 +169,8 @@ class FeedForward(nn.Module):
             if not self.fused:
                 w13 = jnp.stack([w1, w3], axis=1)
             gate_up = checkpoint_name(jnp.einsum("BTD,DJF->BTJF", x, w13.astype(dt)), "mlp_gate_up")
-            gate_up = nn.with_logical_constraint(gate_up, ("batch", "seq", None, "mlp"))
-            hidden = kernels.swiglu(gate_up)
+            gate_up = nn.with_logical_constraint(gate_up, _GATE_UP_AXES)
+            hidden = kernels.swiglu(gate_up, _GATE_UP_AXES)
         else:
             gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
             up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")

@@ -77,10 +77,17 @@ def logical_to_shardings(boxed_tree, mesh: Mesh, rules=RULES):
                         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def _fit(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+def divides(shape: Sequence[int], spec: PartitionSpec, mesh) -> list[bool]:
+    """Per dimension: whether the mesh axes `spec` puts on it split it evenly."""
     def size(axes):
+        if axes is None:
+            return 1
         return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
-    spec = [a if a is None or shape[i] % size(a) == 0 else None for i, a in enumerate(sharding.spec)]
+    return [shape[i] % size(axes) == 0 for i, axes in enumerate(spec)]
+
+
+def _fit(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    spec = [a if ok else None for a, ok in zip(sharding.spec, divides(shape, sharding.spec, mesh))]
     return NamedSharding(mesh, PartitionSpec(*spec)) if spec != list(sharding.spec) else sharding
 
 
