@@ -2,7 +2,8 @@
 
 Shapes: the LLaMA-1.1B shape of the peer script (dim 2048, 22 layers, 32 heads, ffn 5632,
 vocab 32000) and LLaMA-7B; batch 8 x 2048 per device, bf16 compute, float32 master
-params and AdamW state (the paper's optimizer chain from llama_jax.optim). One FLOP
+params and AdamW state (the paper's optimizer chain from llama_jax.optim; `--param-dtypes`
+adds pure bf16 params and AdamW state, the precision the peer trains in). One FLOP
 formula throughout (llama_jax.metrics.flops_per_token): 6 x non-embedding params +
 6 x layers x dim x seq; MFU against 989 TFLOP/s dense bf16 per H200.
 Timing as the peer script: 3 warm-up steps, then the mean of 10 timed steps.
@@ -11,6 +12,7 @@ in a subprocess, so the frameworks never share GPU memory.
 
     python benchmarks/train_step.py                       # one GPU: 1.1B, with the peer
     python benchmarks/train_step.py --no-peer             # two GPUs: 7B, FSDP over both
+    python benchmarks/train_step.py --param-dtypes float32,bfloat16  # also pure bf16, as the peer
     python benchmarks/train_step.py --shapes tiny --no-peer --steps 2   # CPU smoke test
 Writes $OUT/train_step.json (or ./train_step.json) and prints a table.
 """
@@ -79,11 +81,11 @@ def timed_steps(step, state, batch, n: int, warm: int = 2):
     return state, (time.perf_counter() - t0) / n
 
 
-def ours(name: str, args) -> dict:
+def ours(name: str, args, param_dtype: str = "float32") -> dict:
     import jax
     from llama_jax import metrics, optim, sharding, train_state
     n_dev = jax.device_count()
-    cfg = shape(name).replace(dtype="bfloat16", param_dtype="float32",
+    cfg = shape(name).replace(dtype="bfloat16", param_dtype=param_dtype,
                               remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
                               layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up))
     mesh = sharding.make_mesh((1, -1, 1))
@@ -114,8 +116,8 @@ def ours(name: str, args) -> dict:
             state, m = step(state, batch)
             jax.block_until_ready(m)
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
-    return {**prof, "devices": n_dev, "remat": cfg.remat_policy.value, "layer_loop": cfg.layer_loop.value,
-            "fuse_gate_up": cfg.fuse_gate_up,
+    return {**prof, "devices": n_dev, "param_dtype": cfg.param_dtype, "remat": cfg.remat_policy.value,
+            "layer_loop": cfg.layer_loop.value, "fuse_gate_up": cfg.fuse_gate_up,
             "attention": cfg.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
             "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
@@ -165,6 +167,9 @@ def main(argv=None):
     ap.add_argument("--layer-loop", default="unrolled", help="unrolled or scan (ModelConfig.layer_loop)")
     ap.add_argument("--fuse-gate-up", type=int, default=1, help="1: w1|w3 as one matmul, Pallas SwiGLU "
                     "backward on GPUs (ModelConfig.fuse_gate_up); 0: two matmuls")
+    ap.add_argument("--param-dtypes", default="float32",
+                    help="comma-separated: float32 (master params and AdamW state, the paper's chain) and/or "
+                         "bfloat16 (pure bf16 params and AdamW state, as the peer trains); each its own run")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json", default="train_step.json", help="results file, under $OUT if set (an absolute path as is)")
@@ -181,20 +186,24 @@ def main(argv=None):
         args.shapes = "1b" if jax.device_count() == 1 else "7b"
     out["jax"] = jax.__version__
     out["device"] = jax.devices()[0].device_kind
-    for name in args.shapes.split(","):
+    runs = [(name if pd == "float32" else f"{name}_{pd}", name, pd)
+            for name in args.shapes.split(",") for pd in args.param_dtypes.split(",")]
+    for i, (key, name, pd) in enumerate(runs):
         try:
-            out[name] = ours(name, args)
+            out[key] = ours(name, args, pd)
+            if i:  # the device's peak spans the process: after the first run it is not this run's
+                out[key]["peak_mem_gb_process"] = out[key].pop("peak_mem_gb")
         except Exception as e:  # record and go on: a failed shape is a result too
-            out[name] = {"error": repr(e)[:500]}
-        print(name, json.dumps(out[name]), flush=True)
+            out[key] = {"error": repr(e)[:500]}
+        print(key, json.dumps(out[key]), flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'run':28s} {'tok/s':>9s} {'TFLOP/s/dev':>12s} {'MFU':>6s} {'compile s':>9s} {'peak GB':>8s}")
-    for name in args.shapes.split(","):
-        r = out[name]
+    for key, _, _ in runs:
+        r = out[key]
         if "error" not in r:
-            print(f"{'ours_' + name + '_x' + str(r['devices']):28s} {r['tokens_per_s']:9d} {r['tflops_per_device']:12.1f} "
-                  f"{r['mfu']:6.3f} {r['compile_s']:9.1f} {r['peak_mem_gb']:8.1f}")
+            print(f"{'ours_' + key + '_x' + str(r['devices']):28s} {r['tokens_per_s']:9d} {r['tflops_per_device']:12.1f} "
+                  f"{r['mfu']:6.3f} {r['compile_s']:9.1f} {r.get('peak_mem_gb', float('nan')):8.1f}")
     for k, r in out.get("peer", {}).items():
         if isinstance(r, dict) and "tokens_per_s" in r:
             print(f"{k:28s} {r['tokens_per_s']:9d} {'':12s} {r['mfu']:6.3f} {r['warmup_s']:9.1f} {r['peak_mem_gb']:8.1f}")

@@ -1,13 +1,15 @@
 """Train-step variants compared in one process: interleaved timing on one shared state.
 
 Each variant is ModelConfig overrides on the train_step.py shape (dtype bf16, float32
-masters, remat dots_flash, unrolled loop), e.g. `fuse_gate_up=True,remat_policy=minimal`.
-All variants step the same (donated) TrainState in turn, round after round, so they meet
+masters, remat dots_flash, unrolled loop, w1|w3 fused: train_step.py's defaults), e.g.
+`fuse_gate_up=False,remat_policy=minimal`.
+All variants step the same (donated) TrainState in turn, round after round (variants with
+another `param_dtype`, e.g. pure bf16 `param_dtype=bfloat16`, share a state of their own), so they meet
 the same machine, clocks and autotuned kernels' neighbours; differences of ~0.5% show,
 where separate processes differ by up to 5% (XLA's autotuner picks GEMM kernels by timing).
 
-    python benchmarks/train_variants.py "base fused:fuse_gate_up=True" [--shape 1b] [--rounds 3]
-        [--steps 8] [--profile fused]   # --profile: GPU busy time, kinds, top kernels, idle gaps
+    python benchmarks/train_variants.py "base unfused:fuse_gate_up=False" [--shape 1b] [--rounds 3]
+        [--steps 8] [--profile unfused]   # --profile: GPU busy time, kinds, top kernels, idle gaps
 
 Writes $OUT/train_variants.json (or ./train_variants.json).
 """
@@ -55,6 +57,8 @@ def trace(step, state, batch, n=4, top=40):
     for e in ks:
         by[e["name"]] += e["dur"] / 1e3 / n
         cnt[e["name"]] += 1
+    if not ks:
+        raise SystemExit(f"--profile: no GPU kernels in the trace under {tdir} (it needs a GPU)")
     gaps, end = [], ks[0]["ts"] + ks[0]["dur"]
     for e in ks[1:]:
         if e["ts"] > end:
@@ -83,28 +87,33 @@ def main(argv=None):
     from llama_jax import metrics, optim, sharding, train_state
     n_dev = jax.device_count()
     base = TS.shape(args.shape).replace(dtype="bfloat16", param_dtype="float32", remat_policy="dots_flash",
-                                        layer_loop="unrolled")
+                                        layer_loop="unrolled", fuse_gate_up=True)
     variants = [parse_variant(v, base) for v in args.variants.split()]
     mesh = sharding.make_mesh((1, -1, 1))
     ocfg = optim.OptimizerConfig(warmup_steps=10)
     tx, schedule = optim.make_optimizer(ocfg, total_steps=1000), optim.lr_schedule(ocfg, 1000)
-    shardings = train_state.state_shardings(train_state.abstract_state(base, tx), mesh)
-    state = train_state.init_state(base, tx, mesh, jax.random.PRNGKey(0))
+    shardings, states = {}, {}  # one state per parameter dtype, shared by the variants with it
+    for _, cfg in variants:
+        if cfg.param_dtype not in states:
+            abstract = train_state.abstract_state(cfg, tx)
+            shardings[cfg.param_dtype] = train_state.state_shardings(abstract, mesh)
+            states[cfg.param_dtype] = train_state.init_state(cfg, tx, mesh, jax.random.PRNGKey(0))
     b, t = 8 * n_dev, 2048
     batch = TS.random_batch(base, mesh, b, t)
     flop = b * t * metrics.flops_per_token(base, t) / n_dev
     steps, out = {}, {"args": vars(args), "device": jax.devices()[0].device_kind, "variants": {}}
     for name, cfg in variants:  # every variant must keep the parameter tree: they share the state
-        step = train_state.make_train_step(cfg, tx, schedule, mesh, shardings)
+        key = cfg.param_dtype
+        step = train_state.make_train_step(cfg, tx, schedule, mesh, shardings[key])
         t0 = time.time()
-        state, m = step(state, batch)
+        states[key], m = step(states[key], batch)
         jax.block_until_ready(m)
-        steps[name] = step
+        steps[name] = (step, key)
         out["variants"][name] = {"config": cfg.to_dict(), "compile_s": round(time.time() - t0, 1), "step_s": []}
         print(name, "compiled in", out["variants"][name]["compile_s"], "s", flush=True)
     for r in range(args.rounds):
-        for name, step in steps.items():
-            state, dt = TS.timed_steps(step, state, batch, args.steps)
+        for name, (step, key) in steps.items():
+            states[key], dt = TS.timed_steps(step, states[key], batch, args.steps)
             out["variants"][name]["step_s"].append(dt)
         print("round", r, {k: round(flop / v["step_s"][-1] / 1e12, 1) for k, v in out["variants"].items()}, flush=True)
     for name, v in out["variants"].items():
@@ -113,7 +122,8 @@ def main(argv=None):
                  mfu_median=round(flop / med / (args.peak * 1e12), 3))
         print(f"{name:16s} {v['step_ms_median']:9.2f} ms {v['tflops_per_device_median']:7.1f} TFLOP/s/device", flush=True)
     for name in filter(None, args.profile.split(",")):
-        state, out["variants"][name]["profile"] = trace(steps[name], state, batch)
+        step, key = steps[name]
+        states[key], out["variants"][name]["profile"] = trace(step, states[key], batch)
         p = out["variants"][name]["profile"]
         print("profile", name, json.dumps({k: p[k] for k in ("wall_ms", "busy_ms", "idle_ms", "kinds")}), flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "train_variants.json"), "w") as f:
