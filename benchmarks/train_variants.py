@@ -53,12 +53,12 @@ def trace(step, state, batch, n=4, top=40):
     wall = (time.perf_counter() - t0) / n
     jax.profiler.stop_trace()
     ks = gpu_profile.kernel_events(tdir)
+    if not ks:
+        raise SystemExit(f"--profile: no GPU kernels in the trace under {tdir} (it needs a GPU)")
     by, cnt = collections.Counter(), collections.Counter()
     for e in ks:
         by[e["name"]] += e["dur"] / 1e3 / n
         cnt[e["name"]] += 1
-    if not ks:
-        raise SystemExit(f"--profile: no GPU kernels in the trace under {tdir} (it needs a GPU)")
     gaps, end = [], ks[0]["ts"] + ks[0]["dur"]
     for e in ks[1:]:
         if e["ts"] > end:
