@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec
 from llama_jax import sharding
 
 INTERPRET = False  # tests: route through the Pallas kernel in interpret mode on any backend
+GATE_UP_AXES = ("batch", "seq", None, "mlp")  # logical axes of gate_up [B,T,2,F] in the model
 _F32 = jnp.float32
 _BLOCK_F, _BLOCK_ELEMS, _WARPS = 256, 4096, 4  # fastest of 11 configurations on an H200
 
@@ -80,7 +81,7 @@ def _bwd_local(gate_up, g, interpret: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def swiglu(gate_up, axes=("batch", "seq", None, "mlp")):
+def swiglu(gate_up, axes=GATE_UP_AXES):
     """silu(gate_up[..., 0, :]) * gate_up[..., 1, :]; `axes`: gate_up's logical axis names."""
     return _reference(gate_up)
 

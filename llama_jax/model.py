@@ -140,9 +140,6 @@ class Attention(nn.Module):
         return checkpoint_name(y, "attention_proj"), new_cache
 
 
-_GATE_UP_AXES = ("batch", "seq", None, "mlp")  # w1 and w3's outputs stacked: [B,T,2,F]
-
-
 class FeedForward(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
 
@@ -169,8 +166,8 @@ class FeedForward(nn.Module):
             if not self.fused:
                 w13 = jnp.stack([w1, w3], axis=1)
             gate_up = checkpoint_name(jnp.einsum("BTD,DJF->BTJF", x, w13.astype(dt)), "mlp_gate_up")
-            gate_up = nn.with_logical_constraint(gate_up, _GATE_UP_AXES)
-            hidden = kernels.swiglu(gate_up, _GATE_UP_AXES)
+            gate_up = nn.with_logical_constraint(gate_up, kernels.GATE_UP_AXES)
+            hidden = kernels.swiglu(gate_up, kernels.GATE_UP_AXES)
         else:
             gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
             up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
