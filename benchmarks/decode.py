@@ -120,7 +120,7 @@ def ours(args) -> dict:
     import flax.linen as nn
     import numpy as np
     from llama_jax import Llama, ModelConfig, generate
-    from llama_jax.model import split_layers
+    from llama_jax.decode import split_layers
     out = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
     bw = copy_bandwidth(jax, jnp, (64 << 20) if args.cpu_smoke else (4 << 30))
     out["copy_bandwidth_TBps"] = bw / 1e12

@@ -12,8 +12,8 @@ descending, drop tokens whose cumulative probability *before* them exceeds top_p
 top token always stays), renormalise, draw. `top_k` (not in Meta's code) keeps the k
 most likely tokens first. temperature 0 is greedy.
 
-The loop runs `model.decode_forward` on the per-layer runtime form of the params
-(`model.split_layers`: q/k/v and w1/w3 projections fused) with per-layer KV caches in
+The loop runs `decode.decode_forward` on the per-layer runtime form of the params
+(`decode.split_layers`: q/k/v and w1/w3 projections fused) with per-layer KV caches in
 the loop state. `generate` splits stacked params once per call, outside the loop (a copy
 of the weights held for the call); pass `split_layers(params)` instead, and drop the
 stacked tree, to hold one copy and skip it.
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import (decode_forward, decode_layer_shapes, init_decode_cache, is_split, param_shapes,
-                             split_layers)
+from llama_jax.decode import decode_forward, decode_layer_shapes, init_decode_cache, is_split, split_layers
+from llama_jax.model import param_shapes
 
 _PAD = -1  # written into the output after a row has stopped
 _KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
@@ -290,7 +290,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     never stop), which is included in its result. `stream(step, tokens)` is called on the
     host once per step with one id per prompt (-1 for rows that have stopped). With `mesh`,
     params are placed on the model's logical shardings (tensor-parallel over "tensor").
-    `params` may be stacked (as stored) or `model.split_layers(params)`, which saves a copy.
+    `params` may be stacked (as stored) or `decode.split_layers(params)`, which saves a copy.
     """
     rows = _check_prompts(config, prompts, max_new_tokens)
     mode = _check_sampling(config, temperature, top_p, top_k)

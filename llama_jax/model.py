@@ -13,13 +13,7 @@ runs the same stacked parameters one layer after another instead of through the 
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
   [L,D]; norm/weight [D]; output [D,V].
 
-Decoding runs `decode_forward` instead of the scan: a Python loop over `Block` with
-per-layer weights and per-layer (k, v) caches. On the GPU, slicing layer l out of a
-stacked [L, ...] array inside a step copies it (weights would move ~3x per token), and a
-stacked cache would be sliced and re-stacked every step. `split_layers(params)` makes the
-per-layer form: the same tree with `layers` a tuple of L per-layer trees whose q/k/v and
-w1/w3 projections are fused (`Block(fused=True)` reads them). It is a runtime form only
-(made when generation starts), never stored: checkpoints keep the stacked layout.
+Decoding runs the same `Block`s in a per-layer runtime form: see decode.py.
 """
 from __future__ import annotations
 
@@ -98,7 +92,7 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """`fused`: the decode runtime form (see `split_layers`), one projection wqkv [D,K,G+2,H]."""
+    """`fused`: the decode runtime form (see `decode.split_layers`), one projection wqkv [D,K,G+2,H]."""
     config: ModelConfig
     fused: bool = False
 
@@ -143,7 +137,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
 
-    `fused`: the decode runtime form (see `split_layers`), one projection w13 [D,2,F].
+    `fused`: the decode runtime form (see `decode.split_layers`), one projection w13 [D,2,F].
     `config.fuse_gate_up`: w1 and w3 stacked at run time into that [D,2,F] form, so both
     run as one matmul, and SwiGLU's backward pass is one kernel on GPUs (`kernels.swiglu`);
     the parameters stay w1 and w3.
@@ -179,7 +173,7 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder layer, shaped for nn.scan: (x, layer_cache) -> (x, new_layer_cache).
 
-    `fused`: the per-layer decode form's parameters (`split_layers`), same math.
+    `fused`: the per-layer decode form's parameters (`decode.split_layers`), same math.
     """
     config: ModelConfig
     fused: bool = False
@@ -263,13 +257,13 @@ class Llama(nn.Module):
         c = self.config
         b, t = tokens.shape
         if positions is None:
-            positions = _default_positions(b, t, 0 if cache_index is None else cache_index)
+            positions = default_positions(b, t, 0 if cache_index is None else cache_index)
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c.param_dtype)
         x = embed(emb, tokens, c)
         sin, cos = rope_tables(positions, c)
         layer_cache, kv_segment_ids = None, None
         if cache is not None:
-            segment_ids, kv_segment_ids = _cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
+            segment_ids, kv_segment_ids = cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
             layer_cache = (cache["k"], cache["v"])
         if c.layer_loop is LayerLoop.UNROLLED and cache is None and not self.is_initializing():
             x = _unrolled_blocks(c, nn.unbox(self.variables["params"]["layers"]), x, sin, cos, segment_ids)
@@ -285,11 +279,11 @@ class Llama(nn.Module):
         return logits, {"k": k, "v": v, "segment_ids": kv_segment_ids}
 
 
-def _default_positions(batch: int, length: int, start) -> Array:
+def default_positions(batch: int, length: int, start) -> Array:
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-def _cache_segment_ids(cached, segment_ids, cache_index, batch: int, length: int):
+def cache_segment_ids(cached, segment_ids, cache_index, batch: int, length: int):
     """(query segment ids [B,T], key segment ids [B,S] with the new block written at cache_index)."""
     if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -338,81 +332,6 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
     dt = jnp.dtype(dtype or config.dtype)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
             "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
-
-
-def split_layers(params) -> dict:
-    """The per-layer runtime form for `decode_forward`: `layers` as a tuple of L trees.
-
-    Not a second layout: made from the stacked params when decoding starts, never stored.
-    Each layer's projections that read the same input are fused, so a decode step runs 5
-    weight matrix-vector products per layer instead of 7: attention {wqkv [D,K,G+2,H], wo}
-    (per kv head k its G query heads, then its key and value head) and feed_forward
-    {w13 [D,2,F] (w1 | w3), w2}. Every weight is copied (on numpy arrays as well).
-    """
-    params = nn.unbox(params)
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    layers = tuple(fuse_layer(jax.tree.map(lambda x, i=i: x[i], params["layers"])) for i in range(n))
-    return {**params, "layers": layers}
-
-
-def fuse_layer(layer) -> dict:
-    """One stacked-form layer's params -> the fused form `Block(config, fused=True)` takes."""
-    a, f = layer["attention"], layer["feed_forward"]
-    xp = np if isinstance(a["wq"], np.ndarray) else jnp
-    d, n, h = a["wq"].shape
-    kh = a["wk"].shape[1]
-    wqkv = xp.concatenate([a["wq"].reshape(d, kh, n // kh, h), a["wk"][:, :, None], a["wv"][:, :, None]], axis=2)
-    w13 = xp.stack([f["w1"], f["w3"]], axis=1)
-    return {**layer, "attention": {"wqkv": wqkv, "wo": a["wo"]},
-            "feed_forward": {"w13": w13, "w2": f["w2"]}}
-
-
-def decode_layer_shapes(config: ModelConfig):
-    """One fused decode layer's abstract params (with logical partitioning boxes)."""
-    x = jax.ShapeDtypeStruct((1, 1, config.dim), jnp.dtype(config.dtype))
-    sc = jax.ShapeDtypeStruct((1, 1, config.head_dim // 2), jnp.float32)
-    seg = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda r, x, s, c, g: Block(config, fused=True).init(r, x, None, s, c, g, None, None),
-                          jax.random.PRNGKey(0), x, sc, sc, seg)["params"]
-
-
-def is_split(params) -> bool:
-    """Whether `params` is the per-layer runtime form of `split_layers`."""
-    return isinstance(params, dict) and isinstance(params.get("layers"), (tuple, list))
-
-
-def init_decode_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty cache for `decode_forward`: "kv", L pairs (k, v) [B,S,K,H], and "segment_ids" [B,S]."""
-    shape = (batch, max_len, config.kv_heads, config.head_dim)
-    dt = jnp.dtype(dtype or config.dtype)
-    kv = tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(config.n_layers))
-    return {"kv": kv, "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
-
-
-def decode_forward(config: ModelConfig, params: dict, tokens: Array, cache: dict, cache_index,
-                   positions=None, segment_ids=None, last_only: bool = False):
-    """`Llama`'s cached forward, one Python-level `Block` per layer -> (float32 logits, new cache).
-
-    `params`: the form of `split_layers`; `cache`: from `init_decode_cache`; tokens [B,T]
-    fill key slots cache_index .. cache_index+T-1. Logits are [B,T,V], or [B,1,V] for the
-    last position only with `last_only` (a long prefill then never holds [B,T,V] float32).
-    """
-    c = config
-    b, t = tokens.shape
-    if positions is None:
-        positions = _default_positions(b, t, cache_index)
-    segment_ids, kv_segment_ids = _cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
-    x = embed(params["tok_embeddings"], tokens, c)
-    sin, cos = rope_tables(positions, c)
-    kv = []
-    for layer, layer_cache in zip(params["layers"], cache["kv"], strict=True):
-        x, new_layer_cache = Block(c, fused=True).apply({"params": layer}, x, layer_cache, sin, cos,
-                                                        segment_ids, cache_index, kv_segment_ids)
-        kv.append(new_layer_cache)
-    if last_only:
-        x = x[:, -1:]  # the final norm and the projection act per position
-    x = RMSNorm(c.dim, c.norm_eps, c.param_dtype).apply({"params": params["norm"]}, x)
-    return project_logits(x, params["output"]), {"kv": tuple(kv), "segment_ids": kv_segment_ids}
 
 
 def param_shapes(config: ModelConfig):

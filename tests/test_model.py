@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, ModelConfig, RopeScaling, init_cache
+from llama_jax import decode as D
 from llama_jax import model as M
 
 CFG = ModelConfig.preset("tiny")
@@ -43,12 +44,12 @@ def test_decode_forward_equals_full_forward(params):
     """The per-layer decode path (what generate runs) against the stacked full forward."""
     tokens = _tokens(2, 560, seed=3)
     full = np.asarray(jax.jit(Llama(CFG).apply)({"params": params}, tokens))
-    split = M.split_layers(params)
+    split = D.split_layers(params)
     assert len(split["layers"]) == CFG.n_layers
-    step = jax.jit(lambda c, tok, i, last: M.decode_forward(CFG, split, tok, c, i, last_only=last),
+    step = jax.jit(lambda c, tok, i, last: D.decode_forward(CFG, split, tok, c, i, last_only=last),
                    static_argnums=3)
     prefill = 520
-    cache = M.init_decode_cache(CFG, 2, 600)
+    cache = D.init_decode_cache(CFG, 2, 600)
     logits, _ = step(cache, tokens[:, :prefill], 0, False)
     np.testing.assert_allclose(logits, full[:, :prefill], rtol=1e-5, atol=1e-5)
     logits, cache = step(cache, tokens[:, :prefill], 0, True)
