@@ -1,0 +1,50 @@
+"""The benchmark scripts' documented CPU smoke commands still run and report sane figures.
+
+The GPU figures in benchmarks/RESULTS.md come from these scripts; a script that rots
+between GPU sessions would leave those figures unreproducible. Each runs as a subprocess,
+as the README shows, on the test session's 8 virtual CPU devices (so the train step runs
+FSDP over a mesh, as the 7B benchmark does).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from llama_jax import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, args: list[str], out: Path) -> dict:
+    env = {**os.environ, "OUT": str(out), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / f"{script}.json").read_text())
+
+
+def test_train_step_smoke(tmp_path):
+    res = _run("train_step", ["--shapes", "tiny", "--no-peer", "--steps", "2", "--seq", "128", "--batch", "2",
+                              "--param-dtypes", "float32,bfloat16"], tmp_path)
+    assert res["device"] == "cpu"
+    ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
+    for key, dtype in (("tiny", "float32"), ("tiny_bfloat16", "bfloat16")):
+        run = res[key]
+        assert run["param_dtype"] == dtype and run["devices"] == 8
+        assert run["fuse_gate_up"] and run["layer_loop"] == "unrolled"  # the benchmark's defaults
+        assert run["step_s"] > 0 and run["tokens_per_s"] > 0
+        # Two steps from a 0.02-scale random init: still the uniform-prediction loss, ln V.
+        assert abs(run["loss"] - ln_vocab) < 0.05, (key, run["loss"], ln_vocab)
+
+
+def test_decode_smoke(tmp_path):
+    res = _run("decode", ["--preset", "tiny", "--cpu-smoke", "--no-peer", "--batches", "1,4",
+                          "--new-tokens", "16"], tmp_path)
+    rows = {r["run"]: r for r in res["table"]}
+    for name, batch in (("jax_b1", 1), ("jax_split_b1", 1), ("jax_b4", 4), ("jax_split_b4", 4)):
+        row = rows[name]
+        assert row["batch"] == batch and row["tokens_per_s"] > 0
+        assert row["ms_per_step"] > 0 and 0 < row["roofline_share"]
+    assert rows["hf_static_b1"]["error"] == "not run"  # --no-peer
