@@ -280,6 +280,7 @@ class Llama(nn.Module):
 
 
 def default_positions(batch: int, length: int, start) -> Array:
+    """Positions [B,T] int32: start, start + 1, ... in every row."""
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
