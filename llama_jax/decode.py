@@ -11,18 +11,14 @@ checkpoints keep the stacked layout.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import (Block, RMSNorm, cache_segment_ids, default_positions, embed, project_logits,
-                             rope_tables)
-
-Array = Any
+from llama_jax.model import (Array, Block, RMSNorm, cache_segment_ids, default_positions, embed,
+                             project_logits, rope_tables)
 
 
 def split_layers(params) -> dict:
