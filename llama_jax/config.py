@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.hf_config_check import check_llama_hf_config
+
 
 class AttentionImpl(enum.Enum):
     AUTO = "auto"      # cudnn on NVIDIA GPUs, splash on TPU, xla elsewhere
@@ -229,15 +231,12 @@ class ModelConfig:
     # Hugging Face config.json.
     @classmethod
     def from_hf_config(cls, c: dict, source: str = "config.json", **execution: Any) -> "ModelConfig":
+        check_llama_hf_config(c, source)
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if k not in c:
                 raise ValueError(f"{source}: missing key {k!r}")
         if c.get("tie_word_embeddings"):
             raise ValueError(f"{source}: tie_word_embeddings=true; LLaMA's output projection is untied")
-        if c.get("attention_bias") or c.get("mlp_bias"):
-            raise ValueError(f"{source}: attention_bias/mlp_bias are set; LLaMA has no biases")
-        if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
-            raise ValueError(f"{source}: head_dim={c['head_dim']} is not hidden_size/num_attention_heads")
         rope = dict(c.get("rope_parameters") or {})  # transformers v5 puts theta and scaling here
         theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
         scaling = c.get("rope_scaling") or rope
