@@ -6,19 +6,17 @@
 Streams tensor by tensor (peak memory is a few layers, not the checkpoint); the output
 appears only when complete. Read it with `llama_jax.load_checkpoint(OUTPUT)`.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
-
-from llama_jax import conversion  # noqa: E402
+from llama_jax.cli import ArgumentParser, quiet_logs  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--source", required=True, choices=["meta", "hf"])
     p.add_argument("--input", required=True, help="folder with params.json + consolidated.*.pth, or config.json + weights")
     p.add_argument("--output", required=True, help="checkpoint folder to create")
@@ -26,6 +24,9 @@ def main(argv=None):
                    help="store the params in this dtype (default: as stored in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
+    quiet_logs()
+    from tqdm import tqdm
+    from llama_jax import conversion
     bar = tqdm(unit="tensor", desc="to_orbax")
 
     def progress(done, total):
@@ -39,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
