@@ -25,10 +25,12 @@ def main(argv=None):
     from tqdm import tqdm
     from llama_jax.data import load_tokenizer, pretokenize
     start = time.time()
-    bar = tqdm(unit="doc")
-    meta = pretokenize(source_from_flags(args), load_tokenizer(args.tokenizer), args.output,
-                       docs_per_shard=args.docs_per_shard, progress=lambda n: bar.update(1))
-    bar.close()
+    bar = tqdm(unit="doc", delay=1)  # no bar when failing fast
+    try:
+        meta = pretokenize(source_from_flags(args), load_tokenizer(args.tokenizer), args.output,
+                           docs_per_shard=args.docs_per_shard, progress=lambda n: bar.update(1))
+    finally:
+        bar.close()  # before an error line, not after it
     print(f"wrote {args.output}: {meta['documents']} documents, {meta['tokens']} tokens, "
           f"{len(meta['shards'])} shard(s), {time.time() - start:.1f} s")
     return 0

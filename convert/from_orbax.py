@@ -30,16 +30,18 @@ def main(argv=None):
     quiet_logs()
     from tqdm import tqdm
     from llama_jax import conversion
-    bar = tqdm(unit="tensor", desc="from_orbax")
+    bar = tqdm(unit="tensor", desc="from_orbax", delay=1)  # no bar when failing fast
 
     def progress(done, total):
         bar.total = total
         bar.update(done - bar.n)
 
-    config = conversion.from_orbax(args.target, args.input, args.output, shards=args.shards,
-                                   max_shard_size=args.max_shard_size, dtype=args.dtype,
-                                   overwrite=args.overwrite, progress=progress)
-    bar.close()
+    try:
+        config = conversion.from_orbax(args.target, args.input, args.output, shards=args.shards,
+                                       max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                       overwrite=args.overwrite, progress=progress)
+    finally:
+        bar.close()  # before an error line, not after it
     print(f"wrote {args.output}: {config.n_layers} layers, dim {config.dim}, {config.param_dtype}")
 
 

@@ -27,15 +27,17 @@ def main(argv=None):
     quiet_logs()
     from tqdm import tqdm
     from llama_jax import conversion
-    bar = tqdm(unit="tensor", desc="to_orbax")
+    bar = tqdm(unit="tensor", desc="to_orbax", delay=1)  # no bar when failing fast
 
     def progress(done, total):
         bar.total = total
         bar.update(done - bar.n)
 
-    config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
-                                 overwrite=args.overwrite, progress=progress)
-    bar.close()
+    try:
+        config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
+                                     overwrite=args.overwrite, progress=progress)
+    finally:
+        bar.close()  # before an error line, not after it
     print(f"wrote {args.output}: {config.n_layers} layers, dim {config.dim}, params {config.param_dtype}")
 
 

@@ -48,7 +48,7 @@ class ArgumentParser(argparse.ArgumentParser):
             words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
             close = [m for w in words for m in difflib.get_close_matches(w.replace("_", "-"), flags, 1)]
             hint = f"; did you mean {', '.join(close)}?" if close else f"; see {self.prog} --help"
-        raise input_error(self.prog, message + hint)
+        raise input_error(None, message + hint)  # "argument --x: ..." names the flag
 
 
 def positive_int(text: str) -> int:

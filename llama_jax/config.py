@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.errors import input_error, read_json
 from llama_jax.hf_config_check import check_llama_hf_config
 
 
@@ -41,6 +42,11 @@ class LayerLoop(enum.Enum):
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_number(v) -> bool:
+    """A finite number > 0 (not a string from a hand-edited JSON file, not a bool, not nan/inf)."""
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +105,11 @@ class ModelConfig:
             bad("n_heads", f"must be a multiple of n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
             bad("dim", f"gives an odd head_dim={self.head_dim} (dim / n_heads); rotary needs it even")
-        if not self.norm_eps > 0:
-            bad("norm_eps", "must be > 0")
-        if not self.rope_theta > 0:
-            bad("rope_theta", "must be > 0")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+        if not _positive_number(self.norm_eps):
+            bad("norm_eps", "must be a number > 0")
+        if not _positive_number(self.rope_theta):
+            bad("rope_theta", "must be a number > 0")
+        if self.ffn_dim_multiplier is not None and not _positive_number(self.ffn_dim_multiplier):
             bad("ffn_dim_multiplier", "must be > 0 or None")
         if isinstance(self.rope_scaling, dict):  # accept the JSON form
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
@@ -172,7 +178,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown ModelConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return _named(source, cls, d)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -180,8 +186,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=str(path))
+        d = read_json(path)
+        if not isinstance(d, dict):
+            raise input_error(path, "not a JSON object", "{field: value}", type(d).__name__)
+        return cls.from_dict(d, source=str(path))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -199,6 +207,8 @@ class ModelConfig:
             if k not in p:
                 raise ValueError(f"{source}: missing key {k!r}")
         v = p.pop("vocab_size", -1)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise input_error(f"{source}: vocab_size", "must be an integer (-1: from the tokenizer)", "an integer", v)
         if v is None or v < 0:
             v = vocab_size
         if v is None:
@@ -212,7 +222,7 @@ class ModelConfig:
         unknown = sorted(set(p) - set(_ARCH_FIELDS))
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}; known: {sorted(_ARCH_FIELDS)}")
-        return cls(vocab_size=v, **p, **execution)
+        return _named(source, cls, dict(vocab_size=v, **p, **execution))
 
     def to_meta_params(self) -> dict:
         p = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
@@ -274,6 +284,14 @@ class ModelConfig:
             "eos_token_id": 2 if self.vocab_size <= 32000 else 128001,
             "dtype": self.param_dtype,
         }
+
+
+def _named(source: str, cls, kwargs: dict) -> "ModelConfig":
+    """cls(**kwargs), a bad value reported with the file it came from."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise input_error(source, str(e)) from None
 
 
 def _ffn_recipe_for(dim: int, hidden: int) -> tuple[int, float | None]:

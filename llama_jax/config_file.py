@@ -31,10 +31,15 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise input_error(f"--config {path}", "no such config file", "a configs/*.py file with get_config()", path)
     module_spec = importlib.util.spec_from_file_location("_train_config_file", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # runs the file: see the module docstring
-    if not callable(getattr(module, "get_config", None)):
-        raise input_error(path, "no get_config() function", "def get_config(): ...", "none")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)  # runs the file: see the module docstring
+        if not callable(getattr(module, "get_config", None)):
+            raise input_error(path, "no get_config() function (a config file defines def get_config(): ...)")
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except SyntaxError as e:
+        raise input_error(f"{path}:{e.lineno}", f"config file is not valid Python ({e.msg})") from None
+    except (ImportError, NameError, AttributeError, TypeError, KeyError) as e:  # the file's own bug
+        raise input_error(path, f"running the config file failed: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise input_error(f"{path}: get_config()", "must return an ml_collections.ConfigDict", "ConfigDict",
                           type(cfg).__name__)

@@ -14,6 +14,7 @@ import sys
 import time
 
 from llama_jax.cli import ArgumentParser, non_negative_int, positive_int, quiet_logs
+from llama_jax.errors import input_error
 
 
 def _parser() -> ArgumentParser:
@@ -37,6 +38,10 @@ def _parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
+    if not a.temperature >= 0:  # also nan
+        raise input_error("--temperature", "out of range (0: greedy)", ">= 0", a.temperature)
+    if not 0 < a.top_p <= 1:
+        raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
     quiet_logs()
     import jax
     from llama_jax import generate_text as gt

@@ -6,7 +6,6 @@ tensor names against the config, and returns a source whose `read(name)` gives o
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from llama_jax import weights
 from llama_jax.config import ModelConfig
-from llama_jax.errors import input_error
+from llama_jax.errors import input_error, read_json
 from llama_jax.safetensors_io import SafetensorsFile
 from llama_jax.torch_io import TorchFile
 
@@ -43,6 +42,8 @@ class MetaSource:
                 diff = sorted(keys0 ^ set(s.keys()))
                 raise ValueError(f"{s.path}: shards disagree in tensor names with {self.shards[0].path}: {diff[:8]}")
         params = read_json(d / "params.json")
+        if not isinstance(params, dict):
+            raise input_error(d / "params.json", "not a JSON object", "{dim, n_layers, ...}", type(params).__name__)
         self.config = ModelConfig.from_meta_params(params, vocab_size=self._vocab_size(params),
                                                    source=str(d / "params.json"))
         weights.check_names(keys0, self.config, "meta", source=str(self.shards[0].path))
@@ -130,14 +131,6 @@ def confined(folder: Path, name: str, source) -> Path:
         raise input_error(source, "shard path leads out of the model folder (symlink)",
                           f"a file inside {root}", str((folder / p).resolve()))
     return folder / p
-
-
-def read_json(path: Path):
-    """A JSON file, or one line naming it when it is not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise input_error(path, f"not valid JSON ({e})") from None
 
 
 _FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
