@@ -50,7 +50,7 @@ def _one_line(e: BaseException) -> tuple[str, int]:
     if isinstance(e, json.JSONDecodeError):
         return f"invalid JSON: {e}", 2
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"{e.filename or 'writing the output'}: no space left on device ({e.strerror or e})", 1
+        return f"{e.filename or 'writing the output'}: no space left on device", 1
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)):
         where = e.filename or ""
         return (f"{where}: {e.strerror or e}" if where else str(e)), 2
