@@ -334,6 +334,10 @@ def _run(fn, params, args, mesh) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    """The `python -m llama_jax.generate` CLI (llama_jax.generate_cli), for callers that import it here."""
+    """The `python -m llama_jax.generate` CLI (llama_jax.generate_cli): bad input exits 2 with one line."""
+    import sys
+    from llama_jax.errors import run_cli
     from llama_jax.generate_cli import main as cli_main
-    cli_main(argv)
+    rc = run_cli(cli_main, argv)
+    if rc:
+        sys.exit(rc)
