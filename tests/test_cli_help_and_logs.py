@@ -3,6 +3,7 @@ imports; one flag style with the other accepted; no WARNING lines from a convers
 `python -m llama_jax.generate`; a config file runs once; a full disk gives one line."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,10 +114,16 @@ def _run(*cmd, **kw):
 
 def test_conversion_and_generate_print_no_warnings(tiny_ckpt):
     r = tiny_ckpt
+    # A training step's layout: Orbax's step metadata sits beside params/, not inside it.
+    step = r / "workdir" / "checkpoints" / "7"
+    shutil.copytree(r / "ckpt", step)
+    (step / "params" / "_CHECKPOINT_METADATA").unlink()
     runs = [_run("convert/from_orbax.py", "--target", "hf", "--input", str(r / "ckpt"), "--output", str(r / "hf")),
             _run("convert/to_orbax.py", "--source", "hf", "--input", str(r / "hf"), "--output", str(r / "back")),
             _run("convert/from_orbax.py", "--target", "meta", "--input", str(r / "back"), "--output", str(r / "meta")),
-            _run("-m", "llama_jax.generate", "--checkpoint", str(r / "back"), "--prompt", "def", "--max-new-tokens", "4")]
+            _run("-m", "llama_jax.generate", "--checkpoint", str(r / "workdir"), "--prompt", "def", "--max-new-tokens", "4",
+                 "--tokenizer", str(step / "tokenizer.model")),
+            _run("convert/from_orbax.py", "--target", "hf", "--input", str(r / "workdir"), "--output", str(r / "hf2"))]
     for p in runs:
         assert p.returncode == 0, p.stderr
         assert "WARNING" not in p.stderr and "Warning" not in p.stderr, p.stderr
