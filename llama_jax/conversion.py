@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llama_jax import checkpoint, weights
+from llama_jax import checkpoint, hf_tokenizer, weights
 from llama_jax.config import ModelConfig
 from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
 from llama_jax.safetensors_io import SafetensorsWriter
@@ -141,8 +141,6 @@ def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: in
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf = config.to_hf_config()
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    generation = {"_from_model_config": True, "bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return writers, lambda rule, name, w: writer_of[name].write(name, w)
 
 
@@ -175,4 +173,6 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
         for w in writers:
             w.close()
         checkpoint.copy_tokenizer_files(d, tmp)
+        if target == "hf":
+            hf_tokenizer.write_export_files(tmp, config.to_hf_config(), config.max_seq_len)
     return config

@@ -1,0 +1,89 @@
+"""A Hugging Face export is read right by transformers' Auto classes: AutoTokenizer gives our
+tokenizer's ids (SentencePiece and LLaMA 3 tiktoken files), generation_config.json has our
+bos/eos, and AutoModelForCausalLM gives our logits and our greedy tokens."""
+import base64
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_utils import hf_model, params_from_hf, rel_err
+from llama_jax import Llama, ModelConfig, conversion, generate
+from llama_jax.checkpoint import save_params
+from llama_jax.data import Llama3Tokenizer, train_tokenizer
+
+pytest.importorskip("tokenizers")
+
+TEXTS = ["hello world", " one leading space", "   three leading spaces", "trailing space ", "", " ", "\n",
+         "digits 0 7 42 12345 3.14159 and 1,000,000", "unicode: héllo wörld, 世界, ∮ E·da = Q, emoji 🙂🦙",
+         "lines\nand\n\n  indented\n\tand tabs\r\n", "<s> </s> <unk> <|begin_of_text|><|eot_id|> as text",
+         "it's   don't\u00a0nbsp  \u3000ideographic space", "def f(x):\n    return x ** 2  # square\n"]
+MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"  ", b"   ", b"    ",
+          b"12", b"123", b"\n\n", b"in", b" in", b"th", b"the", b" the", b"re", b"ret", b"return", b" (", b"):"]
+
+
+def _corpus():
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "json", "*.py")))
+    return [open(f).read() for f in files] + [t * 3 for t in TEXTS]
+
+
+@pytest.fixture(scope="module", params=["sentencepiece", "tiktoken"])
+def export(request, tmp_path_factory):
+    """(our tokenizer, config, params, HF export dir) of a tiny random model with that tokenizer."""
+    src = tmp_path_factory.mktemp(request.param)
+    path = str(src / "tokenizer.model")
+    if request.param == "sentencepiece":
+        tok = train_tokenizer(_corpus(), 700, path)
+    else:
+        with open(path, "w") as f:
+            for rank, t in enumerate([bytes([b]) for b in range(256)] + MERGES):
+                f.write(f"{base64.b64encode(t).decode()} {rank}\n")
+        tok = Llama3Tokenizer(path)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32,
+                      max_seq_len=1024)
+    params = params_from_hf(hf_model(cfg, seed=3), cfg)
+    save_params(src / "ckpt", params, cfg, tokenizer_dir=src)
+    conversion.from_orbax("hf", src / "ckpt", src / "hf")
+    return tok, cfg, params, str(src / "hf")
+
+
+def test_auto_tokenizer_gives_our_ids(export):
+    tok, _, _, path = export
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id)
+    for text in TEXTS + ["".join(_corpus()[:2])]:
+        ids = tok.encode(text, bos=True)
+        assert hf(text)["input_ids"] == ids, text
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), text
+    assert hf("hello", add_special_tokens=False)["input_ids"] == tok.encode("hello", bos=False)
+
+
+def test_generation_config_has_our_stop_ids(export):
+    tok, _, _, path = export
+    got = json.loads(open(os.path.join(path, "generation_config.json")).read())
+    stops = [tok.eos_id, tok.eot_id] if isinstance(tok, Llama3Tokenizer) else tok.eos_id
+    assert (got["bos_token_id"], got["eos_token_id"], got["pad_token_id"]) == (tok.bos_id, stops, tok.eos_id)
+    assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == stops
+
+
+def test_auto_model_gives_our_logits_and_greedy_tokens(export):
+    tok, cfg, params, path = export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = hf_tok("".join(_corpus()))["input_ids"][:600]
+    assert len(ids) == 600 and ids == tok.encode("".join(_corpus()))[:600]
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits.numpy()
+    ours = np.asarray(jax.jit(Llama(cfg).apply)({"params": params}, np.array([ids], np.int32)))
+    assert rel_err(ours, theirs) < 1e-5
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    prompt = ids[:40]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+    assert generate(cfg, params, [prompt], 24, stop_ids=stops)[0] == out[0, len(prompt):].tolist()
