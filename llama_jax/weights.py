@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
+from llama_jax import generations
 from llama_jax.config import ModelConfig
 
 
@@ -160,8 +161,8 @@ def merge_meta_shards(rule: Rule, shards: list[np.ndarray], config: ModelConfig,
 
 
 def embedding_split_axis(config: ModelConfig) -> int:
-    """LLaMA 3 (128256-token vocab) splits the embedding by vocab; LLaMA 1/2 by dim."""
-    return 0 if config.vocab_size >= 128000 else 1
+    """Meta splits the embedding by dim (LLaMA 1/2) or by vocab (Llama 3 on, any vocab size)."""
+    return generations.embedding_split_axis(config.generation)
 
 
 def split_meta_shards(rule: Rule, w: np.ndarray, n: int, config: ModelConfig) -> list[np.ndarray]:
