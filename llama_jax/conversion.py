@@ -174,5 +174,5 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
             w.close()
         checkpoint.copy_tokenizer_files(d, tmp)
         if target == "hf":
-            hf_tokenizer.write_export_files(tmp, config.to_hf_config(), config.max_seq_len)
+            hf_tokenizer.write_export_files(tmp, config)
     return config

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the converters import this module: no tokenizer libraries until needed
+    from llama_jax.config import ModelConfig
     from llama_jax.data import Llama3Tokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -142,15 +143,26 @@ def write_tokenizer_files(tok: Tokenizer | Llama3Tokenizer, out_dir: str | Path,
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def generation_ids(tok: Tokenizer | Llama3Tokenizer) -> dict:
-    """generation_config.json's token ids for a model using `tok`. LLaMA 3 stops at
-    <|end_of_text|> and at <|eot_id|> (the end of an instruct turn), as our `generate` does;
-    LLaMA has no pad token, so padding uses the (first) eos, transformers' own fallback."""
-    eos = [tok.eos_id, tok.eot_id] if _is_tiktoken(tok) else [tok.eos_id]
-    return {"bos_token_id": tok.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": eos[0]}
+def generation_ids(tok: Tokenizer | Llama3Tokenizer | None, generation) -> dict:
+    """generation_config.json's token ids for a model of `generation` (generations.Generation)
+    using `tok` (None: the generation's released tokenizer). Stop ids: the generation's
+    (Llama 3: <|end_of_text|>, <|eot_id|>; 3.1 on also <|eom_id|>), at the same places after
+    a tiktoken file's ranks; a SentencePiece file's eos. LLaMA has no pad token, so padding
+    uses the first stop id, transformers' own fallback."""
+    from llama_jax import generations
+    meta = generations.special_ids(generation)
+    if tok is None:
+        bos, eos = meta.bos, list(meta.stop)
+    elif _is_tiktoken(tok):
+        if not generation.llama3_family:
+            meta = generations.special_ids(generations.Generation.LLAMA3)
+        bos, eos = tok.bos_id, [tok.bos_id + (s - meta.bos) for s in meta.stop]
+    else:
+        bos, eos = tok.bos_id, [tok.eos_id]
+    return {"bos_token_id": bos, "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": eos[0]}
 
 
-def write_export_files(out_dir: str | Path, hf_config: dict, max_seq_len: int) -> list[str]:
+def write_export_files(out_dir: str | Path, config: ModelConfig) -> list[str]:
     """generation_config.json, and the transformers tokenizer files for the tokenizer.model in
     `out_dir` unless it already has a tokenizer_config.json (files that came from Hugging Face)."""
     from llama_jax.data import DataError, load_tokenizer
@@ -162,7 +174,7 @@ def write_export_files(out_dir: str | Path, hf_config: dict, max_seq_len: int) -
             log.warning("no Hugging Face tokenizer files written: %s", e)
     written = []
     if tok is not None and not (out / "tokenizer_config.json").is_file():
-        written = write_tokenizer_files(tok, out, max_seq_len)
-    ids = generation_ids(tok) if tok is not None else {k: hf_config[k] for k in ("bos_token_id", "eos_token_id")}
+        written = write_tokenizer_files(tok, out, config.max_seq_len)
+    ids = generation_ids(tok, config.generation)
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": False, **ids}, indent=2))
     return written + ["generation_config.json"]

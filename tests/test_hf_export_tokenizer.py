@@ -13,9 +13,10 @@ import torch
 import transformers
 
 from hf_utils import hf_model, params_from_hf, rel_err
-from llama_jax import Llama, ModelConfig, conversion, generate
+from llama_jax import Llama, ModelConfig, conversion, generate, hf_tokenizer
 from llama_jax.checkpoint import save_params
 from llama_jax.data import Llama3Tokenizer, train_tokenizer
+from llama_jax.generations import Generation
 
 pytest.importorskip("tokenizers")
 
@@ -44,8 +45,9 @@ def export(request, tmp_path_factory):
             for rank, t in enumerate([bytes([b]) for b in range(256)] + MERGES):
                 f.write(f"{base64.b64encode(t).decode()} {rank}\n")
         tok = Llama3Tokenizer(path)
+    llama3 = {"rope_theta": 500000.0, "generation": "3"} if request.param == "tiktoken" else {"generation": "2"}
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32,
-                      max_seq_len=1024)
+                      max_seq_len=1024, **llama3)
     params = params_from_hf(hf_model(cfg, seed=3), cfg)
     save_params(src / "ckpt", params, cfg, tokenizer_dir=src)
     conversion.from_orbax("hf", src / "ckpt", src / "hf")
@@ -69,6 +71,22 @@ def test_generation_config_has_our_stop_ids(export):
     stops = [tok.eos_id, tok.eot_id] if isinstance(tok, Llama3Tokenizer) else tok.eos_id
     assert (got["bos_token_id"], got["eos_token_id"], got["pad_token_id"]) == (tok.bos_id, stops, tok.eos_id)
     assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == stops
+
+
+def test_generation_ids_by_generation(export):
+    """Llama 3.1 on also stops at <|eom_id|> (bos + 8); without a tokenizer, the released ids."""
+    tok = export[0]
+    if isinstance(tok, Llama3Tokenizer):
+        got = hf_tokenizer.generation_ids(tok, Generation.LLAMA3_1)
+        assert got["eos_token_id"] == [tok.eos_id, tok.bos_id + 8, tok.eot_id]
+        assert hf_tokenizer.generation_ids(tok, Generation.LLAMA2)["eos_token_id"] == [tok.eos_id, tok.eot_id]
+    else:
+        assert hf_tokenizer.generation_ids(tok, Generation.LLAMA3_1)["eos_token_id"] == tok.eos_id
+    released = {g: hf_tokenizer.generation_ids(None, g) for g in Generation}
+    assert released[Generation.LLAMA2] == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    assert released[Generation.LLAMA3]["eos_token_id"] == [128001, 128009]
+    for g in (Generation.LLAMA3_1, Generation.LLAMA3_2, Generation.LLAMA3_3):
+        assert released[g] == {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128001}
 
 
 def test_auto_model_gives_our_logits_and_greedy_tokens(export):
