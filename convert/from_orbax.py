@@ -5,7 +5,8 @@
 
 Meta: params.json + consolidated.NN.pth (N model-parallel shards). Hugging Face:
 config.json, generation_config.json, safetensors (sharded, with an index, past
---max_shard_size). Tokenizer files found beside the checkpoint are copied.
+--max_shard_size), and transformers' tokenizer files made from tokenizer.model. Tokenizer
+files found beside the checkpoint are copied.
 """
 import argparse
 import os
