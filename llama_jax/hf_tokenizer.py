@@ -164,7 +164,8 @@ def generation_ids(tok: Tokenizer | Llama3Tokenizer | None, generation) -> dict:
 
 def write_export_files(out_dir: str | Path, config: ModelConfig) -> list[str]:
     """generation_config.json, and the transformers tokenizer files for the tokenizer.model in
-    `out_dir` unless it already has a tokenizer_config.json (files that came from Hugging Face)."""
+    `out_dir` unless it already has a tokenizer_config.json (files that came from Hugging Face);
+    config.json's bos/eos set to that tokenizer's."""
     from llama_jax.data import DataError, load_tokenizer
     out, tok = Path(out_dir), None
     if (out / "tokenizer.model").is_file():
@@ -176,5 +177,9 @@ def write_export_files(out_dir: str | Path, config: ModelConfig) -> list[str]:
     if tok is not None and not (out / "tokenizer_config.json").is_file():
         written = write_tokenizer_files(tok, out, config.max_seq_len)
     ids = generation_ids(tok, config.generation)
+    if tok is not None and (out / "config.json").is_file():  # the tokenizer's ids, e.g. of a small test vocabulary
+        hf = json.loads((out / "config.json").read_text())
+        hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        (out / "config.json").write_text(json.dumps(hf, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": False, **ids}, indent=2))
     return written + ["generation_config.json"]

@@ -71,6 +71,8 @@ def test_generation_config_has_our_stop_ids(export):
     stops = [tok.eos_id, tok.eot_id] if isinstance(tok, Llama3Tokenizer) else tok.eos_id
     assert (got["bos_token_id"], got["eos_token_id"], got["pad_token_id"]) == (tok.bos_id, stops, tok.eos_id)
     assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == stops
+    config = transformers.AutoConfig.from_pretrained(path)
+    assert (config.bos_token_id, config.eos_token_id) == (tok.bos_id, tok.eos_id)
 
 
 def test_generation_ids_by_generation(export):
@@ -105,3 +107,20 @@ def test_auto_model_gives_our_logits_and_greedy_tokens(export):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
     assert generate(cfg, params, [prompt], 24, stop_ids=stops)[0] == out[0, len(prompt):].tolist()
+
+
+def test_hf_tokenizer_files_are_kept_and_bad_tokenizers_skipped(export, tmp_path):
+    tok = export[0]
+    kept, bad = tmp_path / "kept", tmp_path / "bad"
+    for d in (kept, bad):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"bos_token_id": -5, "eos_token_id": -6}))
+    (kept / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+    (kept / "tokenizer_config.json").write_text('{"from": "hub"}')
+    (bad / "tokenizer.model").write_bytes(b"not a tokenizer")
+    cfg = ModelConfig.preset("tiny")
+    assert hf_tokenizer.write_export_files(kept, cfg) == ["generation_config.json"]
+    assert (kept / "tokenizer_config.json").read_text() == '{"from": "hub"}' and not (kept / "tokenizer.json").exists()
+    assert hf_tokenizer.write_export_files(bad, cfg) == ["generation_config.json"]
+    assert json.loads((bad / "generation_config.json").read_text())["eos_token_id"] == 2  # generation 2's
+    assert json.loads((bad / "config.json").read_text())["eos_token_id"] == -6  # untouched
