@@ -106,7 +106,8 @@ def test_auto_model_gives_our_logits_and_greedy_tokens(export):
     prompt = ids[:40]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
-    assert generate(cfg, params, [prompt], 24, stop_ids=stops)[0] == out[0, len(prompt):].tolist()
+    ours_greedy = generate(cfg, params, [prompt], 24, stop_ids=stops)[0]
+    assert ours_greedy == out[0, len(prompt):].tolist()
 
 
 def test_hf_tokenizer_files_are_kept_and_bad_tokenizers_skipped(export, tmp_path):
