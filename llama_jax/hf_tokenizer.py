@@ -33,7 +33,7 @@ _SPIECE_SPACE = "\u2581"
 
 def _merges(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
     """Every (left, right) split of a token into two tokens, best `priority` of the merged
-    token first (transformers' `generate_merges` does the same)."""
+    token first (how transformers' converters rank merges from a vocabulary)."""
     found = []
     for token in priority:
         for i in range(1, len(token)):
@@ -51,7 +51,8 @@ def _bos_template(bos: str, bos_id: int):
 
 
 def sentencepiece_tokenizer(tok: Tokenizer):
-    """A `tokenizers.Tokenizer` that encodes and decodes as the SentencePiece model `tok`."""
+    """A `tokenizers.Tokenizer` that encodes and decodes as the SentencePiece BPE model `tok`
+    (LLaMA's kind; a unigram model would need a Unigram model here)."""
     from tokenizers import AddedToken, decoders, normalizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
