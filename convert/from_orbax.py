@@ -5,7 +5,8 @@
 
 Meta: params.json + consolidated.NN.pth (N model-parallel shards). Hugging Face:
 config.json, generation_config.json, safetensors (sharded, with an index, past
---max-shard-size). Tokenizer files found beside the checkpoint are copied.
+--max-shard-size), and transformers' tokenizer files made from tokenizer.model. Tokenizer
+files found beside the checkpoint are copied.
 """
 import os
 import sys
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama_jax.cli import ArgumentParser, positive_int, quiet_logs  # noqa: E402
 from llama_jax.errors import run_cli  # noqa: E402
+from llama_jax.generations import Generation  # noqa: E402
 
 
 def main(argv=None):
@@ -26,6 +28,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="write tensors in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
+                   help="export as this LLaMA generation (params.json keys, shard axis, token ids); default: the checkpoint's")
     args = p.parse_args(argv)
     quiet_logs()
     from tqdm import tqdm
@@ -39,10 +43,11 @@ def main(argv=None):
     try:
         config = conversion.from_orbax(args.target, args.input, args.output, shards=args.shards,
                                        max_shard_size=args.max_shard_size, dtype=args.dtype,
-                                       overwrite=args.overwrite, progress=progress)
+                                       overwrite=args.overwrite, progress=progress, generation=args.generation)
     finally:
         bar.close()  # before an error line, not after it
-    print(f"wrote {args.output}: {config.n_layers} layers, dim {config.dim}, {config.param_dtype}")
+    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, "
+          f"{config.param_dtype}")
 
 
 if __name__ == "__main__":
