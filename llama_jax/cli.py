@@ -13,8 +13,6 @@ import argparse
 import difflib
 import logging
 import sys
-from typing import Iterable
-
 from llama_jax.errors import input_error
 
 
@@ -69,12 +67,6 @@ def _int_at_least(text: str, low: int) -> int:
     if v < low:
         raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
     return v
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """'; did you mean X?' for the closest of `choices`, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
 
 
 # Messages Orbax logs (through absl) on every conversion or load that say nothing to a user:

@@ -113,9 +113,9 @@ def check_overrides(cfg, argv: list[str], spec: str) -> None:
 
 
 # (key, smallest allowed value): intervals and counts the trainer divides by or indexes with.
-_AT_LEAST = (("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0), ("eval_batches", 1),
+_AT_LEAST = (("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0), ("eval_batches", 0),
              ("keep_checkpoints", 1), ("batch_size", 1), ("seq_len", 1), ("micro_batches", 1),
-             ("data.shards", 0), ("data.read_threads", 1), ("data.prefetch_buffer", 1),
+             ("data.shards", 0), ("data.read_threads", 0), ("data.prefetch_buffer", 0),
              ("sample.max_new_tokens", 0), ("optimizer.warmup_steps", 0), ("optimizer.total_steps", 0))
 
 

@@ -70,7 +70,7 @@ def bad_inputs(d: dict) -> dict[str, list[list[str]]]:
             "--config.stepz=3", "--config.checkpoint_every=0", "--config.log_every=0", "--config.data.shards=-1",
             "--config.steps=abc", "--config.optimizer.peak_lr=nan", "--config.model.dim=-3",
             "--config.keep_checkpoints=0", "--config.micro_batches=3", "--config.batch_size=0", "--bogus=1",
-            "--config.model.n_heads=3", "--config.seq_len=0", "--config.eval_batches=0",
+            "--config.model.n_heads=3", "--config.seq_len=0", "--config.eval_batches=-1",
             "--config.model.dtype=int8", "--config.optimizer.warmup_steps=-1", "--config.sample.temperature=-1",
             "--config.model.norm_eps=0", "--config.modle.dim=8", "--config.optimizer.peak_lr=inf")] + [
             ["--workdir", d["workdir"]], ["--config", "configs/tiny.py"], ["--config", d["missing"] + ".py",
