@@ -60,6 +60,24 @@ def _config_keys(argv) -> list[str]:
 
 
 def _parse_flags(argv):
+    specs = {}
+    if any(".sources" in a for a in argv):  # config_flags cannot override a list: take them out
+        from llama_jax.data.cli import take_source_flags
+        argv, specs = take_source_flags(argv)
+        sys.argv = argv  # config_flags reads its overrides from sys.argv itself
+    rest = _parse_config_flags(argv)
+    if specs:
+        from llama_jax.data.cli import source_dicts
+        try:
+            for key, spec in specs.items():
+                FLAGS.config[key.split(".")[0]].sources = source_dicts(key, spec)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return rest
+
+
+def _parse_config_flags(argv):
     # ml_collections reports an unknown --config.KEY as a bare KeyError/AttributeError
     # traceback; say which key and list the valid ones instead.
     try:
