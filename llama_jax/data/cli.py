@@ -6,6 +6,7 @@ The library never parses argv; these helpers are imported only by the repo-root 
 from __future__ import annotations
 
 import argparse
+import os
 
 from llama_jax.data.config import SourceConfig, SourceKind, TextUnit
 
@@ -60,5 +61,10 @@ def source_dicts(key: str, spec: str) -> list[dict]:
     where = f"--config.{key}"
     sources = parse_sources(spec, SOURCE_KEYS[key], where=where)
     check_paths(sources, where)
-    return [{k: v.value if isinstance(v, enum.Enum) else v for k, v in dataclasses.asdict(s).items() if v is not None}
-            for s in sources]
+    out = []
+    for s in sources:
+        d = {k: v.value if isinstance(v, enum.Enum) else v for k, v in dataclasses.asdict(s).items() if v is not None}
+        if d["path"]:  # as config.json records it, and a resume from another directory reads it
+            d["path"] = os.path.abspath(d["path"])
+        out.append(d)
+    return out

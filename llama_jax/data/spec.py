@@ -57,6 +57,22 @@ def check_paths(sources: tuple[SourceConfig, ...], where: str = "source spec") -
             raise input_error(where, f"{s.describe()}: no such directory", "a pretokenize.py output", s.path)
 
 
+def to_spec(source: SourceConfig, with_weight: bool = False) -> str:
+    """The spec of one source: `parse_sources(to_spec(s))` gives `s` back (data_dir aside)."""
+    k, arg = source.kind, source.path
+    if k == SourceKind.STDLIB:
+        body = f"stdlib:{source.split}"
+    elif k == SourceKind.TEXT:
+        body = f"{'text' if source.text_unit == TextUnit.FILE else 'lines'}:{arg}"
+    elif k == SourceKind.JSONL:
+        body = f"jsonl:{arg}#{source.field}"
+    elif k == SourceKind.PRETOKENIZED:
+        body = f"pretokenized:{arg}"
+    else:
+        body = f"tfds:{source.name}:{source.split}"
+    return f"{source.weight:g}*{body}" if with_weight else body
+
+
 def _parse_one(part: str, default_split: str, data_dir: str | None, where: str) -> SourceConfig:
     weight, body = 1.0, part
     head, star, tail = part.partition("*")
