@@ -1,8 +1,12 @@
 """Train LLaMA: python train.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
 
-Writes DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard and Orbax checkpoints in
-DIR/checkpoints; resumes from the latest checkpoint in DIR. SIGTERM/SIGINT: finish the
-step, save, exit 0. A non-finite loss: exit 1, the last good checkpoint kept.
+Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard, Orbax
+checkpoints in DIR/checkpoints, DIR/samples/step_N.txt and DIR/plot.png; resumes from the
+latest checkpoint in DIR. SIGTERM/SIGINT: finish the step, save, exit 0. A non-finite loss:
+exit 1, the last good checkpoint kept.
+
+Your own data: --config.data.sources=SPEC and --config.eval_data.sources=SPEC, e.g.
+"text:notes/*.txt" or "0.7*text:a.txt,0.3*jsonl:b.jsonl#body" (llama_jax.data.spec).
 
 Several processes (pods, clusters): jax.distributed is initialised from the environment
 on TPU pods, SLURM and Open MPI, or from --coordinator_address/--num_processes/--process_id.

@@ -73,7 +73,8 @@ def _train(cwd, *flags, timeout=300):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.data.sources=text:no_such_file.txt", "error: --config.data.sources: text:no_such_file.txt: no such file"),
+    ("--config.data.sources=text:no_such_file.txt",
+     "error: --config.data.sources: text:no_such_file.txt: no such file"),
     ("--config.eval_data.sources=0.5*jsonl", "error: --config.eval_data.sources: jsonl: needs a PATH")])
 def test_train_py_rejects_a_bad_spec_in_one_line(tmp_path, flag, message):
     p = _train(tmp_path, flag, timeout=120)
@@ -96,7 +97,8 @@ def test_train_on_a_local_text_file_given_on_the_command_line(tmp_path):
     steps, batch, seq = 4, 4, 32
     p = _train(tmp_path, "--config.data.sources=text:corpus.txt", "--config.eval_data.sources", "lines:held_out.txt",
                f"--config.steps={steps}", "--config.optimizer.warmup_steps=2", "--config.log_every=2",
-               "--config.eval_every=0", "--config.eval_batches=1", f"--config.batch_size={batch}", f"--config.seq_len={seq}", "--config.sample.max_new_tokens=8")
+               "--config.eval_every=0", "--config.eval_batches=1", f"--config.batch_size={batch}",
+               f"--config.seq_len={seq}", "--config.sample.max_new_tokens=8")
     assert p.returncode == 0, p.stdout + p.stderr
     run = tmp_path / "run"
 
