@@ -99,7 +99,8 @@ def _panel(img, box, x_range, series: dict[str, tuple[np.ndarray, np.ndarray]]) 
     for t in _ticks(*x_range, n=6):
         x = int(round(float(sx(t))))
         img[y0:y1, x] = GRID
-        _text(img, x - 8, y1 + 8, str(int(round(t))))
+        label = str(int(round(t)))
+        _text(img, x - len(label) * 2 * SCALE, y1 + 8, label)  # centred under its grid line
     img[y0, x0:x1 + 1] = img[y1, x0:x1 + 1] = INK
     img[y0:y1 + 1, x0] = img[y0:y1 + 1, x1] = INK
     for k, (name, (steps, vals)) in enumerate(series.items()):
