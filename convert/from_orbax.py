@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -29,7 +30,7 @@ def main(argv=None):
                    help="write tensors in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    bar = tqdm(unit="tensor", desc="from_orbax")
+    bar = tqdm(unit="tensor", desc="from_orbax", delay=1)  # no bar for an early error
 
     def progress(done, total):
         bar.total = total
@@ -43,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -26,7 +27,7 @@ def main(argv=None):
                    help="store the params in this dtype (default: as stored in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    bar = tqdm(unit="tensor", desc="to_orbax")
+    bar = tqdm(unit="tensor", desc="to_orbax", delay=1)  # no bar for an early error
 
     def progress(done, total):
         bar.total = total
@@ -39,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
