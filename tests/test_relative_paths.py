@@ -24,8 +24,11 @@ RUN = {"steps": 2, "checkpoint_every": 1, "optimizer.warmup_steps": 1, "data.tok
 
 
 def run(args: list[str], cwd, check: bool = True) -> subprocess.CompletedProcess:
-    """`python ARGS` in `cwd`, importing this checkout's llama_jax, on one CPU device."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    """`python ARGS` in `cwd`, importing this checkout's llama_jax, on one CPU device; the
+    runs share a compilation cache (the three trainings compile the same train step)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(cwd, ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, f"{args} exited {p.returncode}:\n{p.stderr[-3000:]}"
