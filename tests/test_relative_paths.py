@@ -35,6 +35,12 @@ def run(args: list[str], cwd, check: bool = True) -> subprocess.CompletedProcess
     return p
 
 
+def latest_step(root):
+    """runs/demo's latest step directory (2, or 3 once the resume test has run)."""
+    steps = root / "runs" / "demo" / "checkpoints"
+    return steps / max(os.listdir(steps), key=int)
+
+
 def train(cwd, workdir: str, **overrides) -> subprocess.CompletedProcess:
     return run([os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
                 "--workdir", workdir, *as_flags({**RUN, **overrides})], cwd)
@@ -58,7 +64,7 @@ def root(tmp_path_factory):
 
 def test_the_run_keeps_its_tokenizer_in_its_steps_only(root):
     steps = root / "runs" / "demo" / "checkpoints"
-    assert sorted(os.listdir(steps)) == ["1", "2"]
+    assert {"1", "2"} <= set(os.listdir(steps))
     assert (steps / "2" / "tokenizer.model").read_bytes() == (root / "tok" / "tokenizer.model").read_bytes()
     assert not (root / "runs" / "demo" / "tokenizer.model").exists()
 
@@ -69,7 +75,7 @@ def test_loaders_from_another_directory(root, monkeypatch):
     from llama_jax import load_checkpoint
     from llama_jax.checkpoint import find_tokenizer_file, resolve_checkpoint
     from llama_jax.generate_text import find_tokenizer, load_for_generation
-    step = root / "runs" / "demo" / "checkpoints" / "2"
+    step = latest_step(root)
     monkeypatch.chdir(root / "notebooks")
     assert resolve_checkpoint("../runs/demo") == step
     config, params = load_checkpoint("../runs/demo")
@@ -113,8 +119,7 @@ def test_eval_cli_task_and_perplexity(root):
          "--perplexity", "text:data/doc.txt", "--output", "eval.json"], root)
     r = json.loads((root / "eval.json").read_text())
     assert r["results"]["piqa"]["n"] == 3 and r["perplexity"]["tokens"] > 0
-    assert r["config"]["tokenizer"].endswith(os.path.join("checkpoints", "3", "tokenizer.model")) or \
-        r["config"]["tokenizer"].endswith(os.path.join("checkpoints", "2", "tokenizer.model"))
+    assert r["config"]["tokenizer"] == str(latest_step(root) / "tokenizer.model")
 
 
 def test_export_to_hf_and_meta_and_back(root, monkeypatch):
