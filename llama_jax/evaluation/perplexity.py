@@ -15,7 +15,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 from llama_jax.data import spec as spec_lib
-from llama_jax.data.config import SourceConfig
+from llama_jax.data.config import DataError, SourceConfig
 
 
 def rolling_windows(tokens: Sequence[int], bos: int, max_length: int,
