@@ -152,3 +152,17 @@ def test_unknown_params_json_key_is_one_error_and_writes_nothing(exports, tmp_pa
         conversion.to_orbax("meta", src, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["meta"]  # no temporary directory left either
+
+
+def test_meta_source_params_json_is_kept_only_for_its_generation(exports, tmp_path):
+    src = tmp_path / "meta"
+    import shutil
+    shutil.copytree(exports["2"] / "meta", src)
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))  # as Meta shipped
+    conversion.to_orbax("meta", src, tmp_path / "ckpt")
+    conversion.from_orbax("meta", tmp_path / "ckpt", tmp_path / "same", shards=2)
+    assert (tmp_path / "same" / "params.json").read_bytes() == (src / "params.json").read_bytes()
+    conversion.from_orbax("meta", tmp_path / "ckpt", tmp_path / "as3", shards=2, generation="3")
+    as3 = json.loads((tmp_path / "as3" / "params.json").read_text())
+    assert set(as3) == set(PUBLISHED_PARAMS["3"]) and as3["vocab_size"] == 256
