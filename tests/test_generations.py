@@ -166,3 +166,24 @@ def test_meta_source_params_json_is_kept_only_for_its_generation(exports, tmp_pa
     conversion.from_orbax("meta", tmp_path / "ckpt", tmp_path / "as3", shards=2, generation="3")
     as3 = json.loads((tmp_path / "as3" / "params.json").read_text())
     assert set(as3) == set(PUBLISHED_PARAMS["3"]) and as3["vocab_size"] == 256
+
+
+@pytest.mark.parametrize("name, count", [("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
+                                         ("llama3.3-70b", 70_553_706_496), ("llama3.1-8b", 8_030_261_248)])
+def test_new_presets_have_the_published_parameter_counts(name, count):
+    """Shapes only (eval_shape): the tied 1B/3B count their one embedding matrix once."""
+    cfg = ModelConfig.preset(name)
+    leaves = jax.tree.leaves(abstract_params(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    assert sum(int(np.prod(shape)) for shape, _ in leaves) == cfg.num_params() == count
+
+
+def test_rope_factor_comes_from_the_files():
+    p31 = PUBLISHED_PARAMS["3.1"]
+    assert ModelConfig.from_meta_params(p31).rope_scaling.factor == 8.0
+    # Llama 4's ModelArgs name for it, when a params.json carries one.
+    assert ModelConfig.from_meta_params({**p31, "rope_scaling_factor": 16.0}).rope_scaling.factor == 16.0
+    hf = ModelConfig.preset("llama3.2-1b").to_hf_config()
+    hf["rope_scaling"]["factor"] = hf["rope_parameters"]["factor"] = 4.0
+    assert ModelConfig.from_hf_config(hf).rope_scaling.factor == 4.0
+    with pytest.raises(InputError, match="can only say use_scaled_rope"):  # params.json cannot say 4
+        ModelConfig.from_hf_config(hf).to_meta_params()
