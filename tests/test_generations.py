@@ -13,6 +13,7 @@ from llama_jax import ModelConfig, RopeScaling, conversion, generate
 from llama_jax.checkpoint import abstract_params, save_params
 from llama_jax.errors import InputError
 from llama_jax.generate import default_stop_ids
+from llama_jax.generate_text import generate_text
 from llama_jax.generations import Generation
 
 PRESET_OF = {"1": "llama-7b", "2": "llama2-70b", "3": "llama3-8b", "3.1": "llama3.1-8b", "3.2": "llama3.2-1b",
@@ -140,6 +141,12 @@ def test_generation_stops_on_eom_for_31():
     params["output"][0, 128008] = 1.0
     assert generate(cfg, params, [[128000, 9]], max_new_tokens=4) == [[128008]]
     assert generate(cfg.replace(generation="3"), params, [[128000, 9]], max_new_tokens=4) == [[128008] * 4]
+
+    class Llama3Tokenizer:  # the duck type generate_text takes: eos 128001, 128256 ids
+        eos_id, vocab_size = 128001, 128256
+        encode = staticmethod(lambda text, bos=True: [128000, 9])
+        decode = staticmethod(lambda ids: " ".join(map(str, ids)))
+    assert generate_text(cfg, params, Llama3Tokenizer(), "x", 4) == ["128008"]
 
 
 def test_unknown_params_json_key_is_one_error_and_writes_nothing(exports, tmp_path):
