@@ -5,7 +5,8 @@
 
 Meta: params.json + consolidated.NN.pth (N model-parallel shards). Hugging Face:
 config.json, generation_config.json, safetensors (sharded, with an index, past
---max_shard_size). Tokenizer files found beside the checkpoint are copied.
+--max_shard_size), and transformers' tokenizer files made from tokenizer.model. Tokenizer
+files found beside the checkpoint are copied.
 """
 import argparse
 import os
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
 
 
@@ -33,7 +35,7 @@ def main(argv=None):
                    help="export as this LLaMA generation (params.json keys, shard axis, token ids); "
                         "default: the checkpoint's")
     args = p.parse_args(argv)
-    bar = tqdm(unit="tensor", desc="from_orbax")
+    bar = tqdm(unit="tensor", desc="from_orbax", delay=1)  # no bar for an early error
 
     def progress(done, total):
         bar.total = total
@@ -48,4 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

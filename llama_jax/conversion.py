@@ -15,11 +15,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llama_jax import checkpoint, meta_params, weights
+from llama_jax import checkpoint, hf_tokenizer, meta_params, weights
 from llama_jax.config import ModelConfig
 from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
 from llama_jax.safetensors_io import SafetensorsWriter
-from llama_jax.torch_io import TorchFileWriter
+from llama_jax.torch_io import TorchFileWriter, import_torch
 from llama_jax.torch_sources import open_source
 
 Progress = Callable[[int, int], None]
@@ -65,7 +65,7 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
     abstract = checkpoint.abstract_params(config)
     shapes = {r.path: (_get(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
     total = sum(1 for _ in tensor_order(config, source, rules))
-    with checkpoint.output_dir(output_dir, overwrite) as tmp:
+    with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir]) as tmp:
         writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in rules if r.layered})
         for done, (rule, layer, name) in enumerate(tensor_order(config, source, rules), 1):
             try:
@@ -149,8 +149,6 @@ def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: in
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf = config.to_hf_config()
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    generation = {"_from_model_config": True, "bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return writers, lambda rule, name, w: writer_of[name].write(name, w)
 
 
@@ -165,6 +163,8 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
         raise ValueError(f"unknown target format {target!r}; known: 'meta', 'hf'")
     if target == "hf" and shards != 1:
         raise ValueError("shards applies to Meta output only (use max_shard_size for Hugging Face)")
+    if target == "meta":
+        import_torch(str(output_dir))  # consolidated.NN.pth are torch files: say so before any work
     d = checkpoint.resolve_checkpoint(input_dir)
     config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
     if generation is not None:
@@ -176,7 +176,7 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
               for r in weights.file_rules(config, target)}
     config = _with_param_dtype(config, dtypes.values())
     total = sum(1 for _ in tensor_order(config, target))
-    with checkpoint.output_dir(output_dir, overwrite) as tmp:
+    with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir, d]) as tmp:
         if target == "meta":
             writers, write = _meta_writers(tmp, config, dtypes, shards, d)
         else:
@@ -190,4 +190,6 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
         for w in writers:
             w.close()
         checkpoint.copy_tokenizer_files(d, tmp)
+        if target == "hf":
+            hf_tokenizer.write_export_files(tmp, config)
     return config

@@ -13,34 +13,35 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.generate import default_stop_ids, generate
+from llama_jax.text_decode import TextDecoder, decode_continuation
 
 
 class _TextStream:
-    """Turns per-step token ids into per-row text pieces (decoding whole prefixes, so that
-    multi-token characters and SentencePiece's leading spaces come out right)."""
+    """Turns per-step token ids into per-row text pieces, each row decoded after its prompt
+    (text_decode: leading spaces and characters split over tokens come out right)."""
 
-    def __init__(self, tokenizer, n_rows: int, on_text: Callable[[int, str], None]):
-        self.tok, self.on_text = tokenizer, on_text
-        self.ids = [[] for _ in range(n_rows)]
-        self.sent = [0] * n_rows
+    def __init__(self, tokenizer, prompts: list[list[int]], on_text: Callable[[int, str], None]):
+        self.on_text = on_text
+        self.rows = [TextDecoder(tokenizer, p) for p in prompts]
 
     def __call__(self, step: int, tokens: np.ndarray):
         for r, t in enumerate(tokens):
-            if t < 0:
-                continue
-            self.ids[r].append(int(t))
-            text = self.tok.decode(self.ids[r])
-            if text.endswith("\ufffd"):  # an unfinished UTF-8 character: wait for its other bytes
-                continue
-            if len(text) > self.sent[r]:
-                self.on_text(r, text[self.sent[r]:])
-                self.sent[r] = len(text)
+            text = self.rows[r].push(int(t)) if t >= 0 else self.rows[r].flush()
+            if text:
+                self.on_text(r, text)
+
+    def finish(self):
+        for r, row in enumerate(self.rows):
+            text = row.flush()
+            if text:
+                self.on_text(r, text)
 
 
 def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
                   *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, top_k: int | None = None,
                   stream: Callable[[int, str], None] | None = None, mesh=None) -> list[str]:
-    """Continue each text prompt; returns the new text per prompt (without the prompt).
+    """Continue each text prompt; returns the new text per prompt (without the prompt; the
+    new ids decoded after the prompt's, so `prompt + text` reads right).
 
     Prompts are encoded with bos, generation stops at the tokenizer's eos or at a stop id of
     the model's generation that the tokenizer has (`default_stop_ids`), and
@@ -55,10 +56,12 @@ def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequenc
     # The tokenizer's eos, and the generation's stop ids it has (Llama 3.1: eot, eom too).
     stops = sorted({i for i in default_stop_ids(config) if i < tokenizer.vocab_size} |
                    ({tokenizer.eos_id} if tokenizer.eos_id >= 0 else set()))
-    on_step = None if stream is None else _TextStream(tokenizer, len(ids), stream)
+    on_step = None if stream is None else _TextStream(tokenizer, ids, stream)
     out = generate(config, params, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    top_k=top_k, stop_ids=stops, stream=on_step, mesh=mesh)
-    return [tokenizer.decode(row) for row in out]
+    if on_step is not None:
+        on_step.finish()
+    return [decode_continuation(tokenizer, p, row) for p, row in zip(ids, out)]
 
 
 def _foreign_format(path: str) -> str | None:
@@ -69,8 +72,8 @@ def _foreign_format(path: str) -> str | None:
     return None
 
 
-def load_for_generation(path: str, dtype: str | None = None, mesh=None):
-    """(config, params) of one of our checkpoints; a clear error for anything else."""
+def _check_ours(path: str) -> None:
+    """A clear error for a missing folder or a PyTorch (Meta, HF) one."""
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r}: no such directory")
     source = _foreign_format(path)
@@ -78,6 +81,11 @@ def load_for_generation(path: str, dtype: str | None = None, mesh=None):
         raise ValueError(f"{path} holds a {'Meta' if source == 'meta' else 'Hugging Face'} PyTorch checkpoint, "
                          f"not a llama_jax one; convert it first: python convert/to_orbax.py --source {source} "
                          f"--input {path} --output OUT_DIR")
+
+
+def load_for_generation(path: str, dtype: str | None = None, mesh=None):
+    """(config, params) of one of our checkpoints; a clear error for anything else."""
+    _check_ours(path)
     from llama_jax.checkpoint import load_checkpoint
     try:
         return load_checkpoint(path, dtype=dtype, mesh=mesh)
@@ -87,10 +95,16 @@ def load_for_generation(path: str, dtype: str | None = None, mesh=None):
 
 
 def find_tokenizer(checkpoint: str, explicit: str | None = None):
-    """`explicit`, else a tokenizer.model beside the checkpoint: a llama_jax.data.Tokenizer
-    (SentencePiece, LLaMA 1/2) or Llama3Tokenizer (tiktoken BPE), picked from the file."""
+    """`explicit`, else the checkpoint's tokenizer.model (in its step directory or training
+    workdir, see checkpoint.find_tokenizer_file): a llama_jax.data.Tokenizer (SentencePiece,
+    LLaMA 1/2) or Llama3Tokenizer (tiktoken BPE), picked from the file."""
+    from llama_jax.checkpoint import find_tokenizer_file
     from llama_jax.data import load_tokenizer
-    path = explicit or os.path.join(checkpoint, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise ValueError(f"no tokenizer at {path}: pass --tokenizer PATH/tokenizer.model")
-    return load_tokenizer(path)
+    if explicit:
+        return load_tokenizer(explicit)
+    _check_ours(checkpoint)
+    path = find_tokenizer_file(checkpoint)
+    if path is None:
+        raise ValueError(f"{checkpoint}: no tokenizer.model in the checkpoint or its training workdir: "
+                         f"pass --tokenizer PATH/tokenizer.model")
+    return load_tokenizer(str(path))

@@ -145,8 +145,8 @@ def test_generation_stops_on_eom_for_31():
     class Llama3Tokenizer:  # the duck type generate_text takes: eos 128001, 128256 ids
         eos_id, vocab_size = 128001, 128256
         encode = staticmethod(lambda text, bos=True: [128000, 9])
-        decode = staticmethod(lambda ids: " ".join(map(str, ids)))
-    assert generate_text(cfg, params, Llama3Tokenizer(), "x", 4) == ["128008"]
+        decode = staticmethod(lambda ids: "".join(f"<{i}>" for i in ids))
+    assert generate_text(cfg, params, Llama3Tokenizer(), "x", 4) == ["<128008>"]
 
 
 def test_unknown_params_json_key_is_one_error_and_writes_nothing(exports, tmp_path):
