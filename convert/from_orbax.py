@@ -29,7 +29,8 @@ def main(argv=None):
                    help="write tensors in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
-                   help="export as this LLaMA generation (params.json keys, shard axis, token ids); default: the checkpoint's")
+                   help="export as this LLaMA generation (params.json keys, shard axis, token ids); "
+                        "default: the checkpoint's")
     args = p.parse_args(argv)
     quiet_logs()
     from tqdm import tqdm

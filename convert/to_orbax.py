@@ -25,7 +25,8 @@ def main(argv=None):
                    help="store the params in this dtype (default: as stored in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
-                   help="the LLaMA generation, when the files do not say it right (3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
+                   help="the LLaMA generation, when the files do not say it right "
+                        "(3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
     args = p.parse_args(argv)
     quiet_logs()
     from tqdm import tqdm
