@@ -92,7 +92,7 @@ def test_loaders_from_another_directory(root, monkeypatch):
 
 def test_training_resumes_in_a_relative_workdir(root):
     p = train(root, "runs/demo", steps=3)
-    assert "resumed from" in p.stderr
+    assert "resuming from" in p.stdout + p.stderr
     rows = [json.loads(line) for line in (root / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-1] == 3
     assert (root / "runs" / "demo" / "checkpoints" / "3" / "params").is_dir()
@@ -103,7 +103,7 @@ def test_fine_tune_with_init_from_a_relative_run(root):
     overrides = {k: v for k, v in RUN.items() if k != "data.tokenizer"}
     p = run([os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
              "--workdir", "runs/ft", "--config.init_from=runs/demo", *as_flags(overrides)], root)
-    assert "initialised from runs/demo" in p.stderr
+    assert "fine-tuning from runs/demo" in p.stdout + p.stderr
     assert (root / "runs" / "ft" / "checkpoints" / "2" / "tokenizer.model").read_bytes() == \
         (root / "tok" / "tokenizer.model").read_bytes()
 
