@@ -2,9 +2,10 @@
 
 `train(cfg, workdir)` resumes from the latest checkpoint under WORKDIR/checkpoints when
 there is one, else initialises from `cfg.init_from` (a params-only checkpoint) or from
-scratch. A `StopRequest` (set by train.py's SIGTERM/SIGINT handler) ends the run after
-the current step with a checkpoint. A non-finite loss or gradient norm raises
-`NonFiniteLoss` before anything of that step is saved.
+scratch; a damaged newest step is set aside for the newest intact one (train_recovery).
+A `StopRequest` (set by train.py's SIGTERM/SIGINT handler) ends the run after the current
+step with a checkpoint. A non-finite loss, gradient norm, or saved state raises
+`NonFiniteLoss` before anything of that step is saved. The workdir is locked for the run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import jax
 import ml_collections
 
 from llama_jax import metrics as metrics_lib
-from llama_jax import optim, sharding, train_checkpoint, train_config, train_state
+from llama_jax import integrity, optim, sharding, train_checkpoint, train_checks, train_config, train_state
+from llama_jax import train_recovery, workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.data import DataConfig
 from llama_jax.train_input import ShardedInput, tokenizer_for
@@ -77,11 +79,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds everything a run needs; restores the latest checkpoint if there is one."""
     mesh = sharding.make_mesh(tuple(cfg.mesh))
     model = train_config.model_config(cfg)
+    train_checks.check_config(cfg, model)
     manager = train_checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
                                             cfg.async_checkpoints)
+    train_recovery.purge_deleted(str(manager.directory))
+    train_recovery.set_aside_incomplete(manager)
     latest = manager.latest_step()
     if latest is not None:  # a resumed run keeps its own architecture (fine-tuned or not)
         model = _with_architecture(model, os.path.join(workdir, "checkpoints", str(latest)))
+        train_checks.check_seq_len(cfg, model)
     elif cfg.init_from:
         from llama_jax.checkpoint import resolve_checkpoint
         model = _with_architecture(model, str(resolve_checkpoint(cfg.init_from)))
@@ -97,10 +103,12 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         tok_path = _checkpoint_tokenizer(cfg.init_from)
     data = DataConfig.from_dict(data_d)
     tokenizer = tokenizer_for(tok_path, data, model.vocab_size, workdir)
+    train_checks.check_sample_prompt(cfg, model, tokenizer)
     inp = ShardedInput(data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, shard_count,
                        train_state.batch_sharding(mesh))
     if latest is not None:
-        state, data_states = train_checkpoint.restore(manager, latest, abstract, shardings, inp.shards, shard_count)
+        latest, state, data_states = train_recovery.restore_intact(manager, abstract, shardings, inp.shards,
+                                                                   shard_count)
         inp.set_states(data_states)
         log.info("resumed from %s/checkpoints/%d", workdir, latest)
     elif cfg.init_from:
@@ -112,7 +120,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
-               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0),
+               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
+                                                from_step=0 if latest is None else latest),
                train_step=train_state.make_train_step(model, tx, schedule, mesh, shardings, cfg.micro_batches),
                eval_step=train_state.make_eval_step(model, mesh, shardings.params),
                start_step=0 if latest is None else latest)
@@ -128,9 +137,17 @@ def _step_files(run: Run) -> dict[str, bytes]:
 
 
 def save(run: Run) -> None:
-    """Starts an async checkpoint of the current state (collective: every process calls it)."""
-    train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count,
-                          _step_files(run))
+    """Starts an async checkpoint of the current state (collective: every process calls it);
+    raises NonFiniteLoss, saving nothing, if the state holds NaN or inf."""
+    try:
+        train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count,
+                              _step_files(run))
+    except integrity.NonFiniteState as e:
+        run.manager.wait_until_finished()
+        raise NonFiniteLoss(f"{e}. Stopped without saving it; the last good checkpoint in {run.workdir}/"
+                            f"checkpoints (step {run.manager.latest_step()}) is kept. Resume from it with a "
+                            f"lower optimizer.peak_lr or longer optimizer.warmup_steps.") from None
+    train_recovery.purge_deleted(str(run.manager.directory))  # steps pruned by the previous save
 
 
 def evaluate(run: Run) -> float:
@@ -214,7 +231,17 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
 def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None = None,
           on_log: Callable | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
-    loss_mean, eval_loss, and a text sample when `cfg.sample.max_new_tokens` > 0."""
+    loss_mean, eval_loss, and a text sample when `cfg.sample.max_new_tokens` > 0.
+    Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
+    with workdir_lock.hold(workdir, active=jax.process_index() == 0):
+        try:
+            return _train(cfg, workdir, stop, on_log)
+        except BaseException:
+            train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))  # a failed setup's
+            raise
+
+
+def _train(cfg, workdir, stop, on_log) -> dict:
     run = setup(cfg, workdir)
     logger_last: dict = {}
     try:
