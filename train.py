@@ -81,6 +81,7 @@ def main(argv):
     import jax
     from tqdm import tqdm
     from llama_jax import trainer
+    from llama_jax.errors import InputError
 
     lead = jax.process_index() == 0
     logging.getLogger("llama_jax").setLevel(logging.INFO if lead else logging.WARNING)
@@ -101,6 +102,10 @@ def main(argv):
         bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except InputError as e:  # a bad setting, a locked workdir, a damaged checkpoint
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bar.close()
     if lead:
         why = " (stopped by signal)" if stop.requested else ""

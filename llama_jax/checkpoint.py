@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llama_jax import integrity
+from llama_jax import integrity, workdir_lock
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
@@ -71,14 +71,18 @@ def output_dir(path: str | os.PathLike, overwrite: bool = False):
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    workdir_lock.remove_stale_dirs(out.parent, f".{out.name}.tmp-")  # a killed earlier attempt's
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    held = workdir_lock.lock_dir(tmp)  # marks it as live for remove_stale_dirs
     try:
         yield tmp
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
     finally:
+        if held is not None:
+            os.close(held)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -77,8 +77,8 @@ def purge_deleted(directory: str) -> None:
 def set_aside_incomplete(manager) -> None:
     """Moves step directories missing one of STEP_ITEMS into `.deleted/` (then purged)."""
     directory = str(manager.directory)
-    bad = [s for s in manager.all_steps()
-           if not all(os.path.exists(os.path.join(directory, str(s), i)) for i in STEP_ITEMS)]
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]  # all, as readers list them
+    bad = [s for s in steps if not all(os.path.exists(os.path.join(directory, str(s), i)) for i in STEP_ITEMS)]
     for step in bad:
         log.warning("checkpoint %s/%d is incomplete (half deleted?): removed from the steps", directory, step)
         _move_aside(directory, step, train_checkpoint.DELETED_DIR)

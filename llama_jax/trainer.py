@@ -233,6 +233,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
     loss_mean, eval_loss, and a text sample when `cfg.sample.max_new_tokens` > 0.
     Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
+    train_checks.check_config(cfg, train_config.model_config(cfg))  # before anything is written
     with workdir_lock.hold(workdir, active=jax.process_index() == 0):
         try:
             return _train(cfg, workdir, stop, on_log)
@@ -248,6 +249,7 @@ def _train(cfg, workdir, stop, on_log) -> dict:
         step = _loop(run, stop or StopRequest(), _chain(on_log, logger_last))
     finally:
         run.manager.wait_until_finished()  # in-flight saves are of checked, good steps
+        train_recovery.purge_deleted(str(run.manager.directory))
         run.writer.close()
     out = {"step": step, **{k: logger_last.get(k) for k in ("loss", "loss_mean", "eval_loss")}}
     if cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
