@@ -7,7 +7,8 @@ deleted chunk (restored as zeros), flipped bytes or a truncated file is reported
 array's name instead of being trained on, sampled from or exported.
 
 The checksum (docs/checkpoint_integrity.md) is a sum over elements, modulo 2**32, of the
-element's bits times an odd hash of its coordinates, in two lanes. A sum is independent
+element's bits times an odd hash of its coordinates, in two lanes (the second of the
+bits rotated and mixed). A sum is independent
 of how the array is split, so it is computed on device over a sharded array (one fused
 pass, no gather to a host), and on host over layer slices as converters stream them, with
 the same result. Any change of a single element changes each lane (odd multipliers are
@@ -20,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.errors import InputError
@@ -28,7 +31,6 @@ log = logging.getLogger(__name__)
 
 FILE = "checksums.json"
 ALGORITHM = "llama_jax-possum64-v1"
-_ROWS = 1 << 22  # host: elements hashed at a time (bounds the temporaries)
 _warned: set[str] = set()
 
 
@@ -40,73 +42,63 @@ class NonFiniteState(RuntimeError):
     """Arrays about to be saved hold NaN or inf."""
 
 
-def _mix(h, xp):
+def _mix(h):
     # murmur3's 32-bit finaliser: every input bit affects every output bit.
-    h = h ^ (h >> xp.uint32(16))
-    h = h * xp.uint32(0x85EBCA6B)
-    h = h ^ (h >> xp.uint32(13))
-    h = h * xp.uint32(0xC2B2AE35)
-    return h ^ (h >> xp.uint32(16))
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
-def _lanes(words, coords, xp):
-    """(lane 1, lane 2) sums of uint32 `words` at uint32 coordinate arrays `coords` (broadcastable)."""
-    h = xp.uint32(0x9E3779B9)
-    for c in coords:
-        h = _mix(h ^ c, xp)
-    h1 = h | xp.uint32(1)
-    h2 = _mix(h + xp.uint32(0x632BE5AB), xp) | xp.uint32(1)
-    s1 = xp.sum(words * h1, dtype=xp.uint32)
-    s2 = xp.sum((words ^ h2) * h2, dtype=xp.uint32)
-    return s1, s2
+def _lanes(x, coords):
+    """(lane 1, lane 2) of array `x` whose elements sit at the uint32 coordinates `coords`
+    (one per axis of the full array, each broadcastable to x: scalars for the axes a slice
+    fixes, iotas shaped [1, .., n, .., 1] for the others)."""
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        words = words.astype(jnp.uint32)
+    # Row hash from the leading coordinates, column hash from the last: the per-element
+    # work is a product of two small broadcast arrays, not a hash of every coordinate.
+    row = jnp.uint32(0x9E3779B9)
+    for c in coords[:-1]:
+        row = _mix(row ^ c)
+    col = coords[-1] if coords else jnp.uint32(0)
+    m1 = (row | 1) * (_mix(col ^ jnp.uint32(0x7F4A7C15)) | 1)
+    m2 = (_mix(row + jnp.uint32(0x632BE5AB)) | 1) * (_mix(col ^ jnp.uint32(0x2545F491)) | 1)
+    rot = (words << 16) | (words >> 16)
+    return jnp.stack([jnp.sum(words * m1, dtype=jnp.uint32), jnp.sum((rot ^ m2) * m2, dtype=jnp.uint32)])
 
 
-def _host_words(x: np.ndarray) -> np.ndarray:
-    x = x if x.flags.c_contiguous else x.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-    if x.dtype == np.bool_:
-        return x.astype(np.uint32)
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint32, copy=False)
+def _iotas(shape, offset):
+    lead = [offset[i] for i in range(offset.shape[0])]
+    return lead + [jax.lax.broadcasted_iota(jnp.uint32, [n if b == a else 1 for b in range(len(shape))], a)
+                   for a, n in enumerate(shape)]
+
+
+@jax.jit
+def _slice_sums(x, offset):
+    return _lanes(x, _iotas(x.shape, offset))
 
 
 def host_sum(x: np.ndarray, offset: tuple[int, ...] = ()) -> np.ndarray:
     """The two lanes (uint32 [2]) of `x`, a slice of a larger array starting at `offset`
-    (leading axes of the full array indexed by `offset`, e.g. (layer,) for a layer slice)."""
-    words = _host_words(np.asarray(x))
-    lead = [np.uint32(o) for o in offset]
-    total = np.zeros(2, np.uint32)
-    if words.ndim == 0 or words.size == 0:
-        with np.errstate(over="ignore"):
-            return total if words.size == 0 else np.array(_lanes(words, lead, np), np.uint32)
-    step = max(1, _ROWS // max(1, words[0].size))
-    for r0 in range(0, words.shape[0], step):
-        part = words[r0:r0 + step]
-        coords = lead + [(np.arange(n, dtype=np.uint32) + (r0 if a == 0 else 0)).reshape(
-            [n if b == a else 1 for b in range(part.ndim)]) for a, n in enumerate(part.shape)]
-        with np.errstate(over="ignore"):
-            total = total + np.array(_lanes(part, coords, np), np.uint32)
-    return total
-
-
-def _device_words(x):
-    import jax
-    import jax.numpy as jnp
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-                                        ).astype(jnp.uint32)
+    (leading axes of the full array indexed by `offset`, e.g. (layer,) for a layer slice).
+    Computed by XLA on the CPU: the same code as on device, one fused pass."""
+    cpu = jax.devices("cpu")[0]
+    return np.asarray(_slice_sums(jax.device_put(np.asarray(x), cpu),
+                                  jax.device_put(np.asarray(offset, np.uint32).reshape(-1), cpu)))
 
 
 def _device_summary(x):
-    import jax
-    import jax.numpy as jnp
-    coords = [jax.lax.broadcasted_iota(jnp.uint32, x.shape, a) for a in range(x.ndim)]
-    sums = jnp.stack(_lanes(_device_words(x), coords, jnp))
+    sums = _lanes(x, _iotas(x.shape, jnp.zeros((0,), jnp.uint32)))
     finite = jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
     return sums, finite
 
 
 def _named_leaves(tree, prefix: str) -> dict[str, object]:
-    import jax
     def name(path):
         return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
     return {f"{prefix}/{name(p)}": x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -118,20 +110,12 @@ def summarize(trees: dict) -> tuple[dict[str, str], list[str]]:
     leaves = {}
     for prefix, tree in trees.items():
         leaves.update(_named_leaves(tree, prefix))
-    out = _jitted_summary()(leaves)
+    out = _summary_fn(leaves)
     sums = {k: _hex(_local(v[0])) for k, v in out.items()}
     return sums, sorted(k for k, v in out.items() if not bool(_local(v[1])))
 
 
-_summary_fn = None
-
-
-def _jitted_summary():
-    global _summary_fn
-    if _summary_fn is None:
-        import jax
-        _summary_fn = jax.jit(lambda leaves: {k: _device_summary(v) for k, v in leaves.items()})
-    return _summary_fn
+_summary_fn = jax.jit(lambda leaves: {k: _device_summary(v) for k, v in leaves.items()})
 
 
 def _local(x) -> np.ndarray:
@@ -192,7 +176,6 @@ def verify(directory: str | os.PathLike, trees: dict) -> None:
 
 def cast_leaves(tree, dtype):
     """`tree` with every leaf cast to `dtype` (None: unchanged), freeing each original as it goes."""
-    import jax
     if dtype is None:
         return tree
 
@@ -213,7 +196,7 @@ class HostSums:
 
     def add(self, path: tuple[str, ...], array: np.ndarray, layer: int | None = None) -> None:
         name = f"{self.prefix}/{'/'.join(path)}"
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore"):  # sums modulo 2**32
             self._sums[name] = self._sums.get(name, np.zeros(2, np.uint32)) + host_sum(
                 array, () if layer is None else (layer,))
 

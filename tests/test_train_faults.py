@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, train_checks, train_config, train_recovery, trainer, workdir_lock
+from llama_jax import checkpoint, train_checks, train_config, trainer, workdir_lock
 from llama_jax.errors import InputError
 from train_helpers import REPO, STEPS, as_flags, assert_same_losses, losses, tiny_config
 from train_helpers import reference, tokenizer_path  # noqa: F401  (fixtures)
@@ -254,16 +254,3 @@ def test_pretokenize_leaves_no_shard_on_a_bad_record_or_an_empty_corpus(tmp_path
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty corpus"):  # training would run on bos/eos alone
         pretokenize(SourceConfig(kind="text", path=str(tmp_path / "empty.txt")), tok, str(out))
-
-
-def test_incomplete_steps_are_not_listed(tmp_path, tokenizer_path):
-    cfg = tiny_config(**{"data.tokenizer": tokenizer_path, "steps": 2, "checkpoint_every": 1,
-                         "optimizer.total_steps": STEPS})
-    trainer.train(cfg, str(tmp_path))
-    ckpts = _ckpt_dir(tmp_path)
-    os.remove(os.path.join(ckpts, "1", "_CHECKPOINT_METADATA"))  # as a kill in an older version's rmtree
-    run = trainer.setup(cfg, str(tmp_path))
-    assert run.manager.all_steps() == [2] and sorted(os.listdir(ckpts)) == [".deleted", "2"]
-    assert run.start_step == 2
-    assert checkpoint.resolve_checkpoint(tmp_path).name == "2"
-    np.testing.assert_array_equal(jax.device_get(run.state.step), 2)
