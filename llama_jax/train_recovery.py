@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 import jax
 
@@ -65,13 +66,20 @@ def restore_intact(manager, abstract_state, shardings, shards: tuple[int, ...], 
     return None
 
 
-def purge_deleted(directory: str) -> None:
-    """Removes what Orbax pruned into `directory/.deleted` (process 0; other processes skip)."""
+def purge_deleted(directory: str, background: bool = False) -> None:
+    """Removes what Orbax pruned into `directory/.deleted` (process 0; other processes skip),
+    in a thread with `background` (a big step takes a while to delete)."""
     root = os.path.join(directory, train_checkpoint.DELETED_DIR)
     if jax.process_index() != 0 or not os.path.isdir(root):
         return
-    for name in os.listdir(root):
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    def purge(names):
+        for name in names:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    names = os.listdir(root)
+    if background:
+        threading.Thread(target=purge, args=(names,), daemon=True).start()
+    else:
+        purge(names)
 
 
 def set_aside_incomplete(manager) -> None:

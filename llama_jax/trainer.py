@@ -147,7 +147,7 @@ def save(run: Run) -> None:
         raise NonFiniteLoss(f"{e}. Stopped without saving it; the last good checkpoint in {run.workdir}/"
                             f"checkpoints (step {run.manager.latest_step()}) is kept. Resume from it with a "
                             f"lower optimizer.peak_lr or longer optimizer.warmup_steps.") from None
-    train_recovery.purge_deleted(str(run.manager.directory))  # steps pruned by the previous save
+    train_recovery.purge_deleted(str(run.manager.directory), background=True)  # pruned by the previous save
 
 
 def evaluate(run: Run) -> float:
