@@ -87,7 +87,10 @@ def host_sum(x: np.ndarray, offset: tuple[int, ...] = ()) -> np.ndarray:
     """The two lanes (uint32 [2]) of `x`, a slice of a larger array starting at `offset`
     (leading axes of the full array indexed by `offset`, e.g. (layer,) for a layer slice).
     Computed by XLA on the CPU: the same code as on device, one fused pass."""
-    cpu = jax.devices("cpu")[0]
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the default device then
+        cpu = jax.devices()[0]
     return np.asarray(_slice_sums(jax.device_put(np.asarray(x), cpu),
                                   jax.device_put(np.asarray(offset, np.uint32).reshape(-1), cpu)))
 
