@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 from llama_jax.config import ModelConfig
 
@@ -63,7 +64,9 @@ class MetricsWriter:
         _truncate_after(path, from_step)
         self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=from_step + 1)
+        # The suffix keeps two runs started within one second from sharing (overwriting) a file.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=from_step + 1,
+                                 filename_suffix=f".{os.getpid()}.{time.time_ns() % 10**9:09d}")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:

@@ -254,3 +254,39 @@ def test_pretokenize_leaves_no_shard_on_a_bad_record_or_an_empty_corpus(tmp_path
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty corpus"):  # training would run on bos/eos alone
         pretokenize(SourceConfig(kind="text", path=str(tmp_path / "empty.txt")), tok, str(out))
+
+
+def _events(logdir):
+    """Every Event in a TensorBoard directory (TFRecord framing: length, crc, data, crc)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            e = event_pb2.Event()
+            e.ParseFromString(data[i + 12:i + 12 + n])
+            out.append(e)
+            i += 12 + n + 4
+    return out
+
+
+def test_a_resume_drops_the_metrics_rows_after_its_step(tmp_path):
+    from llama_jax.metrics import MetricsWriter
+    w = MetricsWriter(str(tmp_path))
+    for step in range(1, 5):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a kill mid-line
+    w = MetricsWriter(str(tmp_path), from_step=2)  # resumed from the checkpoint of step 2
+    w.write(3, {"loss": 30.0})
+    w.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    # TensorBoard hides the first run's steps >= 3 (a SessionLog START with purge step 3).
+    starts = [e.step for e in _events(tmp_path / "tensorboard") if e.HasField("session_log")
+              and e.session_log.status == e.session_log.START]
+    assert 3 in starts
