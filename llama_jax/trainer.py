@@ -234,7 +234,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
     loss_mean, eval_loss, and a text sample when `cfg.sample.max_new_tokens` > 0.
     Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
     train_checks.check_config(cfg, train_config.model_config(cfg))  # before anything is written
-    with workdir_lock.hold(workdir, active=jax.process_index() == 0):
+    with workdir_lock.hold_for_run(workdir):
         try:
             return _train(cfg, workdir, stop, on_log)
         except BaseException:

@@ -66,12 +66,8 @@ def _alive_here(holder: dict) -> bool:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, active: bool = True):
-    """Holds WORKDIR's lock for the body; raises WorkdirBusy (naming the holder) if taken.
-    `active=False` (processes other than 0 of a multi-host run) does nothing."""
-    if not active:
-        yield
-        return
+def hold(workdir: str):
+    """Holds WORKDIR's lock for the body; raises WorkdirBusy (naming the holder) if taken."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -92,6 +88,30 @@ def hold(workdir: str, active: bool = True):
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def hold_for_run(workdir: str):
+    """`hold` on process 0 of a (multi-host) run; every process learns whether it was refused,
+    so that all of them stop with WorkdirBusy instead of the others waiting on process 0."""
+    import jax
+    stack = contextlib.ExitStack()
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(hold(workdir))
+        except WorkdirBusy as e:
+            refused = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        if int(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))) and refused is None:
+            refused = WorkdirBusy(f"{workdir}: in use by another training run (process 0 names it)")
+    if refused is not None:
+        stack.close()
+        raise refused
+    with stack:
+        yield
 
 
 def lock_dir(path: str | os.PathLike) -> int | None:
