@@ -5,7 +5,8 @@
 
 Meta: params.json + consolidated.NN.pth (N model-parallel shards). Hugging Face:
 config.json, generation_config.json, safetensors (sharded, with an index, past
---max_shard_size). Tokenizer files found beside the checkpoint are copied.
+--max_shard_size), and transformers' tokenizer files made from tokenizer.model. Tokenizer
+files found beside the checkpoint are copied.
 """
 import argparse
 import os
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.generations import Generation  # noqa: E402
 
 
 def main(argv=None):
@@ -28,6 +30,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="write tensors in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
+                   help="export as this LLaMA generation (params.json keys, shard axis, token ids); default: the checkpoint's")
     args = p.parse_args(argv)
     bar = tqdm(unit="tensor", desc="from_orbax")
 
@@ -37,9 +41,9 @@ def main(argv=None):
 
     config = conversion.from_orbax(args.target, args.input, args.output, shards=args.shards,
                                    max_shard_size=args.max_shard_size, dtype=args.dtype,
-                                   overwrite=args.overwrite, progress=progress)
+                                   overwrite=args.overwrite, progress=progress, generation=args.generation)
     bar.close()
-    print(f"wrote {args.output}: {config.n_layers} layers, dim {config.dim}, {config.param_dtype}")
+    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, {config.param_dtype}")
 
 
 if __name__ == "__main__":

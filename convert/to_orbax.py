@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.generations import Generation  # noqa: E402
 
 
 def main(argv=None):
@@ -25,6 +26,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="store the params in this dtype (default: as stored in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
+                   help="the LLaMA generation, when the files do not say it right (3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
     args = p.parse_args(argv)
     bar = tqdm(unit="tensor", desc="to_orbax")
 
@@ -33,9 +36,9 @@ def main(argv=None):
         bar.update(done - bar.n)
 
     config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
-                                 overwrite=args.overwrite, progress=progress)
+                                 overwrite=args.overwrite, progress=progress, generation=args.generation)
     bar.close()
-    print(f"wrote {args.output}: {config.n_layers} layers, dim {config.dim}, params {config.param_dtype}")
+    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, params {config.param_dtype}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax import generations
+from llama_jax.errors import input_error
+from llama_jax.generations import Generation
+
 
 class AttentionImpl(enum.Enum):
     AUTO = "auto"      # cudnn on NVIDIA GPUs, splash on TPU, xla elsewhere
@@ -71,6 +75,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
+    # Which LLaMA release this is (tokenizer ids, stop ids, Meta file layout: generations.py).
+    # None: read off rope_theta/rope_scaling (configs written before the field existed).
+    generation: Generation | None = None
+    tie_word_embeddings: bool = False  # Llama 3.2 1B/3B: the output projection is tok_embeddings.T
     # Execution: not part of the architecture.
     dtype: str = "float32"          # compute dtype of activations
     param_dtype: str = "float32"    # dtype parameters are created in
@@ -107,6 +115,15 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             bad("rope_scaling", "must be a RopeScaling, a dict of its fields, or None")
+        if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):
+            bad("tie_word_embeddings", "must be True or False")
+        if self.generation is None:
+            object.__setattr__(self, "generation", generations.from_architecture(
+                self.rope_theta, self.rope_scaling and self.rope_scaling.factor, bool(self.tie_word_embeddings)))
+        try:
+            object.__setattr__(self, "generation", generations.parse(self.generation))
+        except ValueError as e:
+            bad("generation", str(e))
         if not isinstance(self.fuse_gate_up, (bool, np.bool_)):
             bad("fuse_gate_up", "must be True or False")
         for f in ("dtype", "param_dtype"):
@@ -141,8 +158,9 @@ class ModelConfig:
     def num_params(self, embeddings: bool = True) -> int:
         d, f, kv = self.dim, self.ffn_hidden_dim, self.kv_heads * self.head_dim
         per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
-        n = self.n_layers * per_layer + d + self.vocab_size * d  # + final norm + output
-        return n + (self.vocab_size * d if embeddings else 0)
+        n = self.n_layers * per_layer + d  # + final norm
+        n += 0 if self.tie_word_embeddings else self.vocab_size * d  # output
+        return n + (self.vocab_size * d if embeddings or self.tie_word_embeddings else 0)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -153,6 +171,8 @@ class ModelConfig:
         arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _ARCH_FIELDS}
         if self.rope_scaling is not None:
             arch["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        arch["generation"] = self.generation.value
+        arch["tie_word_embeddings"] = bool(self.tie_word_embeddings)
         return arch
 
     # Our own JSON (stored beside checkpoints): architecture + execution fields.
@@ -190,50 +210,73 @@ class ModelConfig:
     # Meta params.json.
     @classmethod
     def from_meta_params(cls, params: dict, vocab_size: int | None = None, source: str = "params.json",
+                         generation: Generation | str | None = None, tied: bool = False,
                          **execution: Any) -> "ModelConfig":
-        """Read Meta's params.json; `vocab_size` fills in its -1 ("from the tokenizer")."""
+        """Read Meta's params.json; `vocab_size` fills in its -1 ("from the tokenizer").
+
+        `generation` overrides the one the keys say (generations.from_meta_params); `tied`
+        says the weights have one embedding matrix for input and output.
+        """
         p = dict(params)
         for k in ("dim", "n_layers", "n_heads", "norm_eps"):
             if k not in p:
-                raise ValueError(f"{source}: missing key {k!r}")
+                raise input_error(source, f"missing key {k!r}")
+        known = set(generations.META_KEYS[Generation.LLAMA3_1]) | set(generations.META_ROPE_KEYS) | set(
+            generations.META_IGNORED_KEYS)
+        unknown = sorted(set(p) - known)
+        if unknown:
+            raise input_error(source, f"unknown key {unknown[0]!r}", f"one of Meta's keys {sorted(known)}")
+        gen = generations.parse(generation) if generation is not None else generations.from_meta_params(p, tied)
         v = p.pop("vocab_size", -1)
         if v is None or v < 0:
             v = vocab_size
         if v is None:
-            raise ValueError(f"{source}: vocab_size is -1 (from the tokenizer): pass vocab_size")
+            raise input_error(source, "vocab_size is -1 (from the tokenizer): pass vocab_size")
         if vocab_size is not None and v != vocab_size:
-            raise ValueError(f"{source}: vocab_size={v} but the tokenizer/weights have {vocab_size}")
-        scaling = p.pop("use_scaled_rope", False)
-        if scaling:
-            p["rope_scaling"] = RopeScaling()
+            raise input_error(source, "vocab_size differs from the tokenizer/weights", vocab_size, v)
+        factor, high = p.pop("rope_scaling_factor", None), p.pop("rope_high_freq_factor", None)
+        if p.pop("use_scaled_rope", False):
+            factor = factor or generations.ROPE_FACTOR.get(gen)
+            if factor is None:
+                raise input_error(source, f"use_scaled_rope is true but generation {gen.value} has no scaled "
+                                          f"rope", "generation 3.1, 3.2 or 3.3")
+            p["rope_scaling"] = RopeScaling(factor=float(factor), **({"high_freq_factor": float(high)} if high else {}))
         p.pop("max_batch_size", None)
-        unknown = sorted(set(p) - set(_ARCH_FIELDS))
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {unknown}; known: {sorted(_ARCH_FIELDS)}")
-        return cls(vocab_size=v, **p, **execution)
+        kw = {"max_seq_len": generations.CONTEXT[gen], **p, **execution}
+        return cls(vocab_size=v, generation=gen, tie_word_embeddings=tied, **kw)
 
     def to_meta_params(self) -> dict:
-        p = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                                           "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")}
-        if self.n_kv_heads is None:
-            del p["n_kv_heads"]
-        if self.ffn_dim_multiplier is None:
-            del p["ffn_dim_multiplier"]
+        """params.json with exactly the keys Meta shipped for `generation` (generations.META_KEYS)."""
+        g, where = self.generation, f"Meta params.json of generation {self.generation.value}"
+        keys = generations.META_KEYS[g]
+        if not g.llama3_family and self.rope_theta != 10000.0:
+            raise input_error(where, "has no rope_theta key: export as generation 3 or later", 10000.0,
+                              self.rope_theta)
+        if g is Generation.LLAMA1 and (self.n_kv_heads is not None or self.ffn_dim_multiplier is not None):
+            raise input_error(where, "has no n_kv_heads/ffn_dim_multiplier: export as generation 2 or later")
+        p = {k: getattr(self, k) for k in keys if k != "use_scaled_rope"}
+        if g is Generation.LLAMA2:  # its optional keys, where used (70B)
+            p.update({k: getattr(self, k) for k in generations.META_OPTIONAL_KEYS if getattr(self, k) is not None})
+        if g.llama3_family:
+            p["n_kv_heads"] = self.kv_heads
+            if self.ffn_dim_multiplier is None:
+                del p["ffn_dim_multiplier"]
         if self.rope_scaling is not None:
-            if self.rope_scaling != RopeScaling():
-                raise ValueError(f"Meta params.json can only say use_scaled_rope (the default llama3 "
-                                 f"scaling); this config has {self.rope_scaling}")
-            p["use_scaled_rope"] = True
+            if not g.scaled_rope or self.rope_scaling != RopeScaling(factor=generations.ROPE_FACTOR[g]):
+                raise input_error(where, "can only say use_scaled_rope (llama3 scaling with the generation's "
+                                  "factor); pass the right --generation", generations.ROPE_FACTOR.get(g),
+                                  self.rope_scaling)
+        if g.scaled_rope:
+            p["use_scaled_rope"] = self.rope_scaling is not None
         return p
 
     # Hugging Face config.json.
     @classmethod
-    def from_hf_config(cls, c: dict, source: str = "config.json", **execution: Any) -> "ModelConfig":
+    def from_hf_config(cls, c: dict, source: str = "config.json", generation: Generation | str | None = None,
+                       **execution: Any) -> "ModelConfig":
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if k not in c:
                 raise ValueError(f"{source}: missing key {k!r}")
-        if c.get("tie_word_embeddings"):
-            raise ValueError(f"{source}: tie_word_embeddings=true; LLaMA's output projection is untied")
         if c.get("attention_bias") or c.get("mlp_bias"):
             raise ValueError(f"{source}: attention_bias/mlp_bias are set; LLaMA has no biases")
         if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
@@ -247,11 +290,14 @@ class ModelConfig:
             rope_scaling = RopeScaling(**{k: scaling[k] for k in (
                 "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")})
         elif rope_type != "default":
-            raise ValueError(f"{source}: unknown rope type {rope_type!r}; known: 'default', 'llama3'")
+            raise input_error(source, f"unknown rope type {rope_type!r} in rope_scaling", "'default' or 'llama3'")
         d, h = c["hidden_size"], c["num_attention_heads"]
         kv = c.get("num_key_value_heads") or h
         multiple_of, multiplier = _ffn_recipe_for(d, c["intermediate_size"])
-        return cls(dim=d, n_layers=c["num_hidden_layers"], n_heads=h, n_kv_heads=None if kv == h else kv,
+        tied = bool(c.get("tie_word_embeddings", False))  # transformers' LlamaConfig default: untied
+        gen = generations.parse(generation) if generation is not None else generations.from_hf_config(
+            c, rope_scaling and rope_scaling.factor, tied)
+        return cls(generation=gen, tie_word_embeddings=tied, dim=d, n_layers=c["num_hidden_layers"], n_heads=h, n_kv_heads=None if kv == h else kv,
                    vocab_size=c["vocab_size"], multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
                    norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope_scaling,
                    max_seq_len=c.get("max_position_embeddings", 2048), **execution)
@@ -268,11 +314,11 @@ class ModelConfig:
             "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
             "rope_scaling": None if self.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
-            "rope_parameters": rope, "hidden_act": "silu", "tie_word_embeddings": False,
+            "rope_parameters": rope, "hidden_act": "silu", "tie_word_embeddings": bool(self.tie_word_embeddings),
             "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
             "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
-            "bos_token_id": 1 if self.vocab_size <= 32000 else 128000,
-            "eos_token_id": 2 if self.vocab_size <= 32000 else 128001,
+            "bos_token_id": generations.special_ids(self.generation).bos,
+            "eos_token_id": generations.special_ids(self.generation).eos,
             "dtype": self.param_dtype,
         }
 
@@ -293,13 +339,25 @@ def _ffn_recipe_for(dim: int, hidden: int) -> tuple[int, float | None]:
 
 
 _ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling", "max_seq_len")
+                "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling", "max_seq_len",
+                "generation", "tie_word_embeddings")
 
-_L3_SCALING = RopeScaling()
-_llama1 = dict(multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000, max_seq_len=2048)
-_llama2 = dict(multiple_of=256, norm_eps=1e-5, rope_theta=10000.0, vocab_size=32000, max_seq_len=4096)
+_G = Generation
+_llama1 = dict(multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000, max_seq_len=2048,
+               generation=_G.LLAMA1)
+_llama2 = dict(multiple_of=256, norm_eps=1e-5, rope_theta=10000.0, vocab_size=32000, max_seq_len=4096,
+               generation=_G.LLAMA2)
 _llama3 = dict(multiple_of=1024, ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0,
-               vocab_size=128256, max_seq_len=8192)
+               vocab_size=128256, max_seq_len=8192, generation=_G.LLAMA3)
+
+
+def _scaled(generation: Generation) -> dict:
+    """Llama 3.1+: 131072 context, llama3 rope scaling with the generation's factor."""
+    return dict(_llama3, generation=generation, max_seq_len=generations.CONTEXT[generation],
+                rope_scaling=RopeScaling(factor=generations.ROPE_FACTOR[generation]))
+
+
+_l31, _l32, _l33 = _scaled(_G.LLAMA3_1), _scaled(_G.LLAMA3_2), _scaled(_G.LLAMA3_3)
 
 PRESETS: dict[str, ModelConfig] = {
     "llama-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, **_llama1),
@@ -313,13 +371,17 @@ PRESETS: dict[str, ModelConfig] = {
                               **{**_llama2, "multiple_of": 4096, "ffn_dim_multiplier": 1.3}),
     "llama3-8b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, **_llama3),
     "llama3-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, **{**_llama3, "multiple_of": 4096}),
-    "llama3.1-8b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, rope_scaling=_L3_SCALING,
-                               **{**_llama3, "max_seq_len": 131072}),
-    "llama3.1-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, rope_scaling=_L3_SCALING,
-                                **{**_llama3, "multiple_of": 4096, "max_seq_len": 131072}),
-    "llama3.1-405b": ModelConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, rope_scaling=_L3_SCALING,
-                                 **{**_llama3, "ffn_dim_multiplier": 1.2, "max_seq_len": 131072}),
+    "llama3.1-8b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, **_l31),
+    "llama3.1-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, **{**_l31, "multiple_of": 4096}),
+    "llama3.1-405b": ModelConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
+                                 **{**_l31, "ffn_dim_multiplier": 1.2}),
+    # Llama 3.2 1B/3B (Meta's params.json; HF config.json: tie_word_embeddings, rope factor 32).
+    "llama3.2-1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, tie_word_embeddings=True,
+                               **{**_l32, "multiple_of": 256, "ffn_dim_multiplier": 1.5}),
+    "llama3.2-3b": ModelConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, tie_word_embeddings=True,
+                               **{**_l32, "multiple_of": 256, "ffn_dim_multiplier": 1.0}),
+    "llama3.3-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, **{**_l33, "multiple_of": 4096}),
     # Tests and CPU demos: GQA, a byte-sized vocabulary, room for 512+ token prompts.
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024),
+                        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024, generation=_G.LLAMA2),
 }

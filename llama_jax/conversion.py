@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llama_jax import checkpoint, integrity, weights
+from llama_jax import checkpoint, hf_tokenizer, integrity, meta_params, weights
 from llama_jax.config import ModelConfig
 from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
 from llama_jax.safetensors_io import SafetensorsWriter
@@ -26,13 +26,16 @@ Progress = Callable[[int, int], None]
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def tensor_order(config: ModelConfig, fmt: str) -> Iterator[tuple[weights.Rule, int | None, str]]:
-    """(rule, layer or None, torch name), embeddings first, then layer by layer, then the head."""
-    unlayered = [r for r in weights.RULES if not r.layered]
+def tensor_order(config: ModelConfig, fmt: str, rules=None) -> Iterator[tuple[weights.Rule, int | None, str]]:
+    """(rule, layer or None, torch name), embeddings first, then layer by layer, then the head.
+
+    `rules`: the tensors to visit (default: those a `fmt` file holds, weights.file_rules)."""
+    rules = weights.file_rules(config, fmt) if rules is None else rules
+    unlayered = [r for r in rules if not r.layered]
     for rule in unlayered[:1]:
         yield rule, None, weights.names(rule, config, fmt)[0]
     for i in range(config.n_layers):
-        for rule in (r for r in weights.RULES if r.layered):
+        for rule in (r for r in rules if r.layered):
             yield rule, i, weights.names(rule, config, fmt)[i]
     for rule in unlayered[1:]:
         yield rule, None, weights.names(rule, config, fmt)[0]
@@ -44,12 +47,15 @@ def _with_param_dtype(config: ModelConfig, dtypes) -> ModelConfig:
 
 
 def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype=None,
-             overwrite: bool = False, progress: Progress | None = None) -> ModelConfig:
-    """Convert a Meta ("meta") or Hugging Face ("hf") folder to a params-only Orbax checkpoint."""
-    src = open_source(source, input_dir)
+             overwrite: bool = False, progress: Progress | None = None, generation=None) -> ModelConfig:
+    """Convert a Meta ("meta") or Hugging Face ("hf") folder to a params-only Orbax checkpoint.
+
+    `generation` ("3.1", ...) overrides the LLaMA generation the source files say."""
+    src = open_source(source, input_dir, generation=generation)
     config = src.config
+    rules = weights.param_rules(config)
     leaf_dtypes = {}
-    for rule in weights.RULES:
+    for rule in rules:
         found = {np.dtype(src.dtype(n)) for n in weights.names(rule, config, source)}
         if dtype is None and len(found) > 1:
             raise ValueError(f"{input_dir}: {rule.meta if source == 'meta' else rule.hf} is stored in several "
@@ -57,12 +63,12 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
         leaf_dtypes[rule.path] = np.dtype(dtype) if dtype is not None else found.pop()
     config = _with_param_dtype(config, leaf_dtypes.values())
     abstract = checkpoint.abstract_params(config)
-    shapes = {r.path: (_get(abstract, r.path)[0], leaf_dtypes[r.path]) for r in weights.RULES}
-    total = sum(1 for _ in tensor_order(config, source))
+    shapes = {r.path: (_get(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
+    total = sum(1 for _ in tensor_order(config, source, rules))
     with checkpoint.output_dir(output_dir, overwrite) as tmp:
-        writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in weights.RULES if r.layered})
+        writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in rules if r.layered})
         sums = integrity.HostSums()
-        for done, (rule, layer, name) in enumerate(tensor_order(config, source), 1):
+        for done, (rule, layer, name) in enumerate(tensor_order(config, source, rules), 1):
             try:
                 ours = weights.tensor_to_ours(rule, src.read(name), config, source, name)
             except ValueError as e:
@@ -76,6 +82,8 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
         integrity.write(tmp, sums.hexdigests())
         config.save(tmp / checkpoint.CONFIG_FILE)
         checkpoint.copy_tokenizer_files(input_dir, tmp)
+        if source == "meta":
+            meta_params.keep_source(input_dir, tmp)
     return config
 
 
@@ -106,13 +114,13 @@ def _meta_shard_shape(rule: weights.Rule, shape: tuple[int, ...], n: int, config
     return shape[:axis] + (shape[axis] // n,) + shape[axis + 1:]
 
 
-def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, shards: int):
+def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, shards: int, source_dir: Path):
     specs = [{} for _ in range(shards)]
     for rule, _, name in tensor_order(config, "meta"):
         shape = _meta_shard_shape(rule, weights.torch_shape(rule, config), shards, config)
         for s in specs:
             s[name] = (shape, dtypes[rule.path])
-    (out / "params.json").write_text(json.dumps(config.to_meta_params(), indent=2))
+    meta_params.write(out / "params.json", config, source_dir)
     writers = [TorchFileWriter(out / f"consolidated.{k:02d}.pth", s) for k, s in enumerate(specs)]
 
     def write(rule, name, w):
@@ -145,42 +153,49 @@ def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: in
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf = config.to_hf_config()
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    generation = {"_from_model_config": True, "bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return writers, lambda rule, name, w: writer_of[name].write(name, w)
 
 
 def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, shards: int = 1,
                max_shard_size: str | int = "5GB", dtype=None, overwrite: bool = False,
-               progress: Progress | None = None) -> ModelConfig:
-    """Write a params-only checkpoint or training step as Meta files (`shards` of them) or an HF folder."""
+               progress: Progress | None = None, generation=None) -> ModelConfig:
+    """Write a params-only checkpoint or training step as Meta files (`shards` of them) or an HF folder.
+
+    `generation` ("3.1", ...) overrides the checkpoint's: it decides the params.json keys,
+    the embedding's shard axis and the special token ids written."""
     if target not in ("meta", "hf"):
         raise ValueError(f"unknown target format {target!r}; known: 'meta', 'hf'")
     if target == "hf" and shards != 1:
         raise ValueError("shards applies to Meta output only (use max_shard_size for Hugging Face)")
     d = checkpoint.resolve_checkpoint(input_dir)
     config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
+    if generation is not None:
+        config = config.replace(generation=generation)
     reader = ParamsReader(d / checkpoint.PARAMS_DIR)
     checkpoint.check_params_tree(checkpoint.abstract_params(config), unflatten(reader.shapes),
                                  str(d / checkpoint.PARAMS_DIR))
-    dtypes = {r.path: np.dtype(dtype) if dtype is not None else reader.shapes[r.path][1] for r in weights.RULES}
+    dtypes = {r.path: np.dtype(dtype) if dtype is not None else reader.shapes[weights.stored_rule(r, config).path][1]
+              for r in weights.file_rules(config, target)}
     config = _with_param_dtype(config, dtypes.values())
     total = sum(1 for _ in tensor_order(config, target))
     want, sums = integrity.stored(d), integrity.HostSums()
     with checkpoint.output_dir(output_dir, overwrite) as tmp:
         if target == "meta":
-            writers, write = _meta_writers(tmp, config, dtypes, shards)
+            writers, write = _meta_writers(tmp, config, dtypes, shards, d)
         else:
             writers, write = _hf_writers(tmp, config, dtypes, parse_size(max_shard_size))
         for done, (rule, layer, name) in enumerate(tensor_order(config, target), 1):
-            ours = reader.read(rule.path, layer)
-            sums.add(rule.path, ours, layer)
+            stored = weights.stored_rule(rule, config)  # a tied output is the embedding again
+            ours = reader.read(stored.path, layer)
+            sums.add(stored.path, ours, layer)  # (a slice read twice counts once)
             ours = ours.astype(dtypes[rule.path], copy=False)
-            write(rule, name, weights.tensor_to_torch(rule, ours, config, target))
+            write(rule, name, weights.tensor_to_torch(stored, ours, config, target))
             if progress:
                 progress(done, total)
         for w in writers:
             w.close()
         integrity.compare(d, want, sums.hexdigests())  # a damaged input leaves no output
         checkpoint.copy_tokenizer_files(d, tmp)
+        if target == "hf":
+            hf_tokenizer.write_export_files(tmp, config)
     return config

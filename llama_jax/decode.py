@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import (Array, Block, RMSNorm, cache_segment_ids, default_positions, embed,
+from llama_jax.model import (Array, Block, RMSNorm, cache_segment_ids, default_positions, embed, output_matrix,
                              project_logits, rope_tables)
 
 
@@ -93,4 +93,4 @@ def decode_forward(config: ModelConfig, params: dict, tokens: Array, cache: dict
     if last_only:
         x = x[:, -1:]  # the final norm and the projection act per position
     x = RMSNorm(c.dim, c.norm_eps, c.param_dtype).apply({"params": params["norm"]}, x)
-    return project_logits(x, params["output"]), {"kv": tuple(kv), "segment_ids": kv_segment_ids}
+    return project_logits(x, output_matrix(params, c)), {"kv": tuple(kv), "segment_ids": kv_segment_ids}

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import generations
 from llama_jax.config import ModelConfig
 from llama_jax.decode import decode_forward, decode_layer_shapes, init_decode_cache, is_split, split_layers
 from llama_jax.model import param_shapes
@@ -90,8 +91,10 @@ def bucket_cache(n: int, minimum: int = 64) -> int:
 
 
 def default_stop_ids(config: ModelConfig) -> tuple[int, ...]:
-    """eos of the LLaMA tokenizers: 2 (LLaMA 1/2, SentencePiece), 128001 and eot 128009 (LLaMA 3)."""
-    return (128001, 128009) if config.vocab_size >= 128256 else (2,)
+    """What Meta's code stops on, by `config.generation`: eos 2 (LLaMA 1/2), 128001 and eot
+    128009 (Llama 3), plus eom 128008 (3.1 on). Ids past a small test vocabulary are dropped
+    (they cannot be sampled)."""
+    return tuple(i for i in generations.special_ids(config.generation).stop if i < config.vocab_size)
 
 
 def _check_prompts(config: ModelConfig, prompts, max_new_tokens: int) -> list[np.ndarray]:

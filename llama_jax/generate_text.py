@@ -13,34 +13,35 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.generate import generate
+from llama_jax.text_decode import TextDecoder, decode_continuation
 
 
 class _TextStream:
-    """Turns per-step token ids into per-row text pieces (decoding whole prefixes, so that
-    multi-token characters and SentencePiece's leading spaces come out right)."""
+    """Turns per-step token ids into per-row text pieces, each row decoded after its prompt
+    (text_decode: leading spaces and characters split over tokens come out right)."""
 
-    def __init__(self, tokenizer, n_rows: int, on_text: Callable[[int, str], None]):
-        self.tok, self.on_text = tokenizer, on_text
-        self.ids = [[] for _ in range(n_rows)]
-        self.sent = [0] * n_rows
+    def __init__(self, tokenizer, prompts: list[list[int]], on_text: Callable[[int, str], None]):
+        self.on_text = on_text
+        self.rows = [TextDecoder(tokenizer, p) for p in prompts]
 
     def __call__(self, step: int, tokens: np.ndarray):
         for r, t in enumerate(tokens):
-            if t < 0:
-                continue
-            self.ids[r].append(int(t))
-            text = self.tok.decode(self.ids[r])
-            if text.endswith("\ufffd"):  # an unfinished UTF-8 character: wait for its other bytes
-                continue
-            if len(text) > self.sent[r]:
-                self.on_text(r, text[self.sent[r]:])
-                self.sent[r] = len(text)
+            text = self.rows[r].push(int(t)) if t >= 0 else self.rows[r].flush()
+            if text:
+                self.on_text(r, text)
+
+    def finish(self):
+        for r, row in enumerate(self.rows):
+            text = row.flush()
+            if text:
+                self.on_text(r, text)
 
 
 def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
                   *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, top_k: int | None = None,
                   stream: Callable[[int, str], None] | None = None, mesh=None) -> list[str]:
-    """Continue each text prompt; returns the new text per prompt (without the prompt).
+    """Continue each text prompt; returns the new text per prompt (without the prompt; the
+    new ids decoded after the prompt's, so `prompt + text` reads right).
 
     Prompts are encoded with bos, generation stops at the tokenizer's eos, and
     `stream(row, text_piece)` receives text as it is produced.
@@ -52,10 +53,12 @@ def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequenc
                          f"{config.vocab_size}: wrong tokenizer for this checkpoint?")
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
-    on_step = None if stream is None else _TextStream(tokenizer, len(ids), stream)
+    on_step = None if stream is None else _TextStream(tokenizer, ids, stream)
     out = generate(config, params, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    top_k=top_k, stop_ids=stops, stream=on_step, mesh=mesh)
-    return [tokenizer.decode(row) for row in out]
+    if on_step is not None:
+        on_step.finish()
+    return [decode_continuation(tokenizer, p, row) for p, row in zip(ids, out)]
 
 
 def _foreign_format(path: str) -> str | None:

@@ -195,10 +195,14 @@ class HostSums:
     """Checksums accumulated from numpy slices (converters stream one layer at a time)."""
 
     def __init__(self, prefix: str = "params"):
-        self.prefix, self._sums = prefix, {}
+        self.prefix, self._sums, self._seen = prefix, {}, set()
 
     def add(self, path: tuple[str, ...], array: np.ndarray, layer: int | None = None) -> None:
+        """Adds a leaf (`layer` None) or one layer slice of it; a slice added again is ignored."""
         name = f"{self.prefix}/{'/'.join(path)}"
+        if (name, layer) in self._seen:
+            return
+        self._seen.add((name, layer))
         with np.errstate(over="ignore"):  # sums modulo 2**32
             self._sums[name] = self._sums.get(name, np.zeros(2, np.uint32)) + host_sum(
                 array, () if layer is None else (layer,))

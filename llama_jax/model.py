@@ -11,7 +11,7 @@ Parameters (layers stacked on a leading L axis by nn.scan; `ModelConfig.layer_lo
 runs the same stacked parameters one layer after another instead of through the scan):
   tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
-  [L,D]; norm/weight [D]; output [D,V].
+  [L,D]; norm/weight [D]; output [D,V] (none when `tie_word_embeddings`: tok_embeddings.T).
 
 Decoding runs the same `Block`s in a per-layer runtime form: see decode.py.
 """
@@ -271,7 +271,10 @@ class Llama(nn.Module):
             x, new_layer_cache = _stacked_blocks(c)(c, name="layers")(
                 x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
         x = RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="norm")(x)
-        out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+        if c.tie_word_embeddings:  # Llama 3.2: one stored matrix, read twice, no logit scaling
+            out = emb.T  # [D,V], sharded (embed, vocab) like an untied output
+        else:
+            out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
         logits = project_logits(x, out)
         if cache is None:
             return logits
@@ -295,6 +298,11 @@ def embed(table: Array, tokens: Array, config: ModelConfig) -> Array:
     """Token embeddings [B,T,D] in the compute dtype, from the table [V,D]."""
     x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(config.dtype))
     return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+
+def output_matrix(params: dict, config: ModelConfig) -> Array:
+    """The output projection [D,V]: params["output"], or tok_embeddings.T when tied."""
+    return params["tok_embeddings"].T if config.tie_word_embeddings else params["output"]
 
 
 def project_logits(x: Array, output: Array) -> Array:

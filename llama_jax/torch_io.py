@@ -8,17 +8,21 @@ are freed as soon as the caller drops the array.
 
 Writing: `torch.save` under `torch.serialization.skip_data()` writes a complete archive
 with space reserved for every storage (from `torch.empty` tensors, whose untouched pages
-cost no memory); a meta load gives the offsets, and each tensor is `pwrite`n in place.
-The result is an ordinary archive that `torch.load(..., weights_only=True)` reads.
+cost no memory); a meta load gives the offsets, and each tensor is `pwrite`n in place,
+its CRC-32 computed as it is written and patched into the zip records on `close()`.
+The result is an ordinary archive that `torch.load(..., weights_only=True)` and `zipfile` read.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 
 import ml_dtypes
 import numpy as np
 import torch
+
+from llama_jax.zip_crc import set_crc32
 
 TORCH_TO_NUMPY = {
     torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
@@ -49,10 +53,16 @@ def pread_exact(fd: int, nbytes: int, offset: int, what: str) -> np.ndarray:
     return buf
 
 
-def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
-    view, pos = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)), 0
+def pwrite_all(fd: int, data: np.ndarray, offset: int, crc32: bool = False) -> int:
+    """Write `data`'s bytes at `offset`; returns their CRC-32 (computed on the bytes as
+    they are written) when `crc32`, else 0."""
+    view, pos, crc = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)), 0, 0
     while pos < len(view):
-        pos += os.pwrite(fd, view[pos:pos + (1 << 30)], offset + pos)
+        n = os.pwrite(fd, view[pos:pos + (1 << 30)], offset + pos)
+        if crc32:
+            crc = zlib.crc32(view[pos:pos + n], crc)
+        pos += n
+    return crc
 
 
 class TorchFile:
@@ -131,13 +141,16 @@ class PreallocatedWriter:
     _fd: int
     _offsets: dict[str, int]
     _pending: set[str]
+    _crcs: dict[str, int] | None = None  # CRC-32 per name, for formats that record one
 
     def write(self, name: str, array: np.ndarray) -> None:
         shape, dtype = self.specs[name]
         if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
             raise ValueError(f"{self.path}: tensor {name}: got {array.shape} {array.dtype}, "
                              f"expected {tuple(shape)} {np.dtype(dtype)}")
-        pwrite_all(self._fd, array, self._offsets[name])
+        crc = pwrite_all(self._fd, array, self._offsets[name], crc32=self._crcs is not None)
+        if self._crcs is not None:
+            self._crcs[name] = crc
         self._pending.discard(name)
 
     def close(self) -> None:
@@ -160,3 +173,9 @@ class TorchFileWriter(PreallocatedWriter):
         self._offsets = {n: t.untyped_storage()._checkpoint_offset for n, t in meta.items()}
         self._fd = os.open(self.path, os.O_WRONLY)
         self._pending = set(self.specs)
+        self._crcs = {}
+
+    def close(self) -> None:
+        super().close()
+        # The skeleton's zip records carry the CRC-32 of placeholder bytes: set the real ones.
+        set_crc32(self.path, {self._offsets[n]: crc for n, crc in self._crcs.items()})

@@ -14,6 +14,8 @@ import numpy as np
 
 from llama_jax import weights
 from llama_jax.config import ModelConfig
+from llama_jax.errors import input_error
+from llama_jax.generations import Generation
 from llama_jax.safetensors_io import SafetensorsFile
 from llama_jax.torch_io import TorchFile
 
@@ -23,7 +25,7 @@ class MetaSource:
 
     fmt = "meta"
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, generation=None):
         d = Path(directory)
         if not (d / "params.json").is_file():
             raise FileNotFoundError(f"{d}: no params.json (a Meta checkpoint has params.json and consolidated.NN.pth)")
@@ -41,9 +43,27 @@ class MetaSource:
                 diff = sorted(keys0 ^ set(s.keys()))
                 raise ValueError(f"{s.path}: shards disagree in tensor names with {self.shards[0].path}: {diff[:8]}")
         params = json.loads((d / "params.json").read_text())
-        self.config = ModelConfig.from_meta_params(params, vocab_size=self._vocab_size(params),
-                                                   source=str(d / "params.json"))
+        args = dict(params=params, vocab_size=self._vocab_size(params), source=str(d / "params.json"),
+                    generation=generation)
+        self.config = ModelConfig.from_meta_params(**args)
+        if self._tied(keys0, explicit=generation is not None):
+            self.config = ModelConfig.from_meta_params(**args, tied=True)
         weights.check_names(keys0, self.config, "meta", source=str(self.shards[0].path))
+
+    def _tied(self, keys: set[str], explicit: bool) -> bool:
+        """Meta's params.json does not say; Meta's model always has an output layer (loaded
+        strictly), so Llama 3.2 files carry the embedding twice. Tied (Llama 3 on): output.weight
+        equal to tok_embeddings.weight; a differing one is an error for a model said to be 3.2."""
+        g = self.config.generation
+        out, emb = weights.rule_for(("output",)).meta, weights.rule_for(("tok_embeddings",)).meta
+        if not g.llama3_family or out not in keys or emb not in keys:
+            return False  # a missing tensor: check_names says so
+        if self.shards[0].shape(out) != self.shards[0].shape(emb) and not (explicit and g is Generation.LLAMA3_2):
+            return False
+        same = np.array_equal(self.read(out), self.read(emb))
+        if not same and explicit and g is Generation.LLAMA3_2:
+            raise input_error(self.file_of(out), f"generation 3.2 ties the embeddings but {out} differs from {emb}")
+        return same
 
     def _vocab_size(self, params: dict) -> int:
         name = "tok_embeddings.weight"
@@ -73,12 +93,12 @@ class HFSource:
 
     fmt = "hf"
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, generation=None):
         d = Path(directory)
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{d}: no config.json (a Hugging Face checkpoint has config.json and weights)")
         self.config = ModelConfig.from_hf_config(json.loads((d / "config.json").read_text()),
-                                                 source=str(d / "config.json"))
+                                                 source=str(d / "config.json"), generation=generation)
         self.files = {}  # tensor name -> opened file
         for path in _hf_weight_files(d):
             f = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchFile(path)
@@ -87,6 +107,10 @@ class HFSource:
                     raise ValueError(f"{path}: tensor {name} also in {self.files[name].path}")
                 self.files[name] = f
         weights.check_names(self.files.keys(), self.config, "hf", source=str(d))
+        copy, emb = weights.tied_copy_name(self.config, "hf"), weights.rule_for(("tok_embeddings",)).hf
+        if copy in self.files and not np.array_equal(self.read(copy), self.read(emb)):
+            raise input_error(self.file_of(copy), f"config.json has tie_word_embeddings true but {copy} "
+                                                  f"differs from {emb}")
 
     def dtype(self, name: str) -> np.dtype:
         return self.files[name].dtype(name)
@@ -114,14 +138,15 @@ def _hf_weight_files(d: Path) -> list[Path]:
 
 
 def rule_of(name: str, config: ModelConfig, fmt: str) -> weights.Rule:
-    for rule in weights.RULES:
+    for rule in weights.file_rules(config, fmt):
         if name in weights.names(rule, config, fmt):
             return rule
     raise KeyError(name)
 
 
-def open_source(fmt: str, directory: str | Path):
-    """A MetaSource ("meta") or HFSource ("hf") over `directory`."""
+def open_source(fmt: str, directory: str | Path, generation=None):
+    """A MetaSource ("meta") or HFSource ("hf") over `directory`; `generation` overrides the
+    LLaMA generation the files say."""
     if fmt not in ("meta", "hf"):
         raise ValueError(f"unknown source format {fmt!r}; known: 'meta', 'hf'")
-    return MetaSource(directory) if fmt == "meta" else HFSource(directory)
+    return (MetaSource if fmt == "meta" else HFSource)(directory, generation=generation)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
+from llama_jax import generations
 from llama_jax.config import ModelConfig
 
 
@@ -57,6 +58,28 @@ RULES: tuple[Rule, ...] = (
 
 # Buffers some checkpoints carry that are not weights (recomputed from the config).
 IGNORED = ("rope.freqs", "rotary_emb.inv_freq")
+_OUTPUT, _EMBEDDING = ("output",), ("tok_embeddings",)
+
+
+def param_rules(config: ModelConfig) -> tuple[Rule, ...]:
+    """The rules of `config`'s params: all but `output` when the embeddings are tied."""
+    return tuple(r for r in RULES if not (config.tie_word_embeddings and r.path == _OUTPUT))
+
+
+def file_rules(config: ModelConfig, fmt: str) -> tuple[Rule, ...]:
+    """The tensors a `fmt` file holds. Tied: HF writes no lm_head.weight; Meta's model always
+    has an `output` layer (loaded strictly), so its files carry the embedding again there."""
+    return RULES if fmt == "meta" else param_rules(config)
+
+
+def stored_rule(rule: Rule, config: ModelConfig) -> Rule:
+    """The rule whose param holds `rule`'s tensor: tok_embeddings for a tied output."""
+    return rule_for(_EMBEDDING) if config.tie_word_embeddings and rule.path == _OUTPUT else rule
+
+
+def tied_copy_name(config: ModelConfig, fmt: str) -> str | None:
+    """The output tensor's name that a tied model's files may carry as a copy of the embedding."""
+    return (rule_for(_OUTPUT).meta if fmt == "meta" else rule_for(_OUTPUT).hf) if config.tie_word_embeddings else None
 
 
 def torch_shape(rule: Rule, config: ModelConfig) -> tuple[int, ...]:
@@ -160,8 +183,8 @@ def merge_meta_shards(rule: Rule, shards: list[np.ndarray], config: ModelConfig,
 
 
 def embedding_split_axis(config: ModelConfig) -> int:
-    """LLaMA 3 (128256-token vocab) splits the embedding by vocab; LLaMA 1/2 by dim."""
-    return 0 if config.vocab_size >= 128000 else 1
+    """Meta splits the embedding by dim (LLaMA 1/2) or by vocab (Llama 3 on, any vocab size)."""
+    return generations.embedding_split_axis(config.generation)
 
 
 def split_meta_shards(rule: Rule, w: np.ndarray, n: int, config: ModelConfig) -> list[np.ndarray]:
@@ -183,7 +206,8 @@ def names(rule: Rule, config: ModelConfig, fmt: str) -> list[str]:
 
 
 def expected_names(config: ModelConfig, fmt: str) -> set[str]:
-    return {n for r in RULES for n in names(r, config, fmt)}
+    """The names a checkpoint must hold (a tied model's output copy is optional)."""
+    return {n for r in param_rules(config) for n in names(r, config, fmt)}
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -201,8 +225,11 @@ def _get(tree: dict, path: tuple[str, ...]):
 def from_state_dict(state_dict: dict[str, np.ndarray], config: ModelConfig, fmt: str) -> dict:
     """A whole (merged) torch state dict of numpy arrays -> our stacked params."""
     check_names(state_dict.keys(), config, fmt, source="state dict")
+    copy, emb = tied_copy_name(config, fmt), names(rule_for(_EMBEDDING), config, fmt)[0]
+    if copy in state_dict and not np.array_equal(state_dict[copy], state_dict[emb]):
+        raise ValueError(f"state dict: tie_word_embeddings is true but {copy} differs from {emb}")
     params: dict = {}
-    for rule in RULES:
+    for rule in param_rules(config):
         tensors = [tensor_to_ours(rule, state_dict[n], config, fmt) for n in names(rule, config, fmt)]
         _set(params, rule.path, np.stack(tensors) if rule.layered else tensors[0])
     return params
@@ -211,16 +238,17 @@ def from_state_dict(state_dict: dict[str, np.ndarray], config: ModelConfig, fmt:
 def to_state_dict(params: dict, config: ModelConfig, fmt: str) -> dict[str, np.ndarray]:
     """Our stacked params -> a whole torch-layout state dict of numpy arrays."""
     out = {}
-    for rule in RULES:
-        value = np.asarray(_get(params, rule.path))
+    for rule in file_rules(config, fmt):
+        stored = stored_rule(rule, config)
+        value = np.asarray(_get(params, stored.path))
         for i, n in enumerate(names(rule, config, fmt)):
-            out[n] = tensor_to_torch(rule, value[i] if rule.layered else value, config, fmt)
+            out[n] = tensor_to_torch(stored, value[i] if rule.layered else value, config, fmt)
     return out
 
 
 def check_names(found, config: ModelConfig, fmt: str, source: str) -> None:
     """Raise naming the missing and unknown tensors of a checkpoint."""
-    found = {n for n in found if not n.endswith(IGNORED)}
+    found = {n for n in found if not n.endswith(IGNORED) and n != tied_copy_name(config, fmt)}
     expected = expected_names(config, fmt)
     missing, unknown = sorted(expected - found), sorted(found - expected)
     if missing or unknown:

@@ -23,9 +23,10 @@ CASES = {
 _META_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def meta_split_axis(name: str, vocab_size: int):
+def meta_split_axis(name: str, llama3: bool):
+    """llama3: params.json has rope_theta (Meta's Llama 3 code splits the embedding by vocabulary)."""
     if name.startswith("tok_embeddings"):
-        return 0 if vocab_size >= 128000 else 1
+        return 0 if llama3 else 1
     key = name.split(".")[-2]
     return _META_AXIS.get(key)
 
@@ -34,14 +35,14 @@ def write_meta(model_or_sd, cfg: ModelConfig, path: str, shards: int, dtype: tor
     """params.json + consolidated.NN.pth split as Meta does, + a tokenizer.model stand-in."""
     sd = _meta_state_dict(model_or_sd.state_dict(), cfg) if hasattr(model_or_sd, "state_dict") else model_or_sd
     os.makedirs(path)
+    params = cfg.to_meta_params()
     for k in range(shards):
         shard = {}
         for name, w in sd.items():
-            axis = meta_split_axis(name, cfg.vocab_size)
+            axis = meta_split_axis(name, "rope_theta" in params)
             w = w.to(dtype)
             shard[name] = w.clone() if axis is None else torch.chunk(w, shards, dim=axis)[k].clone()
         torch.save(shard, os.path.join(path, f"consolidated.{k:02d}.pth"))
-    params = cfg.to_meta_params()
     if not vocab_in_params:
         params["vocab_size"] = -1
     with open(os.path.join(path, "params.json"), "w") as f:

@@ -24,7 +24,8 @@ def test_meta_two_shards_float16_round_trip(tmp_path):
     for a, b in zip(before, after):
         assert_same_tensors(a, b)
     params_json = json.loads((tmp_path / "back" / "params.json").read_text())
-    assert params_json["n_kv_heads"] == 2 and params_json["vocab_size"] == cfg.vocab_size
+    assert params_json["n_kv_heads"] == 2 and params_json["vocab_size"] == -1  # the source's, kept
+    assert (tmp_path / "back" / "params.json").read_bytes() == (tmp_path / "meta" / "params.json").read_bytes()
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == (tmp_path / "meta" / "tokenizer.model").read_bytes()
 
 

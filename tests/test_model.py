@@ -158,12 +158,14 @@ def test_unknown_rope_type_fails():
                                     "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None})
 
 
-@pytest.mark.parametrize("name", ["llama-7b", "llama-65b", "llama2-70b", "llama3-8b", "llama3.1-405b", "tiny"])
+@pytest.mark.parametrize("name", ["llama-7b", "llama-65b", "llama2-70b", "llama3-8b", "llama3.1-405b", "llama3.2-1b",
+                                  "llama3.2-3b", "tiny"])
 def test_meta_and_hf_configs_round_trip(name, tmp_path):
     cfg = ModelConfig.preset(name)
     meta = json.loads(json.dumps(cfg.to_meta_params()))
-    back = ModelConfig.from_meta_params(meta, max_seq_len=cfg.max_seq_len)
-    assert back == cfg
+    back = ModelConfig.from_meta_params(meta, max_seq_len=cfg.max_seq_len, tied=cfg.tie_word_embeddings)
+    # LLaMA 1 65B's params.json reads as Llama 2 (same keys, norm_eps 1e-5): the one case to say.
+    assert back == cfg or (name == "llama-65b" and back == cfg.replace(generation="2"))
     hf = json.loads(json.dumps(cfg.to_hf_config()))
     from_hf = ModelConfig.from_hf_config(hf)
     # HF stores the FFN size, not Meta's recipe for it: the size must survive.
@@ -192,8 +194,8 @@ def test_hf_config_v4_style_with_rope_scaling():
           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
     assert ModelConfig.from_hf_config(hf) == ModelConfig.preset("llama3.1-8b")
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        ModelConfig.from_hf_config({**hf, "tie_word_embeddings": True})
+    tied = ModelConfig.from_hf_config({**hf, "tie_word_embeddings": True})
+    assert tied.tie_word_embeddings and tied.generation.value == "3.2"
 
 
 def test_execution_fields_stay_out_of_the_architecture():
