@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main(argv=None):
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
                    help="export as this LLaMA generation (params.json keys, shard axis, token ids); default: the checkpoint's")
     args = p.parse_args(argv)
-    bar = tqdm(unit="tensor", desc="from_orbax")
+    bar = tqdm(unit="tensor", desc="from_orbax", delay=1)  # no bar for an early error
 
     def progress(done, total):
         bar.total = total
@@ -47,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

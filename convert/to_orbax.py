@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from llama_jax import conversion  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def main(argv=None):
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
                    help="the LLaMA generation, when the files do not say it right (3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
     args = p.parse_args(argv)
-    bar = tqdm(unit="tensor", desc="to_orbax")
+    bar = tqdm(unit="tensor", desc="to_orbax", delay=1)  # no bar for an early error
 
     def progress(done, total):
         bar.total = total
@@ -42,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -8,6 +8,11 @@ A params-only checkpoint directory holds
 A training step directory (`WORKDIR/checkpoints/<step>/`) has the same two entries beside
 its other items, so `load_checkpoint` reads a step, a workdir or its `checkpoints/`
 directory (the latest step) as well.
+
+This module owns the paths of checkpoints: every loader, CLI and converter resolves a
+user's path through `resolve_checkpoint` (relative paths become absolute here: Orbax and
+TensorStore want absolute ones), finds the tokenizer through `find_tokenizer_file`, and
+writes through `output_dir` (refuses an output that is, contains or is inside an input).
 """
 from __future__ import annotations
 
@@ -26,10 +31,17 @@ import orbax.checkpoint as ocp
 from llama_jax import integrity, workdir_lock
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
+from llama_jax.errors import input_error
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_MODEL, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """`path` made absolute against the working directory (`~` expanded, symlinks kept)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def _is_checkpoint(d: Path) -> bool:
@@ -43,8 +55,8 @@ def _steps(d: Path) -> list[Path]:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The directory holding model_config.json and params/: `path` itself, or the latest
-    step of a training workdir or of its checkpoints/ directory."""
-    d = Path(path)
+    step of a training workdir or of its checkpoints/ directory; always an absolute path."""
+    d = absolute(path)
     if not d.is_dir():
         raise FileNotFoundError(f"not a llama_jax checkpoint: {d} does not exist or is not a directory")
     if _is_checkpoint(d):
@@ -61,15 +73,45 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                      f"(nor step directories in {d} or {d / 'checkpoints'})")
 
 
-@contextlib.contextmanager
-def output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory beside `path`; rename it to `path` on success.
+def find_tokenizer_file(path: str | os.PathLike, name: str = TOKENIZER_MODEL) -> Path | None:
+    """The tokenizer file of the checkpoint at `path`, looked up as `resolve_checkpoint` looks
+    up the params: in the resolved step (or params-only) directory, else in the training
+    workdir above the step, else in `path` itself (any folder); None when there is none."""
+    given = absolute(path)
+    try:
+        d = resolve_checkpoint(given)
+    except (ValueError, OSError):
+        dirs = [given]
+    else:
+        dirs = [d, d.parent.parent if d.parent.name == "checkpoints" else d, given]
+    return next((x / name for x in dirs if (x / name).is_file()), None)
 
-    A failed or interrupted write leaves no directory that looks like a checkpoint.
+
+def check_output_apart(output: str | os.PathLike, inputs) -> None:
+    """Refuse an output folder that is, contains or is inside one of `inputs` (symlinks
+    resolved): replacing it would delete the input, or write into it."""
+    out = Path(output).expanduser().resolve()
+    for given in inputs:
+        inp = Path(given).expanduser().resolve()
+        how = ("is the input" if out == inp else "contains the input" if out in inp.parents
+               else "is inside the input" if inp in out.parents else None)
+        if how:
+            raise input_error(output, f"the output folder {how} {given}; nothing was written",
+                              "an output outside the input", str(out))
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()):
+    """Yield a temporary directory beside `path`; swap it in as `path` on success.
+
+    A failed or interrupted write leaves no directory that looks like a checkpoint, and
+    an existing `path` (with `overwrite`) stays whole until the new one is complete.
+    `inputs`: folders the output must not be, contain or be inside (see check_output_apart).
     """
-    out = Path(path)
+    check_output_apart(path, inputs)
+    out = absolute(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir_lock.remove_stale_dirs(out.parent, f".{out.name}.tmp-")  # a killed earlier attempt's
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -77,14 +119,31 @@ def output_dir(path: str | os.PathLike, overwrite: bool = False):
     held = workdir_lock.lock_dir(tmp)  # marks it as live for remove_stale_dirs
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        _swap_in(tmp, out)
     finally:
         if held is not None:
             os.close(held)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` is moved aside first and deleted only once
+    `new` is in place (a kill in between leaves it whole, as `.NAME.old-*`)."""
+    if not os.path.lexists(out):
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()  # a file, or a symlink: its target is left alone
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

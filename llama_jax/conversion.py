@@ -19,7 +19,7 @@ from llama_jax import checkpoint, hf_tokenizer, integrity, meta_params, weights
 from llama_jax.config import ModelConfig
 from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
 from llama_jax.safetensors_io import SafetensorsWriter
-from llama_jax.torch_io import TorchFileWriter
+from llama_jax.torch_io import TorchFileWriter, import_torch
 from llama_jax.torch_sources import open_source
 
 Progress = Callable[[int, int], None]
@@ -65,7 +65,7 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
     abstract = checkpoint.abstract_params(config)
     shapes = {r.path: (_get(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
     total = sum(1 for _ in tensor_order(config, source, rules))
-    with checkpoint.output_dir(output_dir, overwrite) as tmp:
+    with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir]) as tmp:
         writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in rules if r.layered})
         sums = integrity.HostSums()
         for done, (rule, layer, name) in enumerate(tensor_order(config, source, rules), 1):
@@ -167,6 +167,8 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
         raise ValueError(f"unknown target format {target!r}; known: 'meta', 'hf'")
     if target == "hf" and shards != 1:
         raise ValueError("shards applies to Meta output only (use max_shard_size for Hugging Face)")
+    if target == "meta":
+        import_torch(str(output_dir))  # consolidated.NN.pth are torch files: say so before any work
     d = checkpoint.resolve_checkpoint(input_dir)
     config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
     if generation is not None:
@@ -179,7 +181,7 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
     config = _with_param_dtype(config, dtypes.values())
     total = sum(1 for _ in tensor_order(config, target))
     want, sums = integrity.stored(d), integrity.HostSums()
-    with checkpoint.output_dir(output_dir, overwrite) as tmp:
+    with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir, d]) as tmp:
         if target == "meta":
             writers, write = _meta_writers(tmp, config, dtypes, shards, d)
         else:

@@ -69,8 +69,8 @@ def _foreign_format(path: str) -> str | None:
     return None
 
 
-def load_for_generation(path: str, dtype: str | None = None, mesh=None):
-    """(config, params) of one of our checkpoints; a clear error for anything else."""
+def _check_ours(path: str) -> None:
+    """A clear error for a missing folder or a PyTorch (Meta, HF) one."""
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r}: no such directory")
     source = _foreign_format(path)
@@ -78,6 +78,11 @@ def load_for_generation(path: str, dtype: str | None = None, mesh=None):
         raise ValueError(f"{path} holds a {'Meta' if source == 'meta' else 'Hugging Face'} PyTorch checkpoint, "
                          f"not a llama_jax one; convert it first: python convert/to_orbax.py --source {source} "
                          f"--input {path} --output OUT_DIR")
+
+
+def load_for_generation(path: str, dtype: str | None = None, mesh=None):
+    """(config, params) of one of our checkpoints; a clear error for anything else."""
+    _check_ours(path)
     from llama_jax.checkpoint import load_checkpoint
     try:
         return load_checkpoint(path, dtype=dtype, mesh=mesh)
@@ -87,10 +92,16 @@ def load_for_generation(path: str, dtype: str | None = None, mesh=None):
 
 
 def find_tokenizer(checkpoint: str, explicit: str | None = None):
-    """`explicit`, else a tokenizer.model beside the checkpoint: a llama_jax.data.Tokenizer
-    (SentencePiece, LLaMA 1/2) or Llama3Tokenizer (tiktoken BPE), picked from the file."""
+    """`explicit`, else the checkpoint's tokenizer.model (in its step directory or training
+    workdir, see checkpoint.find_tokenizer_file): a llama_jax.data.Tokenizer (SentencePiece,
+    LLaMA 1/2) or Llama3Tokenizer (tiktoken BPE), picked from the file."""
+    from llama_jax.checkpoint import find_tokenizer_file
     from llama_jax.data import load_tokenizer
-    path = explicit or os.path.join(checkpoint, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise ValueError(f"no tokenizer at {path}: pass --tokenizer PATH/tokenizer.model")
-    return load_tokenizer(path)
+    if explicit:
+        return load_tokenizer(explicit)
+    _check_ours(checkpoint)
+    path = find_tokenizer_file(checkpoint)
+    if path is None:
+        raise ValueError(f"{checkpoint}: no tokenizer.model in the checkpoint or its training workdir: "
+                         f"pass --tokenizer PATH/tokenizer.model")
+    return load_tokenizer(str(path))

@@ -11,26 +11,43 @@ with space reserved for every storage (from `torch.empty` tensors, whose untouch
 cost no memory); a meta load gives the offsets, and each tensor is `pwrite`n in place,
 its CRC-32 computed as it is written and patched into the zip records on `close()`.
 The result is an ordinary archive that `torch.load(..., weights_only=True)` and `zipfile` read.
+
+torch is imported only here, and only when a .pth/.bin file is read or written: safetensors
+and Orbax conversions (and every `--help`) run without it.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import zlib
 
 import ml_dtypes
 import numpy as np
-import torch
 
+from llama_jax.errors import input_error
 from llama_jax.zip_crc import set_crc32
 
-TORCH_TO_NUMPY = {
-    torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
-    torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float64: np.dtype(np.float64),
-    torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int8: np.dtype(np.int8),
-    torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
-}
-NUMPY_TO_TORCH = {v: k for k, v in TORCH_TO_NUMPY.items()}
+
+def import_torch(path: str):
+    """torch, or a one-line error saying that reading/writing `path` needs it."""
+    try:
+        import torch
+    except ImportError:
+        raise input_error(path, "PyTorch .pth/.bin files need torch, which is not installed: pip install torch") \
+            from None
+    return torch
+
+
+@functools.cache
+def _torch_dtypes() -> dict:
+    torch = import_torch("torch_io")
+    return {
+        torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+        torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float64: np.dtype(np.float64),
+        torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int8: np.dtype(np.int8),
+        torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +87,7 @@ class TorchFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
+        torch, to_numpy = import_torch(self.path), _torch_dtypes()
         try:
             state = torch.load(self.path, map_location="meta", weights_only=True)
         except Exception as e:  # a truncated zip loses its central directory: say so
@@ -80,12 +98,12 @@ class TorchFile:
         size = os.path.getsize(self.path)
         self.entries: dict[str, TensorEntry] = {}
         for name, t in state.items():
-            if t.dtype not in TORCH_TO_NUMPY:
+            if t.dtype not in to_numpy:
                 raise ValueError(f"{self.path}: tensor {name}: unsupported dtype {t.dtype}")
             storage_offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
             if storage_offset is None:
                 raise ValueError(f"{self.path}: tensor {name}: no storage offset (legacy, non-zip torch file?)")
-            dtype = TORCH_TO_NUMPY[t.dtype]
+            dtype = to_numpy[t.dtype]
             entry = TensorEntry(tuple(t.shape), dtype, storage_offset + t.storage_offset() * dtype.itemsize,
                                 tuple(t.stride()))
             if entry.offset + _span(entry) > size:
@@ -164,8 +182,10 @@ class TorchFileWriter(PreallocatedWriter):
 
     def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
         self.path, self.specs = str(path), dict(specs)
+        torch = import_torch(self.path)
+        to_torch = {v: k for k, v in _torch_dtypes().items()}
         # Untouched torch.empty storages: virtual memory only, never read under skip_data.
-        skeleton = {n: torch.empty(shape, dtype=NUMPY_TO_TORCH[np.dtype(dt)]) for n, (shape, dt) in specs.items()}
+        skeleton = {n: torch.empty(shape, dtype=to_torch[np.dtype(dt)]) for n, (shape, dt) in specs.items()}
         with torch.serialization.skip_data():
             torch.save(skeleton, self.path)
         del skeleton

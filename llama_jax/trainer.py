@@ -66,13 +66,13 @@ def _with_architecture(model: ModelConfig, checkpoint_dir: str) -> ModelConfig:
 
 
 def _checkpoint_tokenizer(path: str) -> str:
-    """The tokenizer.model beside a checkpoint: a pretrained model keeps its tokenizer."""
-    from llama_jax.checkpoint import resolve_checkpoint
-    tok = os.path.join(resolve_checkpoint(path), "tokenizer.model")
-    if not os.path.isfile(tok):
+    """The tokenizer.model of a checkpoint: a pretrained model keeps its tokenizer."""
+    from llama_jax.checkpoint import find_tokenizer_file
+    tok = find_tokenizer_file(path)
+    if tok is None:
         raise ValueError(f"init_from={path!r} has no tokenizer.model beside its params: "
                          f"pass --config.data.tokenizer=PATH/tokenizer.model")
-    return tok
+    return str(tok)
 
 
 def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
