@@ -1,13 +1,16 @@
 """Train LLaMA: python train.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
 
-Writes DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard and Orbax checkpoints in
-DIR/checkpoints; resumes from the latest checkpoint in DIR. SIGTERM/SIGINT: finish the
-step, save, exit 0. A non-finite loss: exit 1, the last good checkpoint kept.
+Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard, Orbax
+checkpoints in DIR/checkpoints, DIR/samples/step_N.txt and DIR/plot.png; resumes from the
+latest checkpoint in DIR. SIGTERM/SIGINT: finish the step, save, exit 0. A non-finite loss:
+exit 1, the last good checkpoint kept.
+
+Your own data: --config.data.sources=SPEC and --config.eval_data.sources=SPEC, e.g.
+"text:notes/*.txt" or "0.7*text:a.txt,0.3*jsonl:b.jsonl#body" (llama_jax.data.spec).
 
 Several processes (pods, clusters): jax.distributed is initialised from the environment
 on TPU pods, SLURM and Open MPI, or from --coordinator_address/--num_processes/--process_id.
 """
-import logging
 import os
 import signal
 import sys
@@ -60,6 +63,24 @@ def _config_keys(argv) -> list[str]:
 
 
 def _parse_flags(argv):
+    specs = {}
+    if any(".sources" in a for a in argv):  # config_flags cannot override a list: take them out
+        from llama_jax.data.cli import take_source_flags
+        argv, specs = take_source_flags(argv)
+        sys.argv = argv  # config_flags reads its overrides from sys.argv itself
+    rest = _parse_config_flags(argv)
+    if specs:
+        from llama_jax.data.cli import source_dicts
+        try:
+            for key, spec in specs.items():
+                FLAGS.config[key.split(".")[0]].sources = source_dicts(key, spec)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return rest
+
+
+def _parse_config_flags(argv):
     # ml_collections reports an unknown --config.KEY as a bare KeyError/AttributeError
     # traceback; say which key and list the valid ones instead.
     try:
@@ -79,41 +100,31 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     _init_distributed()
     import jax
-    from tqdm import tqdm
     from llama_jax import trainer
     from llama_jax.errors import InputError
+    from llama_jax.train_console import Console, final_lines
 
     lead = jax.process_index() == 0
-    logging.getLogger("llama_jax").setLevel(logging.INFO if lead else logging.WARNING)
     cfg = FLAGS.config
+    console = Console(cfg.steps, active=lead)  # phase lines above the bar, never in it
     stop = trainer.StopRequest()
     def on_signal(signum, _frame):
         stop.requested = True  # the loop finishes the step, saves and returns
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    bar = tqdm(total=cfg.steps, disable=not lead, dynamic_ncols=True)
-    def on_log(step, row):
-        bar.n = step
-        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss_mean", "lr", "eval_loss") if row.get(k) is not None})
     try:
-        out = trainer.train(cfg, FLAGS.workdir, stop=stop, on_log=on_log)
+        out = trainer.train(cfg, FLAGS.workdir, stop=stop, on_log=console.on_log)
     except trainer.NonFiniteLoss as e:
-        bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except InputError as e:  # a bad setting, a locked workdir, a damaged checkpoint
-        bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    bar.close()
+    finally:
+        console.close()
     if lead:
-        why = " (stopped by signal)" if stop.requested else ""
-        print(f"step {out['step']}{why}: loss {out['loss_mean']} (mean since the last log), "
-              f"eval loss {out['eval_loss']}; "
-              f"checkpoints in {os.path.join(FLAGS.workdir, 'checkpoints')}")
-        if "sample" in out:
-            print("sample:\n" + out["sample"])
+        print("\n".join(final_lines(out, FLAGS.workdir, stopped=stop.requested)))
     return 0
 
 

@@ -5,9 +5,10 @@
 
 A 1024-piece tokenizer is trained on the corpus first (seconds), then 1000 steps of a
 4-layer, 128-dim GQA model on 16 x 128 tokens a step, float32 (bf16 matmuls are slow on
-CPUs). Measured on a busy 2-core CPU: 3.5 minutes of training; eval loss 4.47 at step 250,
-3.45 at step 1000 (ln 1024 = 6.9 at the start), and a sample with Python's look (def,
-docstrings, indentation) if not its sense.
+CPUs). Measured on a 2-core machine shared with other work: 7.5 to 28 minutes for the
+whole command (the 28-minute run: 7.4 minutes of CPU time, load average ~10, 1.5 s a step);
+eval loss 4.47 at step 250, 3.45 at step 1000 (ln 1024 = 6.9 at the start), and a sample
+with Python's look (def, docstrings, indentation) if not its sense.
 Resume: run the same command again with a larger --config.steps (and the same
 --config.optimizer.total_steps, so the schedule is unchanged).
 """

@@ -32,7 +32,8 @@ def main(argv=None):
                    help="write tensors in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
-                   help="export as this LLaMA generation (params.json keys, shard axis, token ids); default: the checkpoint's")
+                   help="export as this LLaMA generation (params.json keys, shard axis, token ids); "
+                        "default: the checkpoint's")
     args = p.parse_args(argv)
     bar = tqdm(unit="tensor", desc="from_orbax", delay=1)  # no bar for an early error
 
@@ -44,7 +45,8 @@ def main(argv=None):
                                    max_shard_size=args.max_shard_size, dtype=args.dtype,
                                    overwrite=args.overwrite, progress=progress, generation=args.generation)
     bar.close()
-    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, {config.param_dtype}")
+    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, "
+          f"{config.param_dtype}")
 
 
 if __name__ == "__main__":

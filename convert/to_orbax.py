@@ -28,7 +28,8 @@ def main(argv=None):
                    help="store the params in this dtype (default: as stored in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
-                   help="the LLaMA generation, when the files do not say it right (3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
+                   help="the LLaMA generation, when the files do not say it right "
+                        "(3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
     args = p.parse_args(argv)
     bar = tqdm(unit="tensor", desc="to_orbax", delay=1)  # no bar for an early error
 
@@ -39,7 +40,8 @@ def main(argv=None):
     config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=progress, generation=args.generation)
     bar.close()
-    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, params {config.param_dtype}")
+    print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, "
+          f"params {config.param_dtype}")
 
 
 if __name__ == "__main__":

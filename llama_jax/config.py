@@ -297,7 +297,8 @@ class ModelConfig:
         tied = bool(c.get("tie_word_embeddings", False))  # transformers' LlamaConfig default: untied
         gen = generations.parse(generation) if generation is not None else generations.from_hf_config(
             c, rope_scaling and rope_scaling.factor, tied)
-        return cls(generation=gen, tie_word_embeddings=tied, dim=d, n_layers=c["num_hidden_layers"], n_heads=h, n_kv_heads=None if kv == h else kv,
+        return cls(generation=gen, tie_word_embeddings=tied, dim=d, n_layers=c["num_hidden_layers"], n_heads=h,
+                   n_kv_heads=None if kv == h else kv,
                    vocab_size=c["vocab_size"], multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
                    norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope_scaling,
                    max_seq_len=c.get("max_position_embeddings", 2048), **execution)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.generate import generate
+from llama_jax.generate import default_stop_ids, generate
 from llama_jax.text_decode import TextDecoder, decode_continuation
 
 
@@ -43,7 +43,8 @@ def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequenc
     """Continue each text prompt; returns the new text per prompt (without the prompt; the
     new ids decoded after the prompt's, so `prompt + text` reads right).
 
-    Prompts are encoded with bos, generation stops at the tokenizer's eos, and
+    Prompts are encoded with bos, generation stops at the tokenizer's eos or at a stop id of
+    the model's generation that the tokenizer has (`default_stop_ids`), and
     `stream(row, text_piece)` receives text as it is produced.
     """
     if isinstance(prompts, str):
@@ -52,7 +53,9 @@ def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequenc
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{config.vocab_size}: wrong tokenizer for this checkpoint?")
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    # The tokenizer's eos, and the generation's stop ids it has (Llama 3.1: eot, eom too).
+    stops = sorted({i for i in default_stop_ids(config) if i < tokenizer.vocab_size} |
+                   ({tokenizer.eos_id} if tokenizer.eos_id >= 0 else set()))
     on_step = None if stream is None else _TextStream(tokenizer, ids, stream)
     out = generate(config, params, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    top_k=top_k, stop_ids=stops, stream=on_step, mesh=mesh)

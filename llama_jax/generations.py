@@ -89,6 +89,14 @@ META_IGNORED_KEYS = ("max_batch_size", "max_seq_len")
 META_ROPE_KEYS = ("use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor")
 
 
+def fits_meta_keys(keys, generation: Generation) -> bool:
+    """Whether a params.json with `keys` has `generation`'s key set (optional keys aside)."""
+    keys = set(keys) - set(META_IGNORED_KEYS)
+    allowed = set(META_KEYS[generation]) | (set(META_OPTIONAL_KEYS) if generation is Generation.LLAMA2 else set())
+    required = set(META_KEYS[generation]) - set(META_OPTIONAL_KEYS)
+    return required <= keys <= allowed
+
+
 def parse(value) -> Generation:
     """A Generation from itself, "3.1", 3.1 or 3."""
     if isinstance(value, Generation):

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llama_jax import generations
 from llama_jax.config import ModelConfig
 
 SOURCE_FILE = "meta_params.json"  # the source's params.json, kept in the Orbax checkpoint
@@ -28,6 +29,8 @@ def _source_text(config: ModelConfig, checkpoint_dir: Path) -> str | None:
     if not path.is_file():
         return None
     text = path.read_text()
+    if not generations.fits_meta_keys(json.loads(text), config.generation):
+        return None  # exported as another generation: write that generation's keys
     try:
         kept = ModelConfig.from_meta_params(json.loads(text), vocab_size=config.vocab_size, source=str(path),
                                             generation=config.generation, tied=config.tie_word_embeddings,

@@ -22,8 +22,8 @@ import jax
 import ml_collections
 
 from llama_jax import metrics as metrics_lib
-from llama_jax import integrity, optim, sharding, train_checkpoint, train_checks, train_config, train_state
-from llama_jax import train_recovery, workdir_lock
+from llama_jax import integrity, optim, run_report, sharding, train_checkpoint, train_checks, train_config
+from llama_jax import train_recovery, train_state, workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.data import DataConfig
 from llama_jax.train_input import ShardedInput, tokenizer_for
@@ -107,16 +107,17 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     inp = ShardedInput(data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, shard_count,
                        train_state.batch_sharding(mesh))
     if latest is not None:
+        log.info("restoring %s/checkpoints/%d", workdir, latest)  # or the newest intact step before it
         latest, state, data_states = train_recovery.restore_intact(manager, abstract, shardings, inp.shards,
                                                                    shard_count)
         inp.set_states(data_states)
-        log.info("resumed from %s/checkpoints/%d", workdir, latest)
     elif cfg.init_from:
         from llama_jax import load_checkpoint
+        log.info("loading the params of %s", cfg.init_from)
         _, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
         state = train_state.state_from_params(params, tx, shardings)
-        log.info("initialised from %s", cfg.init_from)
     else:
+        log.info("initialising the parameters")
         state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
@@ -192,7 +193,8 @@ class _Logger:
             now = time.perf_counter()
             tps = (step - self.since_step) * self.tokens_per_step / max(now - self.since, 1e-9)
             # loss_mean: over the steps since the last log (one step's loss is noisy: rows differ).
-            row = {**m, "loss_mean": sum(self.window) / len(self.window), "tokens_per_s": tps,
+            row = {**m, "tokens": step * self.tokens_per_step, "loss_tokens": m["tokens"],
+                   "loss_mean": sum(self.window) / len(self.window), "tokens_per_s": tps,
                    "mfu": metrics_lib.mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
                    **(extra or {})}
             self.run.writer.write(step, row)
@@ -205,6 +207,7 @@ class _Logger:
 def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
     cfg, step = run.cfg, run.start_step
     logger, pending, saved = _Logger(run, on_log), None, run.start_step
+    log.info("compiling the train step (the first step waits for it)")
     while step < cfg.steps and not stop.requested:
         run.state, m = run.train_step(run.state, next(run.input))
         step += 1
@@ -231,7 +234,8 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
 def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None = None,
           on_log: Callable | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
-    loss_mean, eval_loss, and a text sample when `cfg.sample.max_new_tokens` > 0.
+    loss_mean, eval_loss, train_loss (+ train_loss_from_step: the mean over the last 10% of
+    steps), plot_path, and a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0.
     Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
     train_checks.check_config(cfg, train_config.model_config(cfg))  # before anything is written
     with workdir_lock.hold_for_run(workdir):
@@ -244,6 +248,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
 
 def _train(cfg, workdir, stop, on_log) -> dict:
     run = setup(cfg, workdir)
+    run_report.start(run)  # WORKDIR/config.json and the start-of-run summary
     logger_last: dict = {}
     try:
         step = _loop(run, stop or StopRequest(), _chain(on_log, logger_last))
@@ -254,7 +259,7 @@ def _train(cfg, workdir, stop, on_log) -> dict:
     out = {"step": step, **{k: logger_last.get(k) for k in ("loss", "loss_mean", "eval_loss")}}
     if cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
         out["sample"] = sample(run)
-    return out
+    return run_report.finish(run, out)  # sample file, plot.png, smoothed train loss
 
 
 def sample(run: Run) -> str:
@@ -262,6 +267,7 @@ def sample(run: Run) -> str:
     host first: meant for the small demo models)."""
     from llama_jax.generate_text import generate_text
     s = run.cfg.sample
+    log.info("generating a %d-token sample", s.max_new_tokens)
     params = jax.device_get(run.state.params)
     new = generate_text(run.model, params, run.tokenizer, [s.prompt], s.max_new_tokens,
                         temperature=s.temperature, seed=run.cfg.seed)

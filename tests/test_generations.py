@@ -13,6 +13,7 @@ from llama_jax import ModelConfig, RopeScaling, conversion, generate
 from llama_jax.checkpoint import abstract_params, save_params
 from llama_jax.errors import InputError
 from llama_jax.generate import default_stop_ids
+from llama_jax.generate_text import generate_text
 from llama_jax.generations import Generation
 
 PRESET_OF = {"1": "llama-7b", "2": "llama2-70b", "3": "llama3-8b", "3.1": "llama3.1-8b", "3.2": "llama3.2-1b",
@@ -141,6 +142,12 @@ def test_generation_stops_on_eom_for_31():
     assert generate(cfg, params, [[128000, 9]], max_new_tokens=4) == [[128008]]
     assert generate(cfg.replace(generation="3"), params, [[128000, 9]], max_new_tokens=4) == [[128008] * 4]
 
+    class Llama3Tokenizer:  # the duck type generate_text takes: eos 128001, 128256 ids
+        eos_id, vocab_size = 128001, 128256
+        encode = staticmethod(lambda text, bos=True: [128000, 9])
+        decode = staticmethod(lambda ids: "".join(f"<{i}>" for i in ids))
+    assert generate_text(cfg, params, Llama3Tokenizer(), "x", 4) == ["<128008>"]
+
 
 def test_unknown_params_json_key_is_one_error_and_writes_nothing(exports, tmp_path):
     import shutil
@@ -152,3 +159,38 @@ def test_unknown_params_json_key_is_one_error_and_writes_nothing(exports, tmp_pa
         conversion.to_orbax("meta", src, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["meta"]  # no temporary directory left either
+
+
+def test_meta_source_params_json_is_kept_only_for_its_generation(exports, tmp_path):
+    src = tmp_path / "meta"
+    import shutil
+    shutil.copytree(exports["2"] / "meta", src)
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))  # as Meta shipped
+    conversion.to_orbax("meta", src, tmp_path / "ckpt")
+    conversion.from_orbax("meta", tmp_path / "ckpt", tmp_path / "same", shards=2)
+    assert (tmp_path / "same" / "params.json").read_bytes() == (src / "params.json").read_bytes()
+    conversion.from_orbax("meta", tmp_path / "ckpt", tmp_path / "as3", shards=2, generation="3")
+    as3 = json.loads((tmp_path / "as3" / "params.json").read_text())
+    assert set(as3) == set(PUBLISHED_PARAMS["3"]) and as3["vocab_size"] == 256
+
+
+@pytest.mark.parametrize("name, count", [("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
+                                         ("llama3.3-70b", 70_553_706_496), ("llama3.1-8b", 8_030_261_248)])
+def test_new_presets_have_the_published_parameter_counts(name, count):
+    """Shapes only (eval_shape): the tied 1B/3B count their one embedding matrix once."""
+    cfg = ModelConfig.preset(name)
+    leaves = jax.tree.leaves(abstract_params(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    assert sum(int(np.prod(shape)) for shape, _ in leaves) == cfg.num_params() == count
+
+
+def test_rope_factor_comes_from_the_files():
+    p31 = PUBLISHED_PARAMS["3.1"]
+    assert ModelConfig.from_meta_params(p31).rope_scaling.factor == 8.0
+    # Llama 4's ModelArgs name for it, when a params.json carries one.
+    assert ModelConfig.from_meta_params({**p31, "rope_scaling_factor": 16.0}).rope_scaling.factor == 16.0
+    hf = ModelConfig.preset("llama3.2-1b").to_hf_config()
+    hf["rope_scaling"]["factor"] = hf["rope_parameters"]["factor"] = 4.0
+    assert ModelConfig.from_hf_config(hf).rope_scaling.factor == 4.0
+    with pytest.raises(InputError, match="can only say use_scaled_rope"):  # params.json cannot say 4
+        ModelConfig.from_hf_config(hf).to_meta_params()

@@ -14,7 +14,8 @@ import math
 import re
 from typing import Callable, Iterable, Sequence
 
-from llama_jax.data.config import DataError, SourceConfig, SourceKind, TextUnit
+from llama_jax.data import spec as spec_lib
+from llama_jax.data.config import SourceConfig
 
 
 def rolling_windows(tokens: Sequence[int], bos: int, max_length: int,
@@ -101,19 +102,7 @@ def perplexity(scorer, tokenizer, documents: Iterable[str], *, stride: int | Non
 
 
 def parse_source(spec: str, data_dir: str | None = None) -> SourceConfig:
-    """A data source from a short spec: `stdlib[:split]`, `text:PATH`, `lines:PATH`,
-    `jsonl:PATH[#field]`, `tfds:NAME[:split]` (split default "test"; TFDS reads `data_dir`)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "stdlib":
-        return SourceConfig(kind=SourceKind.STDLIB, split=rest or "eval")
-    if kind in ("text", "lines"):
-        unit = TextUnit.FILE if kind == "text" else TextUnit.LINE
-        return SourceConfig(kind=SourceKind.TEXT, path=rest, text_unit=unit)
-    if kind == "jsonl":
-        path, _, field = rest.partition("#")
-        return SourceConfig(kind=SourceKind.JSONL, path=path, field=field or "text")
-    if kind == "tfds":
-        name, _, split = rest.partition(":")
-        return SourceConfig(kind=SourceKind.TFDS, name=name, split=split or "test", data_dir=data_dir)
-    raise DataError(f"perplexity source {spec!r}: expected stdlib[:split], text:PATH, lines:PATH, "
-                    f"jsonl:PATH[#field] or tfds:NAME[:split]")
+    """One source in `llama_jax.data.spec`'s syntax (train.py's too): `stdlib[:split]`,
+    `text:PATH`, `lines:PATH`, `jsonl:PATH[#field]`, `pretokenized:DIR`, `tfds:NAME[:split]`
+    (split default "test"; stdlib's "eval"; TFDS reads `data_dir`)."""
+    return spec_lib.parse_source(spec, "test", data_dir, where="perplexity source")
