@@ -1,39 +1,68 @@
 """Evaluate a llama_jax checkpoint: the paper's zero-shot tasks and rolling perplexity.
 
-    python eval.py --checkpoint DIR --tasks piqa,hellaswag,arc_easy --data_dir DATA --output results.json
+    python eval.py --checkpoint DIR --tasks piqa,hellaswag,arc_easy --data-dir DATA --output results.json
     python eval.py --checkpoint DIR --perplexity tfds:lm1b:test --output ppl.json
 
 Tasks read `DATA/{task}/{split}.jsonl` (or `DATA/{task}_{split}.jsonl`) in Hugging Face layout
-when present, else TFDS (`--tfds_data_dir`; nothing is downloaded). Perplexity sources:
+when present, else TFDS (`--tfds-data-dir`; nothing is downloaded). Perplexity sources:
 stdlib[:split], text:PATH, lines:PATH, jsonl:PATH[#field], tfds:NAME[:split].
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from llama_jax.cli import ArgumentParser, non_negative_int, positive_int, quiet_logs  # noqa: E402
+from llama_jax.errors import input_error, run_cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="llama_jax checkpoint directory (model_config.json + params/)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the checkpoint)")
     p.add_argument("--tasks", default="", help="comma-separated: boolq,piqa,siqa,hellaswag,winogrande,arc_easy,"
                                                "arc_challenge,openbookqa (or 'all')")
-    p.add_argument("--data_dir", default=None, help="directory of local task JSONL files")
-    p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir (default: TFDS's own)")
+    p.add_argument("--data-dir", default=None, help="directory of local task JSONL files")
+    p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default: TFDS's own)")
     p.add_argument("--split", default=None, help="evaluation split (default: the harness's per task)")
-    p.add_argument("--num_fewshot", type=int, default=0, help="solved examples from the train split per prompt")
+    p.add_argument("--num-fewshot", type=non_negative_int, default=0,
+                   help="solved examples from the train split per prompt")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
-    p.add_argument("--limit", type=int, default=None, help="first N documents per task / perplexity source")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N documents per task / perplexity source")
     p.add_argument("--perplexity", default=None, help="a data source to compute rolling perplexity on")
-    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: disjoint windows)")
-    p.add_argument("--max_length", type=int, default=None, help="context length (default: the model's max_seq_len)")
-    p.add_argument("--tokens_per_batch", type=int, default=4096)
-    p.add_argument("--dtype", default=None, help="cast params on load, e.g. bfloat16")
-    p.add_argument("--output", required=True, help="JSON result file")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="perplexity window stride (default: disjoint windows)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="context length, at most the model's max_seq_len (default: max_seq_len)")
+    p.add_argument("--tokens-per-batch", type=positive_int, default=4096, help="tokens scored per forward pass")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="cast params on load")
+    p.add_argument("--output", required=True, help="JSON result file (checked writable before anything runs)")
     return p.parse_args(argv)
+
+
+def check_output_writable(path: str) -> None:
+    """Fail in a second, not after the whole evaluation, when the result file cannot be written."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise input_error(f"--output {path}", f"cannot write the result file: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_lengths(args, config) -> None:
+    """--max-length and --stride against the model's context, before any scoring."""
+    if args.max_length is not None and not 2 <= args.max_length <= config.max_seq_len:
+        raise input_error("--max-length", "must fit the model's context", f"2..{config.max_seq_len}", args.max_length)
+    length = args.max_length or config.max_seq_len
+    if args.stride is not None and args.stride > length:
+        raise input_error("--stride", "must be at most the context length", f"<= {length}", args.stride)
 
 
 def _progress(total, desc):
@@ -49,6 +78,8 @@ def run_tasks(args, scorer, tokenizer, names) -> dict:
     loaded = []
     for t in tasks:
         docs = load_docs(t, args.split, args.data_dir, args.tfds_data_dir)[:args.limit]
+        if not docs:
+            raise input_error(t.name, "no documents to evaluate (an empty file?)", ">= 1 document", 0)
         train = load_docs(t, t.train_split, args.data_dir, args.tfds_data_dir) if args.num_fewshot else ()
         loaded.append((t, docs, train))
     results = {}
@@ -71,6 +102,8 @@ def run_perplexity(args, scorer, tokenizer) -> dict:
     from llama_jax.evaluation import parse_source, perplexity
     src = open_source(parse_source(args.perplexity, args.tfds_data_dir))
     n = len(src) if args.limit is None else min(args.limit, len(src))
+    if n == 0:
+        raise input_error(args.perplexity, "empty corpus, nothing to score", ">= 1 document", 0)
     with _progress(n, "perplexity") as bar:
         m = perplexity(scorer, tokenizer, (src[i] for i in range(n)), stride=args.stride, progress=bar.update)
     m["source"] = args.perplexity
@@ -95,6 +128,8 @@ def print_table(results: dict, ppl: dict | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_writable(args.output)
+    quiet_logs()
     from llama_jax.data import check_vocab
     from llama_jax.evaluation import TASKS, Scorer, get_task
     from llama_jax.generate_text import find_tokenizer, load_for_generation
@@ -105,6 +140,7 @@ def main(argv=None) -> int:
     tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
     config, params = load_for_generation(args.checkpoint, dtype=args.dtype)
     check_vocab(tokenizer, config.vocab_size)
+    check_lengths(args, config)
     scorer = Scorer(config, params, max_length=args.max_length, tokens_per_batch=args.tokens_per_batch)
     results = run_tasks(args, scorer, tokenizer, names) if names else {}
     ppl = run_perplexity(args, scorer, tokenizer) if args.perplexity else None
@@ -119,8 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:  # DataError is a ValueError: bad input the user must fix
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

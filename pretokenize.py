@@ -3,36 +3,38 @@ kind "pretokenized" (SourceConfig(kind="pretokenized", path=OUTPUT_DIR)).
 
     python pretokenize.py --source stdlib --tokenizer tokenizer.model --output /tmp/stdlib_tok
 """
-import argparse
+import os
 import sys
 import time
 
-from tqdm import tqdm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llama_jax.data import DataError, load_tokenizer, pretokenize
-from llama_jax.data.cli import add_source_flags, source_from_flags
+from llama_jax.cli import ArgumentParser, positive_int, quiet_logs  # noqa: E402
+from llama_jax.data.cli import add_source_flags, source_from_flags  # noqa: E402
+from llama_jax.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add_source_flags(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer.model: SentencePiece or LLaMA 3 tiktoken BPE")
     p.add_argument("--output", required=True, help="directory for the shards")
-    p.add_argument("--docs_per_shard", type=int, default=100_000)
+    p.add_argument("--docs-per-shard", type=positive_int, default=100_000, help="documents per array_record shard")
     args = p.parse_args(argv)
+    quiet_logs()
+    from tqdm import tqdm
+    from llama_jax.data import load_tokenizer, pretokenize
     start = time.time()
+    bar = tqdm(unit="doc", delay=1)  # no bar when failing fast
     try:
-        bar = tqdm(unit="doc")
         meta = pretokenize(source_from_flags(args), load_tokenizer(args.tokenizer), args.output,
                            docs_per_shard=args.docs_per_shard, progress=lambda n: bar.update(1))
-        bar.close()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    finally:
+        bar.close()  # before an error line, not after it
     print(f"wrote {args.output}: {meta['documents']} documents, {meta['tokens']} tokens, "
           f"{len(meta['shards'])} shard(s), {time.time() - start:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -9,22 +9,86 @@ Your own data: --config.data.sources=SPEC and --config.eval_data.sources=SPEC, e
 "text:notes/*.txt" or "0.7*text:a.txt,0.3*jsonl:b.jsonl#body" (llama_jax.data.spec).
 
 Several processes (pods, clusters): jax.distributed is initialised from the environment
-on TPU pods, SLURM and Open MPI, or from --coordinator_address/--num_processes/--process_id.
+on TPU pods, SLURM and Open MPI, or from --coordinator-address/--num-processes/--process-id.
+
+`python train.py --config FILE --help` lists the keys of FILE with their defaults.
 """
 import os
+import re
 import signal
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()", lock_config=True)
-flags.DEFINE_string("workdir", None, "run directory (metrics, checkpoints)", required=True)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed")
-flags.DEFINE_integer("num_processes", None, "number of processes, for jax.distributed")
-flags.DEFINE_integer("process_id", None, "this process's index, for jax.distributed")
-FLAGS = flags.FLAGS
+from llama_jax.errors import input_error, run_cli  # noqa: E402
+
+FLAGS = None  # the parsed absl FlagValues (set by parse_flags)
+_FLAGS_HELP = """  --config FILE[:ARG]      a configs/*.py file with get_config() (run as Python: trusted files only)
+  --workdir DIR            run directory: metrics, TensorBoard, checkpoints (resumes from it)
+  --config.KEY=VALUE       override one config key (listed below when --config is given)
+  --coordinator-address H:P, --num-processes N, --process-id I
+                           jax.distributed, when the environment does not say it
+  --debug                  show the traceback of an error instead of one line"""
+
+
+def _define_flags(fv, cfg, argv):
+    from absl import flags
+    from ml_collections import config_flags
+    flags.DEFINE_string("workdir", None, "run directory (metrics, checkpoints)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes, for jax.distributed", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index, for jax.distributed", flag_values=fv)
+    config_flags.DEFINE_config_dict("config", cfg, "the --config file's get_config()", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+
+
+def _split_config_spec(argv):
+    """(FILE[:ARG] of --config, the other arguments with flag names in absl's spelling)."""
+    spec, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            spec, i = argv[i + 1], i + 2
+            continue
+        if re.match(r"^--?config=", a):
+            spec = a.split("=", 1)[1]
+        elif a.startswith("--"):  # hyphens are canonical; absl's names have underscores
+            name, eq, value = a.partition("=")
+            rest.append("--" + name[2:].replace("-", "_") + eq + value)
+        else:
+            rest.append(a)
+        i += 1
+    return spec, rest
+
+
+def parse_flags(argv):
+    """Load the config file once, check overrides against its keys, then let absl parse."""
+    from absl import flags
+    from llama_jax import config_file
+    global FLAGS
+    spec, rest = _split_config_spec(list(argv))
+    cfg = config_file.load(spec) if spec else None
+    if any(a in ("-h", "--help", "--helpfull", "-help") for a in rest):
+        print(config_file.usage(__doc__, spec, cfg, _FLAGS_HELP))
+        raise SystemExit(0)
+    if cfg is None:
+        raise input_error("--config", "missing", "--config configs/NAME.py", None)
+    from llama_jax.data.cli import source_dicts, take_source_flags
+    rest, source_specs = take_source_flags(rest)  # config_flags cannot override a list: specs are ours
+    config_file.check_overrides(cfg, rest, spec)
+    fv = flags.FlagValues()
+    _define_flags(fv, cfg, ["train.py", *rest])
+    try:
+        fv(["train.py", *rest])
+    except flags.Error as e:  # a value of the wrong type, an unknown flag
+        raise input_error("train.py", str(e).splitlines()[0]) from None
+    if not fv.workdir:
+        raise input_error("--workdir", "missing", "--workdir DIR", None)
+    for key, source_spec in source_specs.items():  # e.g. data.sources="text:notes/*.txt"
+        fv.config[key.split(".")[0]].sources = source_dicts(key, source_spec)
+    config_file.check_values(fv.config)
+    FLAGS = fv
+    return fv
 
 
 def _multi_process_env() -> bool:
@@ -44,60 +108,10 @@ def _init_distributed():
         jax.distributed.initialize()
 
 
-def _config_keys(argv) -> list[str]:
-    """Every dotted key of the --config file's get_config(), for the unknown-key message."""
-    import importlib.util
-    import ml_collections
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None and "--config" in argv:
-        path = argv[argv.index("--config") + 1]
-    path, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_train_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
-    def walk(d, prefix):
-        for k, v in d.items():
-            yield from walk(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + k]
-    return sorted(walk(cfg, ""))
-
-
-def _parse_flags(argv):
-    specs = {}
-    if any(".sources" in a for a in argv):  # config_flags cannot override a list: take them out
-        from llama_jax.data.cli import take_source_flags
-        argv, specs = take_source_flags(argv)
-        sys.argv = argv  # config_flags reads its overrides from sys.argv itself
-    rest = _parse_config_flags(argv)
-    if specs:
-        from llama_jax.data.cli import source_dicts
-        try:
-            for key, spec in specs.items():
-                FLAGS.config[key.split(".")[0]].sources = source_dicts(key, spec)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    return rest
-
-
-def _parse_config_flags(argv):
-    # ml_collections reports an unknown --config.KEY as a bare KeyError/AttributeError
-    # traceback; say which key and list the valid ones instead.
-    try:
-        return FLAGS(argv)
-    except flags.IllegalFlagValueError as e:  # a value of the wrong type
-        sys.exit(f"error: {e}")
-    except (AttributeError, KeyError):
-        valid = _config_keys(argv)
-        given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-        unknown = [k for k in given if k not in valid]
-        sys.exit(f"error: unknown config key(s) {unknown}; valid keys:\n  " + "\n  ".join(valid))
-
-
 def main(argv):
-    del argv
-    # Orbax and jax log every save step and backend probe at INFO through absl: quiet them.
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    parse_flags(argv)
+    from llama_jax.cli import quiet_logs
+    quiet_logs()  # Orbax and jax log every save step and backend probe at INFO through absl
     _init_distributed()
     import jax
     from llama_jax import trainer
@@ -129,4 +143,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    sys.exit(run_cli(main))

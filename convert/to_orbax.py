@@ -6,21 +6,18 @@
 Streams tensor by tensor (peak memory is a few layers, not the checkpoint); the output
 appears only when complete. Read it with `llama_jax.load_checkpoint(OUTPUT)`.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
-
-from llama_jax import conversion  # noqa: E402
+from llama_jax.cli import ArgumentParser, quiet_logs  # noqa: E402
 from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--source", required=True, choices=["meta", "hf"])
     p.add_argument("--input", required=True, help="folder with params.json + consolidated.*.pth, or config.json + weights")
     p.add_argument("--output", required=True, help="checkpoint folder to create")
@@ -31,15 +28,20 @@ def main(argv=None):
                    help="the LLaMA generation, when the files do not say it right "
                         "(3.3 has 3.1's files; LLaMA 1 65B reads as 2)")
     args = p.parse_args(argv)
-    bar = tqdm(unit="tensor", desc="to_orbax", delay=1)  # no bar for an early error
+    quiet_logs()
+    from tqdm import tqdm
+    from llama_jax import conversion
+    bar = tqdm(unit="tensor", desc="to_orbax", delay=1)  # no bar when failing fast
 
     def progress(done, total):
         bar.total = total
         bar.update(done - bar.n)
 
-    config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
-                                 overwrite=args.overwrite, progress=progress, generation=args.generation)
-    bar.close()
+    try:
+        config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
+                                     overwrite=args.overwrite, progress=progress, generation=args.generation)
+    finally:
+        bar.close()  # before an error line, not after it
     print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, "
           f"params {config.param_dtype}")
 

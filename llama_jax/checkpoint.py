@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from llama_jax import integrity, workdir_lock
 from llama_jax import model as model_lib
+from llama_jax import params_io
 from llama_jax.config import ModelConfig
 from llama_jax.errors import input_error
 
@@ -198,8 +199,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh
 
     d = resolve_checkpoint(path)
     config = ModelConfig.load(d / CONFIG_FILE)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        stored = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+    stored = params_io.tree_metadata(d / PARAMS_DIR).tree  # no "Metadata file does not exist" warning
     stored = jax.tree.map(lambda m: (tuple(m.shape), m.dtype), dict(stored),
                           is_leaf=lambda x: hasattr(x, "shape"))
     check_params_tree(abstract_params(config), stored, str(d / PARAMS_DIR))

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from llama_jax import generations
-from llama_jax.errors import input_error
+from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
+from llama_jax.hf_config_check import check_llama_hf_config
 
 
 class AttentionImpl(enum.Enum):
@@ -43,6 +44,11 @@ class LayerLoop(enum.Enum):
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_number(v) -> bool:
+    """A finite number > 0 (not a string from a hand-edited JSON file, not a bool, not nan/inf)."""
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +111,11 @@ class ModelConfig:
             bad("n_heads", f"must be a multiple of n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
             bad("dim", f"gives an odd head_dim={self.head_dim} (dim / n_heads); rotary needs it even")
-        if not self.norm_eps > 0:
-            bad("norm_eps", "must be > 0")
-        if not self.rope_theta > 0:
-            bad("rope_theta", "must be > 0")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+        if not _positive_number(self.norm_eps):
+            bad("norm_eps", "must be a number > 0")
+        if not _positive_number(self.rope_theta):
+            bad("rope_theta", "must be a number > 0")
+        if self.ffn_dim_multiplier is not None and not _positive_number(self.ffn_dim_multiplier):
             bad("ffn_dim_multiplier", "must be > 0 or None")
         if isinstance(self.rope_scaling, dict):  # accept the JSON form
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
@@ -190,7 +196,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown ModelConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return _named(source, cls, d)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -198,8 +204,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=str(path))
+        d = read_json(path)
+        if not isinstance(d, dict):
+            raise input_error(path, "not a JSON object", "{field: value}", type(d).__name__)
+        return cls.from_dict(d, source=str(path))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -228,6 +236,8 @@ class ModelConfig:
             raise input_error(source, f"unknown key {unknown[0]!r}", f"one of Meta's keys {sorted(known)}")
         gen = generations.parse(generation) if generation is not None else generations.from_meta_params(p, tied)
         v = p.pop("vocab_size", -1)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise input_error(f"{source}: vocab_size", "must be an integer (-1: from the tokenizer)", "an integer", v)
         if v is None or v < 0:
             v = vocab_size
         if v is None:
@@ -243,7 +253,7 @@ class ModelConfig:
             p["rope_scaling"] = RopeScaling(factor=float(factor), **({"high_freq_factor": float(high)} if high else {}))
         p.pop("max_batch_size", None)
         kw = {"max_seq_len": generations.CONTEXT[gen], **p, **execution}
-        return cls(vocab_size=v, generation=gen, tie_word_embeddings=tied, **kw)
+        return _named(source, cls, dict(vocab_size=v, generation=gen, tie_word_embeddings=tied, **kw))
 
     def to_meta_params(self) -> dict:
         """params.json with exactly the keys Meta shipped for `generation` (generations.META_KEYS)."""
@@ -274,13 +284,10 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, c: dict, source: str = "config.json", generation: Generation | str | None = None,
                        **execution: Any) -> "ModelConfig":
+        check_llama_hf_config(c, source)  # refuses other architectures, naming the field (biases, head_dim, ...)
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if k not in c:
-                raise ValueError(f"{source}: missing key {k!r}")
-        if c.get("attention_bias") or c.get("mlp_bias"):
-            raise ValueError(f"{source}: attention_bias/mlp_bias are set; LLaMA has no biases")
-        if c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
-            raise ValueError(f"{source}: head_dim={c['head_dim']} is not hidden_size/num_attention_heads")
+                raise input_error(source, f"missing key {k!r}")
         rope = dict(c.get("rope_parameters") or {})  # transformers v5 puts theta and scaling here
         theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
         scaling = c.get("rope_scaling") or rope
@@ -322,6 +329,14 @@ class ModelConfig:
             "eos_token_id": generations.special_ids(self.generation).eos,
             "dtype": self.param_dtype,
         }
+
+
+def _named(source: str, cls, kwargs: dict) -> "ModelConfig":
+    """cls(**kwargs), a bad value reported with the file it came from."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise input_error(source, str(e)) from None
 
 
 def _ffn_recipe_for(dim: int, hidden: int) -> tuple[int, float | None]:

@@ -100,9 +100,13 @@ def parse_size(size: str | int) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     s = size.strip().upper()
     number = s.rstrip("KMGIB")
-    if s[len(number):] not in units or not number:
-        raise ValueError(f"size {size!r}: expected a number of bytes or e.g. '5GB', '500MB', '2GiB'")
-    return int(float(number) * units[s[len(number):]])
+    try:
+        n = int(float(number) * units[s[len(number):]])
+    except (KeyError, ValueError):  # no number, an unknown unit, nan
+        n = 0
+    if n <= 0:
+        raise ValueError(f"size {size!r}: expected a positive number of bytes or e.g. '5GB', '500MB', '2GiB'")
+    return n
 
 
 def _meta_shard_shape(rule: weights.Rule, shape: tuple[int, ...], n: int, config: ModelConfig) -> tuple[int, ...]:

@@ -36,12 +36,21 @@ def input_error(where: Any, what: str, expected: Any = _MISSING, got: Any = _MIS
     return InputError(f"{msg} ({', '.join(parts)})" if parts else msg)
 
 
+def read_json(path) -> Any:
+    """The JSON in `path`; bad JSON or bytes raise one InputError naming the file and position."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise input_error(path, f"not valid JSON ({e})") from None
+
+
 def _one_line(e: BaseException) -> tuple[str, int]:
     """(message, exit code) for an exception a CLI reports without a traceback."""
     if isinstance(e, json.JSONDecodeError):
         return f"invalid JSON: {e}", 2
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"{e.filename or 'output'}: no space left on device", 1
+        return f"{e.filename or 'writing the output'}: no space left on device", 1
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)):
         where = e.filename or ""
         return (f"{where}: {e.strerror or e}" if where else str(e)), 2

@@ -20,6 +20,12 @@ stacked tree, to hold one copy and skip it.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m llama_jax.generate`: the CLI, before the heavy imports (fast --help)
+    import sys
+    from llama_jax.errors import run_cli
+    from llama_jax.generate_cli import main as _cli_main
+    sys.exit(run_cli(_cli_main))
+
 import functools
 from typing import Callable, NamedTuple, Sequence
 
@@ -331,44 +337,10 @@ def _run(fn, params, args, mesh) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    """`python -m llama_jax.generate --checkpoint DIR --prompt "..."`: a thin CLI, the only
-    argv parsing in the library (DESIGN keeps CLIs out of llama_jax/; this one is asked for by name)."""
-    import argparse
+    """The `python -m llama_jax.generate` CLI (llama_jax.generate_cli): bad input exits 2 with one line."""
     import sys
-    import time
-    from llama_jax import generate_text as gt
-    ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=main.__doc__)
-    ap.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory")
-    ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    ap.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--tensor-parallel", type=int, default=0, help="devices on the tensor axis (0: all if >1)")
-    a = ap.parse_args(argv)
-    try:
-        mesh = None
-        n = a.tensor_parallel or jax.device_count()
-        if n > 1:
-            from llama_jax import sharding
-            mesh = sharding.make_mesh((1, 1, n), devices=jax.devices()[:n])
-        config, params = gt.load_for_generation(a.checkpoint, dtype=a.dtype, mesh=mesh)
-        tok = gt.find_tokenizer(a.checkpoint, a.tokenizer)
-        one = len(a.prompt) == 1
-        stream = (lambda r, s: print(s, end="", flush=True)) if one else None
-        if one:
-            print(a.prompt[0], end="", flush=True)
-        t0 = time.perf_counter()
-        texts = gt.generate_text(config, params, tok, a.prompt, a.max_new_tokens, temperature=a.temperature,
-                                 top_p=a.top_p, top_k=a.top_k, seed=a.seed, stream=stream, mesh=mesh)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print() if one else print("\n\n".join(p + t for p, t in zip(a.prompt, texts)))
-    print(f"[{time.perf_counter() - t0:.2f} s, compile included]", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
+    from llama_jax.errors import run_cli
+    from llama_jax.generate_cli import main as cli_main
+    rc = run_cli(cli_main, argv)
+    if rc:
+        sys.exit(rc)

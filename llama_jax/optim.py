@@ -8,10 +8,12 @@ float32 too, whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import jax
-import optax
+if TYPE_CHECKING:
+    import optax
+# jax and optax are imported where used: configs import OptimizerConfig, and a config file
+# listed by `train.py --help` should not cost a jax import.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,7 @@ class OptimizerConfig:
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine to
     `end_lr_fraction * peak_lr` at `total_steps` (constant after)."""
+    import optax
     steps = cfg.total_steps or total_steps
     if steps <= cfg.warmup_steps:
         raise ValueError(f"schedule of {steps} steps leaves nothing after {cfg.warmup_steps} warmup steps")
@@ -62,11 +65,13 @@ def decay_mask(params) -> Any:
 
     Norm weights are [L, D] once layers are stacked, so the name rules them out, not ndim.
     """
+    import jax
     return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim >= 2 and not _is_norm(p), params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """The paper's chain: clip by global norm, then AdamW with the decay mask and schedule."""
+    import optax
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))

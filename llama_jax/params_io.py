@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 import tensorstore as ts
 # Internal module: the one place that knows how Orbax names and stores each leaf.
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
@@ -109,13 +110,24 @@ class ParamsWriter:
             raise ValueError(f"{self.directory}: leaves (layers) never written: {missing}")
 
 
+def tree_metadata(directory: str | os.PathLike):
+    """Orbax's tree metadata (names, shapes, dtypes) of the PyTree checkpoint in `directory`.
+
+    Asked of the handler, not a Checkpointer: a Checkpointer also looks for step metadata
+    in `directory`, which a training step keeps one level up, and warns on every load."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.metadata(epath.Path(os.path.abspath(directory)))
+    finally:
+        handler.close()
+
+
 class ParamsReader:
     """Reads leaves or layer slices of an Orbax PyTree checkpoint as numpy arrays."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = str(directory)
-        with ocp.PyTreeCheckpointer() as ckptr:
-            meta = ckptr.metadata(self.directory).item_metadata
+        meta = tree_metadata(self.directory)
         flat = _flat(dict(meta.tree))
         self.shapes = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat.items()}
         use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)

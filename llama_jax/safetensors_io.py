@@ -14,6 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from llama_jax.errors import input_error
 from llama_jax.torch_io import PreallocatedWriter, pread_exact
 
 ST_TO_NUMPY = {
@@ -22,6 +23,56 @@ ST_TO_NUMPY = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 NUMPY_TO_ST = {v: k for k, v in ST_TO_NUMPY.items()}
+MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
+
+
+def _parse_header(raw: bytes, path: str) -> dict:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise input_error(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise input_error(path, "header is not a JSON object", "{name: {dtype, shape, data_offsets}}",
+                          type(header).__name__)
+    return header
+
+
+def _check_entry(name: str, info, data_bytes: int, path: str) -> tuple[tuple[int, ...], np.dtype, int, int]:
+    """(shape, dtype, begin, end) of one header entry, each checked against the file."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise input_error(where, "malformed header entry", "keys dtype, shape, data_offsets",
+                          sorted(info) if isinstance(info, dict) else type(info).__name__)
+    if info["dtype"] not in ST_TO_NUMPY:
+        raise input_error(where, "unsupported dtype", sorted(ST_TO_NUMPY), info["dtype"])
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise input_error(where, "bad shape", "a list of non-negative integers", shape)
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise input_error(where, "bad data_offsets", "[begin, end] with 0 <= begin <= end", offsets)
+    dtype, (begin, end) = ST_TO_NUMPY[info["dtype"]], offsets
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != nbytes:
+        raise input_error(where, f"data_offsets span in bytes does not match shape {tuple(shape)} {info['dtype']}",
+                          nbytes, end - begin)
+    if end > data_bytes:
+        raise input_error(where, f"needs bytes up to {end} of the data section (truncated?)",
+                          f"end <= {data_bytes}", end)
+    return tuple(shape), dtype, begin, end
+
+
+def _check_entries(header: dict, data_bytes: int, path: str) -> dict[str, tuple[tuple[int, ...], np.dtype, int, int]]:
+    """Every entry checked, and no two tensors sharing bytes (ordered by begin, non-overlapping)."""
+    entries = {name: _check_entry(name, info, data_bytes, path) for name, info in header.items()}
+    previous, prev_end = None, 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < prev_end:
+            raise input_error(f"{path}: tensor {name}", f"data_offsets overlap tensor {previous}",
+                              f"begin >= {prev_end}", begin)
+        if end > begin:
+            previous, prev_end = name, end
+    return entries
 
 
 class SafetensorsFile:
@@ -33,27 +84,20 @@ class SafetensorsFile:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             if size < 8:
-                raise ValueError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
+                raise input_error(self.path, "too short for a safetensors file (truncated?), in bytes", ">= 8", size)
             (n,) = struct.unpack("<Q", pread_exact(fd, 8, 0, self.path).tobytes())
+            if n > MAX_HEADER_BYTES:
+                raise input_error(self.path, "header length in bytes is not sane (not a safetensors file?)",
+                                  f"<= {MAX_HEADER_BYTES}", n)
             if 8 + n > size:
-                raise ValueError(f"{self.path}: header of {n} bytes runs past the end of the file (truncated?)")
-            header = json.loads(pread_exact(fd, n, 8, self.path).tobytes())
+                raise input_error(self.path, "header length in bytes runs past the end of the file (truncated?)",
+                                  f"<= {size - 8}", n)
+            header = _parse_header(pread_exact(fd, n, 8, self.path).tobytes(), self.path)
         finally:
             os.close(fd)
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
-        self.entries: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}
-        for name, info in header.items():
-            if info["dtype"] not in ST_TO_NUMPY:
-                raise ValueError(f"{self.path}: tensor {name}: unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            shape, dtype = tuple(info["shape"]), ST_TO_NUMPY[info["dtype"]]
-            if end - begin != int(np.prod(shape)) * dtype.itemsize:
-                raise ValueError(f"{self.path}: tensor {name}: {end - begin} bytes for shape {shape} {dtype}")
-            if self._data_start + end > size:
-                raise ValueError(f"{self.path}: tensor {name} needs bytes up to {self._data_start + end} "
-                                 f"but the file has {size} (truncated?)")
-            self.entries[name] = (shape, dtype, begin, end)
+        self.entries = _check_entries(header, size - self._data_start, self.path)
 
     def keys(self) -> list[str]:
         return list(self.entries)

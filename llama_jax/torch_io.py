@@ -92,7 +92,8 @@ class TorchFile:
             state = torch.load(self.path, map_location="meta", weights_only=True)
         except Exception as e:  # a truncated zip loses its central directory: say so
             raise ValueError(f"{self.path}: cannot read as a PyTorch zip checkpoint "
-                             f"(truncated or not a torch.save file?): {type(e).__name__}: {e}") from e
+                             f"(truncated, not a torch.save file, or pickled code?): {type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:200]}") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{self.path}: expected a flat dict of tensors (a state dict)")
         size = os.path.getsize(self.path)

@@ -6,15 +6,15 @@ tensor names against the config, and returns a source whose `read(name)` gives o
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from llama_jax import weights
 from llama_jax.config import ModelConfig
-from llama_jax.errors import input_error
+from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
 from llama_jax.safetensors_io import SafetensorsFile
 from llama_jax.torch_io import TorchFile
@@ -42,13 +42,17 @@ class MetaSource:
             if set(s.keys()) != keys0:
                 diff = sorted(keys0 ^ set(s.keys()))
                 raise ValueError(f"{s.path}: shards disagree in tensor names with {self.shards[0].path}: {diff[:8]}")
-        params = json.loads((d / "params.json").read_text())
+        params = read_json(d / "params.json")
+        if not isinstance(params, dict):
+            raise input_error(d / "params.json", "not a JSON object", "{dim, n_layers, ...}", type(params).__name__)
         args = dict(params=params, vocab_size=self._vocab_size(params), source=str(d / "params.json"),
                     generation=generation)
         self.config = ModelConfig.from_meta_params(**args)
         if self._tied(keys0, explicit=generation is not None):
             self.config = ModelConfig.from_meta_params(**args, tied=True)
         weights.check_names(keys0, self.config, "meta", source=str(self.shards[0].path))
+        for s in self.shards:
+            check_float_weights({n: s for n in keys0})
 
     def _tied(self, keys: set[str], explicit: bool) -> bool:
         """Meta's params.json does not say; Meta's model always has an output layer (loaded
@@ -97,8 +101,8 @@ class HFSource:
         d = Path(directory)
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{d}: no config.json (a Hugging Face checkpoint has config.json and weights)")
-        self.config = ModelConfig.from_hf_config(json.loads((d / "config.json").read_text()),
-                                                 source=str(d / "config.json"), generation=generation)
+        self.config = ModelConfig.from_hf_config(read_json(d / "config.json"), source=str(d / "config.json"),
+                                                 generation=generation)
         self.files = {}  # tensor name -> opened file
         for path in _hf_weight_files(d):
             f = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchFile(path)
@@ -107,6 +111,7 @@ class HFSource:
                     raise ValueError(f"{path}: tensor {name} also in {self.files[name].path}")
                 self.files[name] = f
         weights.check_names(self.files.keys(), self.config, "hf", source=str(d))
+        check_float_weights(self.files)
         copy, emb = weights.tied_copy_name(self.config, "hf"), weights.rule_for(("tok_embeddings",)).hf
         if copy in self.files and not np.array_equal(self.read(copy), self.read(emb)):
             raise input_error(self.file_of(copy), f"config.json has tie_word_embeddings true but {copy} "
@@ -126,15 +131,42 @@ def _hf_weight_files(d: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (d / index).is_file():
-            weight_map = json.loads((d / index).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (d / f).is_file()]
+            weight_map = read_json(d / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise input_error(d / index, "no weight_map", '{"weight_map": {tensor: file}}', type(weight_map).__name__)
+            files = [confined(d, f, d / index) for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"{d / index}: lists files that do not exist: {missing}")
-            return [d / f for f in files]
+            return files
         if (d / single).is_file():
             return [d / single]
     raise FileNotFoundError(f"{d}: no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
+
+
+def confined(folder: Path, name: str, source) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` (no absolute paths, no `..`,
+    no symlink leading out): an index file must not make us read files elsewhere."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or not name:
+        raise input_error(source, "shard path leaves the model folder", "a file name inside the folder", name)
+    root = folder.resolve()
+    if not (folder / p).resolve().is_relative_to(root):
+        raise input_error(source, "shard path leads out of the model folder (symlink)",
+                          f"a file inside {root}", str((folder / p).resolve()))
+    return folder / p
+
+
+_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
+
+
+def check_float_weights(files: dict) -> None:
+    """Every LLaMA weight is floating point: an integer tensor is refused (its bytes would be
+    read as numbers of another kind, or it is a quantised format we do not read)."""
+    for name, f in files.items():
+        if f.dtype(name) not in _FLOAT_DTYPES:
+            raise input_error(f"{f.path}: tensor {name}", "integer or bool dtype for a float weight",
+                              "float16, bfloat16, float32 or float64", str(f.dtype(name)))
 
 
 def rule_of(name: str, config: ModelConfig, fmt: str) -> weights.Rule:

@@ -44,7 +44,7 @@ def test_cli(checkpoint, capsys):
     assert printed == "def f(x):" + expected + "\n"
 
 
-def test_foreign_or_missing_checkpoints_are_named(tmp_path):
+def test_foreign_or_missing_checkpoints_are_named(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="Hugging Face PyTorch checkpoint.*to_orbax.py --source hf"):
@@ -58,5 +58,7 @@ def test_foreign_or_missing_checkpoints_are_named(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(ValueError, match="not a llama_jax checkpoint"):
         load_for_generation(str(tmp_path / "other"))
-    with pytest.raises(SystemExit, match="error: .*Meta"):
+    with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(tmp_path / "meta"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "Meta" in err and len(err.splitlines()) == 1

@@ -16,10 +16,10 @@ def add_source_flags(p: argparse.ArgumentParser) -> None:
                    help="corpus kind (default: the Python standard library's source)")
     p.add_argument("--path", default="", help="text/jsonl: a file, a directory or a glob")
     p.add_argument("--field", default="text", help="jsonl key / TFDS feature holding the text")
-    p.add_argument("--text_unit", default="file", choices=[u.value for u in TextUnit])
+    p.add_argument("--text-unit", default="file", choices=[u.value for u in TextUnit])
     p.add_argument("--name", default="", help="tfds: dataset name, e.g. c4/en")
     p.add_argument("--split", default="train")
-    p.add_argument("--data_dir", default=None, help="tfds: data_dir")
+    p.add_argument("--data-dir", default=None, help="tfds: data_dir")
 
 
 def source_from_flags(args: argparse.Namespace) -> SourceConfig:

@@ -40,6 +40,11 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, {len(self)} documents)"
 
 
+def _first_line(e: BaseException) -> str:
+    """TFDS errors can carry its whole ~290-line dataset catalogue: keep the first line."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def open_tfds(cfg: SourceConfig):
     """Opens a TFDS split; never downloads (prepare datasets beforehand with `tfds build`)."""
     try:
@@ -58,7 +63,7 @@ def open_tfds(cfg: SourceConfig):
             return TfdsLoadSource(cfg)
         hint = (" (prepared as tfrecord: rebuild with `tfds build --file_format=array_record` or install "
                 "tensorflow-cpu for the tfds.load fallback)") if "file format" in str(e) else ""
-        raise DataError(f"{cfg.describe()}: cannot open through tfds.data_source: {e}{hint}") from None
+        raise DataError(f"{cfg.describe()}: cannot open through tfds.data_source: {_first_line(e)}{hint}") from None
     return TfdsSource(records, cfg)
 
 
@@ -79,8 +84,11 @@ class TfdsLoadSource:
             split = tfds.even_splits(self.cfg.split, n=shard_count, drop_remainder=False)[shard_index]
             epochs = itertools.count() if num_epochs is None else range(num_epochs)
             for _ in epochs:
-                ds = tfds.load(self.cfg.name, split=split, data_dir=self.cfg.data_dir,
-                               shuffle_files=False, download=False)
+                try:
+                    ds = tfds.load(self.cfg.name, split=split, data_dir=self.cfg.data_dir,
+                                   shuffle_files=False, download=False)
+                except ValueError as e:  # DatasetNotFoundError's message lists every TFDS dataset
+                    raise DataError(f"{self.name}: tfds.load: {_first_line(e)}") from None
                 for i, ex in enumerate(tfds.as_numpy(ds)):
                     yield self.decode_errors.decode(ex[self.cfg.field], f"{self.name} record {i}")
         return factory

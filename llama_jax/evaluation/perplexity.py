@@ -15,7 +15,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 from llama_jax.data import spec as spec_lib
-from llama_jax.data.config import SourceConfig
+from llama_jax.data.config import DataError, SourceConfig
 
 
 def rolling_windows(tokens: Sequence[int], bos: int, max_length: int,
@@ -41,6 +41,12 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+def _exp(x: float) -> float:
+    """exp, with inf past float range: a few words carrying many tokens (undecodable bytes,
+    each its own token) give a word perplexity beyond 1e308, not an OverflowError."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 @dataclasses.dataclass
 class PerplexityResult:
     loglikelihood: float = 0.0  # natural log, summed over all scored tokens
@@ -59,9 +65,11 @@ class PerplexityResult:
     def metrics(self) -> dict:
         """token_perplexity, bits_per_byte, word_perplexity and the counts behind them."""
         nll = -self.loglikelihood
-        return {"token_perplexity": math.exp(nll / max(self.tokens, 1)),
+        if not self.tokens:
+            raise DataError("perplexity: no tokens to score (an empty corpus?); a perplexity of nothing is not 1")
+        return {"token_perplexity": _exp(nll / self.tokens),
                 "bits_per_byte": nll / max(self.bytes, 1) / math.log(2),
-                "word_perplexity": math.exp(nll / max(self.words, 1)),
+                "word_perplexity": _exp(nll / max(self.words, 1)),
                 "loglikelihood": self.loglikelihood, "tokens": self.tokens, "bytes": self.bytes,
                 "words": self.words, "documents": self.documents}
 

@@ -1,0 +1,94 @@
+"""eval.py checks its input before scoring and never reports a metric of nothing (issue 18.8)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from llama_jax.data import DataError
+from llama_jax.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ["apple banana cherry grape lemon mango orange peach pear plum", "the cat sat on the mat yes no"] * 20
+
+
+def _eval_module():
+    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from llama_jax import Llama, ModelConfig
+    from llama_jax.checkpoint import save_params
+    from llama_jax.data import train_tokenizer
+    root = tmp_path_factory.mktemp("ev")
+    train_tokenizer(TEXT, 300, str(root / "tok" / "tokenizer.model"))
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=300, multiple_of=16, max_seq_len=64)
+    params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), np.ones((1, 4), np.int32))["params"])
+    save_params(root / "ckpt", params, cfg, tokenizer_dir=root / "tok")
+    return root
+
+
+def _run(root, tmp_path, *extra):
+    return _eval_module().main(["--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "r.json"), *extra])
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--limit", "0"], r"--limit: expected an integer >= 1, got 0"),
+    (["--limit", "-1"], r"--limit: expected an integer >= 1, got -1"),
+    (["--dtype", "int8"], r"--dtype: invalid choice: 'int8'"),
+    (["--max-length", "0"], r"--max-length: expected an integer >= 1, got 0"),
+    (["--max_length", "65"], r"--max-length: must fit the model's context \(expected 2\.\.64, got 65\)"),
+    (["--stride", "100"], r"--stride: must be at most the context length \(expected <= 64, got 100\)"),
+])
+def test_bad_flags_refused(ckpt, tmp_path, extra, pattern):
+    with pytest.raises(InputError, match=pattern):
+        _run(ckpt, tmp_path, "--perplexity", "stdlib:eval", *extra)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_empty_corpus_is_no_perplexity(ckpt, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    for name in ("empty.txt", "blank.txt"):
+        with pytest.raises(DataError, match="empty corpus"):
+            _run(ckpt, tmp_path, "--perplexity", f"lines:{tmp_path / name}")
+    from llama_jax.evaluation import perplexity
+    with pytest.raises(DataError, match="no tokens to score"):
+        perplexity(None, None, [])
+
+
+def test_unwritable_output_fails_before_loading(ckpt, tmp_path):
+    """The output is checked first: with a missing checkpoint too, the output is what is reported."""
+    ev = _eval_module()
+    with pytest.raises(InputError, match=r"--output .*r\.json: cannot write the result file"):
+        ev.main(["--checkpoint", str(tmp_path / "nothing"), "--perplexity", "stdlib",
+                 "--output", str(tmp_path / "no" / "such" / "dir" / "r.json")])
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(InputError, match="cannot write the result file"):
+        ev.main(["--checkpoint", str(ckpt / "ckpt"), "--perplexity", "stdlib", "--output", str(tmp_path / "dir.json")])
+
+
+def test_non_utf8_lines_score(ckpt, tmp_path):
+    """Undecodable bytes become U+FFFD (one token each, few words): word perplexity is huge, or
+    inf beyond float range, never an OverflowError after all the scoring."""
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe" * 300 + b"\n" + b"\x80\x81\x82" * 200 + b"\napple banana\n")
+    assert _run(ckpt, tmp_path, "--perplexity", f"lines:{tmp_path / 'bin.txt'}") == 0
+    ppl = json.loads((tmp_path / "r.json").read_text())["perplexity"]
+    assert ppl["documents"] == 3 and ppl["tokens"] > 0 and ppl["token_perplexity"] > 1
+    assert ppl["word_perplexity"] > ppl["token_perplexity"]
+
+
+def test_scorer_refuses_lengths_beyond_context(ckpt):
+    from llama_jax.evaluation import Scorer
+    from llama_jax.generate_text import load_for_generation
+    config, params = load_for_generation(str(ckpt / "ckpt"))
+    for bad in (0, 1, 65):
+        with pytest.raises(ValueError, match="max_length"):
+            Scorer(config, params, max_length=bad)
