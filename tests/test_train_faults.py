@@ -157,8 +157,8 @@ def test_train_py_refuses_keep_checkpoints_0_in_one_line(tmp_path):
     p = _train(tmp_path / "w", keep_checkpoints=0)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2
-    assert err.strip().splitlines()[-1] == ("error: config.keep_checkpoints: must keep at least one checkpoint "
-                                            "(expected >= 1, got 0)"), err
+    line = err.strip().splitlines()[-1]  # train.py's own range check or the trainer's: either names the key
+    assert line.startswith("error: config.keep_checkpoints: ") and line.endswith("got 0)"), err
     assert not os.path.exists(tmp_path / "w")
 
 
