@@ -115,6 +115,7 @@ def main(argv):
     _init_distributed()
     import jax
     from llama_jax import trainer
+    from llama_jax.errors import InputError
     from llama_jax.train_console import Console, final_lines
 
     lead = jax.process_index() == 0
@@ -131,6 +132,9 @@ def main(argv):
     except trainer.NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except InputError as e:  # a bad setting, a locked workdir, a damaged checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         console.close()
     if lead:

@@ -3,6 +3,7 @@
 A params-only checkpoint directory holds
   model_config.json   ModelConfig.to_dict()
   params/             an Orbax PyTree checkpoint of the params in our stacked layout
+  checksums.json      one checksum per array (llama_jax.integrity), verified on load
   tokenizer files     copied from the source, when known (tokenizer.model, tokenizer.json ...)
 A training step directory (`WORKDIR/checkpoints/<step>/`) has the same two entries beside
 its other items, so `load_checkpoint` reads a step, a workdir or its `checkpoints/`
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama_jax import integrity, workdir_lock
 from llama_jax import model as model_lib
 from llama_jax import params_io
 from llama_jax.config import ModelConfig
@@ -112,12 +114,16 @@ def output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()):
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    workdir_lock.remove_stale_dirs(out.parent, f".{out.name}.tmp-")  # a killed earlier attempt's
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    held = workdir_lock.lock_dir(tmp)  # marks it as live for remove_stale_dirs
     try:
         yield tmp
         _swap_in(tmp, out)
     finally:
+        if held is not None:
+            os.close(held)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -157,6 +163,7 @@ def save_params(path: str | os.PathLike, params, config: ModelConfig, overwrite:
     check_params_tree(abstract_params(config), found, str(path))
     with output_dir(path, overwrite) as tmp:
         config.save(tmp / CONFIG_FILE)
+        integrity.write(tmp, integrity.summarize({"params": params})[0])
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
@@ -202,10 +209,14 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, stored, is_leaf=lambda x: isinstance(x, tuple))
     cast = None if dtype is None else jnp.dtype(dtype)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s[0], cast or s[1], sharding=sh), stored, shardings,
-                          is_leaf=lambda x: isinstance(x, tuple))
+    sums = integrity.stored(d)  # verified in the stored dtype, then cast
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s[0], s[1] if sums else cast or s[1], sharding=sh),
+                          stored, shardings, is_leaf=lambda x: isinstance(x, tuple))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(d / PARAMS_DIR, target)
+    if sums is not None:
+        integrity.compare(d, sums, integrity.summarize({"params": params})[0])
+        params = integrity.cast_leaves(params, cast)
     dtypes = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
     if len(dtypes) == 1 and dtypes <= {"float32", "bfloat16", "float16"}:
         config = config.replace(param_dtype=dtypes.pop())

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llama_jax import checkpoint, hf_tokenizer, meta_params, weights
+from llama_jax import checkpoint, hf_tokenizer, integrity, meta_params, weights
 from llama_jax.config import ModelConfig
 from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
 from llama_jax.safetensors_io import SafetensorsWriter
@@ -67,15 +67,19 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
     total = sum(1 for _ in tensor_order(config, source, rules))
     with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir]) as tmp:
         writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in rules if r.layered})
+        sums = integrity.HostSums()
         for done, (rule, layer, name) in enumerate(tensor_order(config, source, rules), 1):
             try:
                 ours = weights.tensor_to_ours(rule, src.read(name), config, source, name)
             except ValueError as e:
                 raise ValueError(f"{src.file_of(name)}: {e}") from e
-            writer.write(rule.path, ours.astype(leaf_dtypes[rule.path], copy=False), layer)
+            ours = ours.astype(leaf_dtypes[rule.path], copy=False)
+            writer.write(rule.path, ours, layer)
+            sums.add(rule.path, ours, layer)
             if progress:
                 progress(done, total)
         writer.close()
+        integrity.write(tmp, sums.hexdigests())
         config.save(tmp / checkpoint.CONFIG_FILE)
         checkpoint.copy_tokenizer_files(input_dir, tmp)
         if source == "meta":
@@ -180,6 +184,7 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
               for r in weights.file_rules(config, target)}
     config = _with_param_dtype(config, dtypes.values())
     total = sum(1 for _ in tensor_order(config, target))
+    want, sums = integrity.stored(d), integrity.HostSums()
     with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir, d]) as tmp:
         if target == "meta":
             writers, write = _meta_writers(tmp, config, dtypes, shards, d)
@@ -187,12 +192,15 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
             writers, write = _hf_writers(tmp, config, dtypes, parse_size(max_shard_size))
         for done, (rule, layer, name) in enumerate(tensor_order(config, target), 1):
             stored = weights.stored_rule(rule, config)  # a tied output is the embedding again
-            ours = reader.read(stored.path, layer).astype(dtypes[rule.path], copy=False)
+            ours = reader.read(stored.path, layer)
+            sums.add(stored.path, ours, layer)  # (a slice read twice counts once)
+            ours = ours.astype(dtypes[rule.path], copy=False)
             write(rule, name, weights.tensor_to_torch(stored, ours, config, target))
             if progress:
                 progress(done, total)
         for w in writers:
             w.close()
+        integrity.compare(d, want, sums.hexdigests())  # a damaged input leaves no output
         checkpoint.copy_tokenizer_files(d, tmp)
         if target == "hf":
             hf_tokenizer.write_export_files(tmp, config)

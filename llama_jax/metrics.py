@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 from llama_jax.config import ModelConfig
 
@@ -47,20 +48,25 @@ def mfu(tokens_per_s: float, flops_per_tok: float, n_devices: int, peak: float) 
 
 class MetricsWriter:
     """Appends one JSON object per logged step to DIR/metrics.jsonl and mirrors scalars to
-    TensorBoard (DIR/tensorboard). Inactive (writes nothing) on processes other than 0."""
+    TensorBoard (DIR/tensorboard). Inactive (writes nothing) on processes other than 0.
 
-    def __init__(self, workdir: str, active: bool = True):
+    `from_step`: the step the run starts from (a resume's restored step). Rows of later
+    steps, logged by a run that died before checkpointing them, are dropped from
+    metrics.jsonl and hidden in TensorBoard (its purge_step), so no step appears twice."""
+
+    def __init__(self, workdir: str, active: bool = True, from_step: int = 0):
         self.active = active
         self._tb = None
         if not active:
             return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_after(path, from_step)
         self._jsonl = open(path, "a")
-        if self._jsonl.tell() and not _ends_with_newline(path):
-            self._jsonl.write("\n")  # a run killed mid-line: keep the next rows parseable
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # The suffix keeps two runs started within one second from sharing (overwriting) a file.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=from_step + 1,
+                                 filename_suffix=f".{os.getpid()}.{time.time_ns() % 10**9:09d}")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -78,10 +84,25 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+def _truncate_after(path: str, step: int) -> None:
+    """Keeps the rows of steps <= `step` (atomically); a line cut by a kill is dropped."""
+    if not os.path.isfile(path):
+        return
+    keep, changed = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                ok = line.endswith("\n") and row["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            changed |= not ok
+    if changed:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 def _plain(v):

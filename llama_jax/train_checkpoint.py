@@ -7,9 +7,13 @@ Layout of one step (`WORKDIR/checkpoints/<step>/`):
   meta/              {"step": ...}
   model_config.json  (and tokenizer.model when known) beside params/, so that
                      `llama_jax.load_checkpoint(step_dir)` reads a training step directly.
+  checksums.json     one checksum per array of params/ and opt_state/ (llama_jax.integrity),
+                     verified on restore; written only for finite states.
   files/             (empty: the item whose handler writes the two files above)
 Orbax writes a step into a temporary directory and renames it when complete, so a kill
 -9 at any moment leaves the previous steps intact; leftovers are cleaned on the next start.
+Old steps are pruned by renaming them into `checkpoints/.deleted/` (atomic) and deleting
+them there, so a kill while pruning never leaves a half-deleted step that looks like one.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from llama_jax import integrity
+
+DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -93,14 +101,21 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     """A CheckpointManager over `directory` keeping the last `keep` steps."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, todelete_subdir=DELETED_DIR)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], shard_count: int,
          files: dict[str, bytes]) -> None:
-    """Starts an (async) save of `state` at its step; every process must call it."""
+    """Starts an (async) save of `state` at its step; every process must call it.
+
+    Raises `integrity.NonFiniteState` (saving nothing) if any array holds NaN or inf."""
     step = int(state.step)
+    sums, bad = integrity.summarize({"params": state.params, "opt_state": state.opt_state})
+    if bad:
+        raise integrity.NonFiniteState(f"step {step}: {len(bad)} arrays of the state hold NaN or inf "
+                                       f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    files = {**files, integrity.FILE: integrity.file_bytes(sums)}
     manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
@@ -124,6 +139,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
     ))
     if restored.meta["step"] != step:
         raise ValueError(f"checkpoint {step}: meta says step {restored.meta['step']}")
+    integrity.verify(os.path.join(str(manager.directory), str(step)),
+                     {"params": restored.params, "opt_state": restored.opt_state})
     state = abstract_state.replace(
         step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
         params=restored.params, opt_state=restored.opt_state)

@@ -2,9 +2,10 @@
 
 `train(cfg, workdir)` resumes from the latest checkpoint under WORKDIR/checkpoints when
 there is one, else initialises from `cfg.init_from` (a params-only checkpoint) or from
-scratch. A `StopRequest` (set by train.py's SIGTERM/SIGINT handler) ends the run after
-the current step with a checkpoint. A non-finite loss or gradient norm raises
-`NonFiniteLoss` before anything of that step is saved.
+scratch; a damaged newest step is set aside for the newest intact one (train_recovery).
+A `StopRequest` (set by train.py's SIGTERM/SIGINT handler) ends the run after the current
+step with a checkpoint. A non-finite loss, gradient norm, or saved state raises
+`NonFiniteLoss` before anything of that step is saved. The workdir is locked for the run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import jax
 import ml_collections
 
 from llama_jax import metrics as metrics_lib
-from llama_jax import optim, run_report, sharding, train_checkpoint, train_config, train_state
+from llama_jax import integrity, optim, run_report, sharding, train_checkpoint, train_checks, train_config
+from llama_jax import train_recovery, train_state, workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.data import DataConfig
 from llama_jax.train_input import ShardedInput, tokenizer_for
@@ -77,11 +79,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds everything a run needs; restores the latest checkpoint if there is one."""
     mesh = sharding.make_mesh(tuple(cfg.mesh))
     model = train_config.model_config(cfg)
+    train_checks.check_config(cfg, model)
     manager = train_checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
                                             cfg.async_checkpoints)
+    train_recovery.purge_deleted(str(manager.directory))
+    train_recovery.set_aside_incomplete(manager)
     latest = manager.latest_step()
     if latest is not None:  # a resumed run keeps its own architecture (fine-tuned or not)
         model = _with_architecture(model, os.path.join(workdir, "checkpoints", str(latest)))
+        train_checks.check_seq_len(cfg, model)
     elif cfg.init_from:
         from llama_jax.checkpoint import resolve_checkpoint
         model = _with_architecture(model, str(resolve_checkpoint(cfg.init_from)))
@@ -97,11 +103,13 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         tok_path = _checkpoint_tokenizer(cfg.init_from)
     data = DataConfig.from_dict(data_d)
     tokenizer = tokenizer_for(tok_path, data, model.vocab_size, workdir)
+    train_checks.check_sample_prompt(cfg, model, tokenizer)
     inp = ShardedInput(data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, shard_count,
                        train_state.batch_sharding(mesh))
     if latest is not None:
-        log.info("restoring %s/checkpoints/%d", workdir, latest)
-        state, data_states = train_checkpoint.restore(manager, latest, abstract, shardings, inp.shards, shard_count)
+        log.info("restoring %s/checkpoints/%d", workdir, latest)  # or the newest intact step before it
+        latest, state, data_states = train_recovery.restore_intact(manager, abstract, shardings, inp.shards,
+                                                                   shard_count)
         inp.set_states(data_states)
     elif cfg.init_from:
         from llama_jax import load_checkpoint
@@ -113,7 +121,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
-               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0),
+               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
+                                                from_step=0 if latest is None else latest),
                train_step=train_state.make_train_step(model, tx, schedule, mesh, shardings, cfg.micro_batches),
                eval_step=train_state.make_eval_step(model, mesh, shardings.params),
                start_step=0 if latest is None else latest)
@@ -129,9 +138,17 @@ def _step_files(run: Run) -> dict[str, bytes]:
 
 
 def save(run: Run) -> None:
-    """Starts an async checkpoint of the current state (collective: every process calls it)."""
-    train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count,
-                          _step_files(run))
+    """Starts an async checkpoint of the current state (collective: every process calls it);
+    raises NonFiniteLoss, saving nothing, if the state holds NaN or inf."""
+    try:
+        train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count,
+                              _step_files(run))
+    except integrity.NonFiniteState as e:
+        run.manager.wait_until_finished()
+        raise NonFiniteLoss(f"{e}. Stopped without saving it; the last good checkpoint in {run.workdir}/"
+                            f"checkpoints (step {run.manager.latest_step()}) is kept. Resume from it with a "
+                            f"lower optimizer.peak_lr or longer optimizer.warmup_steps.") from None
+    train_recovery.purge_deleted(str(run.manager.directory), background=True)  # pruned by the previous save
 
 
 def evaluate(run: Run) -> float:
@@ -218,7 +235,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
           on_log: Callable | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
     loss_mean, eval_loss, train_loss (+ train_loss_from_step: the mean over the last 10% of
-    steps), plot_path, and a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0."""
+    steps), plot_path, and a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0.
+    Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
+    train_checks.check_config(cfg, train_config.model_config(cfg))  # before anything is written
+    with workdir_lock.hold_for_run(workdir):
+        try:
+            return _train(cfg, workdir, stop, on_log)
+        except BaseException:
+            train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))  # a failed setup's
+            raise
+
+
+def _train(cfg, workdir, stop, on_log) -> dict:
     run = setup(cfg, workdir)
     run_report.start(run)  # WORKDIR/config.json and the start-of-run summary
     logger_last: dict = {}
@@ -226,6 +254,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
         step = _loop(run, stop or StopRequest(), _chain(on_log, logger_last))
     finally:
         run.manager.wait_until_finished()  # in-flight saves are of checked, good steps
+        train_recovery.purge_deleted(str(run.manager.directory))
         run.writer.close()
     out = {"step": step, **{k: logger_last.get(k) for k in ("loss", "loss_mean", "eval_loss")}}
     if cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:

@@ -88,6 +88,8 @@ class FileSource:
         self._whole_files = kind == SourceKind.TEXT and text_unit == TextUnit.FILE
         if self._whole_files:
             self._index = np.arange(len(paths), dtype=np.int64)[:, None]
+            if not any(os.path.getsize(p) for p in paths):  # documents of nothing: no corpus
+                self._index = self._index[:0]
         else:
             parts = []
             for i, p in enumerate(self._paths):
