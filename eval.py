@@ -5,10 +5,14 @@
 
 Tasks read `DATA/{task}/{split}.jsonl` (or `DATA/{task}_{split}.jsonl`) in Hugging Face layout
 when present, else TFDS (`--tfds-data-dir`; nothing is downloaded). Perplexity sources:
-stdlib[:split], text:PATH, lines:PATH, jsonl:PATH[#field], tfds:NAME[:split].
+stdlib[:split], text:PATH, lines:PATH, jsonl:PATH[#field], pretokenized:DIR, tfds:NAME[:split].
+Without --output the JSON goes to stdout (the table to stderr). Flags, task names and the
+perplexity spec are checked before the checkpoint loads.
 """
 from __future__ import annotations
 
+import builtins
+import functools
 import json
 import os
 import sys
@@ -40,7 +44,9 @@ def parse_args(argv=None):
                    help="context length, at most the model's max_seq_len (default: max_seq_len)")
     p.add_argument("--tokens-per-batch", type=positive_int, default=4096, help="tokens scored per forward pass")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="cast params on load")
-    p.add_argument("--output", required=True, help="JSON result file (checked writable before anything runs)")
+    p.add_argument("--output", default=None,
+                   help="JSON result file, checked writable before anything runs (default: the JSON to stdout, "
+                        "the table to stderr)")
     return p.parse_args(argv)
 
 
@@ -97,20 +103,37 @@ def run_tasks(args, scorer, tokenizer, names) -> dict:
     return results
 
 
-def run_perplexity(args, scorer, tokenizer) -> dict:
+def open_perplexity_source(args):
+    """The --perplexity source, parsed and opened (paths checked) before the checkpoint loads."""
     from llama_jax.data.sources import open_source
-    from llama_jax.evaluation import parse_source, perplexity
-    src = open_source(parse_source(args.perplexity, args.tfds_data_dir))
+    from llama_jax.data.spec import check_paths
+    from llama_jax.evaluation import parse_source
+    cfg = parse_source(args.perplexity, args.tfds_data_dir)
+    check_paths((cfg,), "--perplexity")
+    return open_source(cfg)
+
+
+def run_perplexity(args, scorer, tokenizer, src) -> dict:
+    from llama_jax.evaluation import perplexity
     n = len(src) if args.limit is None else min(args.limit, len(src))
     if n == 0:
         raise input_error(args.perplexity, "empty corpus, nothing to score", ">= 1 document", 0)
+    exact_ids = True
+    if hasattr(src, "meta"):  # pretokenized: ids from the tokenizer recorded in pretokenized.json
+        vocab = src.vocab_size
+        if vocab > scorer.config.vocab_size:
+            raise input_error(f"--perplexity {args.perplexity}", "pretokenized with a tokenizer larger than the "
+                              "model's vocabulary", f"vocab_size <= {scorer.config.vocab_size}", vocab)
+        exact_ids = vocab == tokenizer.vocab_size  # else decoding with our tokenizer would be wrong text
     with _progress(n, "perplexity") as bar:
-        m = perplexity(scorer, tokenizer, (src[i] for i in range(n)), stride=args.stride, progress=bar.update)
+        m = perplexity(scorer, tokenizer, (src[i] for i in range(n)), stride=args.stride, progress=bar.update,
+                       exact_ids=exact_ids)
     m["source"] = args.perplexity
     return m
 
 
-def print_table(results: dict, ppl: dict | None) -> None:
+def print_table(results: dict, ppl: dict | None, file=None) -> None:
+    print = functools.partial(builtins.print, file=file or sys.stdout)  # noqa: A001
     cols = ("n", "acc", "acc_norm", "acc_paper")
     if results:
         print(f"\n{'task':<15}" + "".join(f"{c:>10}" for c in cols) + f"{'paper':>11}")
@@ -122,32 +145,39 @@ def print_table(results: dict, ppl: dict | None) -> None:
               "acc_paper for BoolQ/OBQA, acc for WinoGrande)")
     if ppl:
         print(f"\nperplexity on {ppl['source']}: {ppl['documents']} documents, {ppl['tokens']} tokens: "
-              f"token ppl {ppl['token_perplexity']:.4f}, bits/byte {ppl['bits_per_byte']:.4f}, "
-              f"word ppl {ppl['word_perplexity']:.4f}")
+              f"token ppl {ppl['token_perplexity']:.4f}, " + (
+                  f"bits/byte {ppl['bits_per_byte']:.4f}, word ppl {ppl['word_perplexity']:.4f}"
+                  if ppl["bits_per_byte"] is not None else "bits/byte and word ppl not available (no exact text)"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_output_writable(args.output)
+    if args.output is not None:
+        check_output_writable(args.output)
     quiet_logs()
     from llama_jax.data import check_vocab
     from llama_jax.evaluation import TASKS, Scorer, get_task
     from llama_jax.generate_text import find_tokenizer, load_for_generation
-    names = list(TASKS) if args.tasks == "all" else [n for n in args.tasks.split(",") if n.strip()]
+    names = list(TASKS) if args.tasks == "all" else [n.strip() for n in args.tasks.split(",") if n.strip()]
     names = [get_task(n).name for n in names]  # unknown names fail before the model loads
     if not names and not args.perplexity:
-        raise ValueError("nothing to do: give --tasks and/or --perplexity")
+        raise input_error("eval.py", "nothing to do", "--tasks and/or --perplexity", "neither")
+    src = open_perplexity_source(args) if args.perplexity else None  # a bad spec fails before loading
     tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
     config, params = load_for_generation(args.checkpoint, dtype=args.dtype)
     check_vocab(tokenizer, config.vocab_size)
     check_lengths(args, config)
     scorer = Scorer(config, params, max_length=args.max_length, tokens_per_batch=args.tokens_per_batch)
     results = run_tasks(args, scorer, tokenizer, names) if names else {}
-    ppl = run_perplexity(args, scorer, tokenizer) if args.perplexity else None
-    print_table(results, ppl)
+    ppl = run_perplexity(args, scorer, tokenizer, src) if args.perplexity else None
+    print_table(results, ppl, file=sys.stdout if args.output else sys.stderr)
     out = {"config": {**vars(args), "tasks": names, "max_length": scorer.max_length, "model": config.to_dict(),
                       "tokenizer": tokenizer.path, "tokenizer_vocab_size": tokenizer.vocab_size},
            "results": results, "perplexity": ppl}
+    if args.output is None:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
     with open(args.output, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.output}")

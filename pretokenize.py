@@ -2,6 +2,8 @@
 kind "pretokenized" (SourceConfig(kind="pretokenized", path=OUTPUT_DIR)).
 
     python pretokenize.py --source stdlib --tokenizer tokenizer.model --output /tmp/stdlib_tok
+    python pretokenize.py --source text:notes.txt --tokenizer tokenizer.model --output /tmp/notes_tok
+    (--source: a spec as train.py's and eval.py's, or a bare kind with --path: --source text --path notes.txt)
 """
 import os
 import sys

@@ -1,8 +1,10 @@
 """Train a SentencePiece BPE tokenizer with the LLaMA recipe (digits split, byte fallback).
 
     python train_tokenizer.py --source stdlib --vocab-size 4096 --output tokenizer.model
-    python train_tokenizer.py --source jsonl --path 'data/*.jsonl' --field text --vocab-size 32000 --output t.model
-    python train_tokenizer.py --source tfds --name lm1b --split train --vocab-size 32000 --output t.model
+    python train_tokenizer.py --source 'jsonl:data/*.jsonl#text' --vocab-size 32000 --output t.model
+    python train_tokenizer.py --source tfds:lm1b:train --vocab-size 32000 --output t.model
+    (--source: a spec as train.py's and eval.py's, or a bare kind with --path/--field/--name/--split:
+     --source jsonl --path 'data/*.jsonl' --field text)
 """
 import os
 import sys

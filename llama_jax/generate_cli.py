@@ -36,6 +36,27 @@ def _parser() -> ArgumentParser:
     return ap
 
 
+def _check_lengths_early(a):
+    """The tokenizer, once each prompt + --max-new-tokens is known to fit the model's context
+    (read from model_config.json, before the params load and before anything is printed);
+    None when the config cannot be read here (loading the checkpoint then says why)."""
+    from llama_jax import generate_text as gt
+    from llama_jax.checkpoint import CONFIG_FILE, resolve_checkpoint
+    from llama_jax.config import ModelConfig
+    try:
+        config = ModelConfig.load(resolve_checkpoint(a.checkpoint) / CONFIG_FILE)
+    except Exception:  # noqa: BLE001 - load_for_generation reports it properly
+        return None
+    tok = gt.find_tokenizer(a.checkpoint, a.tokenizer)
+    for i, prompt in enumerate(a.prompt):
+        n = len(tok.encode(prompt, bos=True))
+        if n + a.max_new_tokens > config.max_seq_len:
+            raise input_error(f"--prompt {i}" if len(a.prompt) > 1 else "--prompt",
+                              f"{n} prompt tokens + --max-new-tokens {a.max_new_tokens} exceed the model's "
+                              f"context", f"<= max_seq_len {config.max_seq_len}", n + a.max_new_tokens)
+    return tok
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     if not a.temperature >= 0:  # also nan
@@ -43,15 +64,16 @@ def main(argv=None) -> int:
     if not 0 < a.top_p <= 1:
         raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
     quiet_logs()
-    import jax
     from llama_jax import generate_text as gt
+    tok = _check_lengths_early(a)
+    import jax
     mesh = None
     n = a.tensor_parallel or jax.device_count()
     if n > 1:
         from llama_jax import sharding
         mesh = sharding.make_mesh((1, 1, n), devices=jax.devices()[:n])
     config, params = gt.load_for_generation(a.checkpoint, dtype=a.dtype, mesh=mesh)
-    tok = gt.find_tokenizer(a.checkpoint, a.tokenizer)
+    tok = tok or gt.find_tokenizer(a.checkpoint, a.tokenizer)
     one = len(a.prompt) == 1
     stream = (lambda r, s: print(s, end="", flush=True)) if one else None
     if one:

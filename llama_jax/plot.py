@@ -170,6 +170,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("workdir", help="a train.py --workdir (reads its metrics.jsonl)")
     p.add_argument("--output", default=None, help="PNG path (default: WORKDIR/plot.png)")
     args = p.parse_args(argv)
+    if not os.path.isdir(args.workdir):
+        from llama_jax.errors import input_error
+        raise input_error(args.workdir, "no such directory", "a train.py --workdir", args.workdir)
     print(f"wrote {plot_run(args.workdir, args.output)}")
     return 0
 

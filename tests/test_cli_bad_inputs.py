@@ -87,6 +87,9 @@ def bad_inputs(d: dict) -> dict[str, list[list[str]]]:
             ["--source", "jsonl", "--path", d["bad_jsonl"], "--tokenizer", tok, "--output", out],
             ["--tokenizer", tok], ["--source", "jsonl", "--path", d["jsonl"], "--field", "nope",
                                    "--tokenizer", tok, "--output", out],
+            ["--source", "txt:notes.txt", "--tokenizer", tok, "--output", out],
+            ["--source", f"text:{d['missing']}", "--tokenizer", tok, "--output", out],
+            ["--source", f"pretokenized:{d['empty']}", "--tokenizer", tok, "--output", out],
         ],
         "train_tokenizer": [
             ["--vocab-size", "0", "--output", out], ["--vocab-size", "-5", "--output", out],
@@ -96,6 +99,8 @@ def bad_inputs(d: dict) -> dict[str, list[list[str]]]:
             ["--source", "jsonl", "--path", d["jsonl"], "--field", "nope", "--vocab-size", "300", "--output", out],
             ["--source", "text", "--path", d["empty_file"], "--vocab-size", "300", "--output", out],
             ["--vocab_size", "300"],
+            ["--source", f"text:{d['missing']}", "--vocab-size", "300", "--output", out],
+            ["--source", f"text:{d['empty_file']}", "--path", d["empty_file"], "--vocab-size", "300", "--output", out],
         ],
         "generate": [gen + a for a in (
             ["--max-new-tokens", "0"], ["--top-p", "2"], ["--top-p", "0"], ["--temperature", "-1"],
@@ -280,6 +285,21 @@ def test_main_wiring_one_line(cli, tmp_path):
                        env={**os.environ, "PYTHONPATH": ROOT})
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+
+
+def test_source_flag_takes_a_spec_or_a_bare_kind(tmp_path):
+    """pretokenize.py / train_tokenizer.py: `--source text:F` is `--source text --path F` (README's form)."""
+    import argparse
+    from llama_jax.data.cli import add_source_flags, source_from_flags
+    (tmp_path / "a.txt").write_text("hello")
+    p = argparse.ArgumentParser()
+    add_source_flags(p)
+    flags = lambda *a: source_from_flags(p.parse_args(list(a)))  # noqa: E731
+    f = str(tmp_path / "a.txt")
+    assert flags("--source", f"text:{f}") == flags("--source", "text", "--path", f)
+    assert flags("--source", f"lines:{f}") == flags("--source", "text", "--path", f, "--text-unit", "line")
+    assert flags("--source", f"jsonl:{f}#body") == flags("--source", "jsonl", "--path", f, "--field", "body")
+    assert flags("--source", "stdlib") == flags("--source", "stdlib:train")
 
 
 # ------------------------------------------------------------------ the driver (a fresh process)

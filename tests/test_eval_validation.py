@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from llama_jax.data import DataError
@@ -92,3 +93,51 @@ def test_scorer_refuses_lengths_beyond_context(ckpt):
     for bad in (0, 1, 65):
         with pytest.raises(ValueError, match="max_length"):
             Scorer(config, params, max_length=bad)
+
+
+def test_bad_spec_or_task_fails_before_loading_without_output(ckpt, tmp_path, monkeypatch, capsys):
+    """--output is optional; a bad --perplexity spec or task name is the error, before the checkpoint loads."""
+    import llama_jax.generate_text as gt
+    monkeypatch.setattr(gt, "load_for_generation", lambda *a, **k: pytest.fail("checkpoint loaded"))
+    ev = _eval_module()
+    with pytest.raises(InputError, match=r"perplexity source: unknown source kind 'txt'"):
+        ev.main(["--checkpoint", str(ckpt / "ckpt"), "--perplexity", "txt:notes.txt"])
+    with pytest.raises(InputError, match=r"no such directory"):
+        ev.main(["--checkpoint", str(ckpt / "ckpt"), "--perplexity", f"pretokenized:{tmp_path / 'none'}"])
+    with pytest.raises(ValueError, match="nope"):
+        ev.main(["--checkpoint", str(ckpt / "ckpt"), "--tasks", "nope"])
+
+
+def test_json_to_stdout_without_output(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(TEXT[0])
+    assert _eval_module().main(["--checkpoint", str(ckpt / "ckpt"), "--perplexity", f"text:{tmp_path / 'a.txt'}"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["perplexity"]["documents"] == 1 and "token ppl" in err
+
+
+def test_pretokenized_scores_the_same_tokens_as_text(ckpt, tmp_path):
+    """pretokenized:DIR scores the stored ids: the token perplexity of the text they came from."""
+    from llama_jax.data import load_tokenizer, pretokenize
+    from llama_jax.data.spec import parse_source
+    (tmp_path / "a.txt").write_text("\n".join(TEXT[:6]))
+    tok = load_tokenizer(str(ckpt / "tok" / "tokenizer.model"))
+    pretokenize(parse_source(f"text:{tmp_path / 'a.txt'}"), tok, str(tmp_path / "pre"))
+    assert _run(ckpt, tmp_path, "--perplexity", f"text:{tmp_path / 'a.txt'}") == 0
+    text = json.loads((tmp_path / "r.json").read_text())["perplexity"]
+    assert _run(ckpt, tmp_path, "--perplexity", f"pretokenized:{tmp_path / 'pre'}") == 0
+    pre = json.loads((tmp_path / "r.json").read_text())["perplexity"]
+    assert pre["tokens"] == text["tokens"] and pre["token_perplexity"] == pytest.approx(text["token_perplexity"])
+    assert pre["bits_per_byte"] is None and "not available" in pre["text_metrics"] or \
+        pre["bits_per_byte"] == pytest.approx(text["bits_per_byte"], rel=0.05)
+    # A tokenizer larger than the model, or ids beyond its vocabulary: one line, not a traceback.
+    meta = json.loads((tmp_path / "pre" / "pretokenized.json").read_text())
+    (tmp_path / "pre" / "pretokenized.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
+    with pytest.raises(InputError, match=r"larger than the model's vocabulary \(expected vocab_size <= 300, got 1000\)"):
+        _run(ckpt, tmp_path, "--perplexity", f"pretokenized:{tmp_path / 'pre'}")
+    from llama_jax.evaluation import Scorer, perplexity
+    from llama_jax.generate_text import load_for_generation
+    scorer = Scorer(*load_for_generation(str(ckpt / "ckpt")))
+    with pytest.raises(DataError, match="token id 300 is outside the model's vocabulary of 300"):
+        perplexity(scorer, tok, [np.array([5, 300], np.int32)])
+    no_text = perplexity(scorer, tok, [np.array([5, 6, 7], np.int32)], exact_ids=False)
+    assert no_text["tokens"] == 3 and no_text["bits_per_byte"] is None and no_text["word_perplexity"] is None

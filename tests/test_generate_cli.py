@@ -62,3 +62,15 @@ def test_foreign_or_missing_checkpoints_are_named(tmp_path, capsys):
         main(["--checkpoint", str(tmp_path / "meta"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and "Meta" in err and len(err.splitlines()) == 1
+
+
+def test_too_long_fails_before_printing_or_loading(checkpoint, capsys, monkeypatch):
+    """--max-new-tokens beyond the context: one error line, nothing printed, params never loaded."""
+    path, cfg, _, _ = checkpoint
+    from llama_jax import generate_text as gt
+    monkeypatch.setattr(gt, "load_for_generation", lambda *a, **k: pytest.fail("params loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", path, "--prompt", "hi", "--max-new-tokens", "100000"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("error: --prompt: ") and f"max_seq_len {cfg.max_seq_len}" in err

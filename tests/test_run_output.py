@@ -194,3 +194,10 @@ def test_final_train_loss_averages_the_last_tenth_of_the_steps_weighted_by_steps
     rows = [{"step": 880, "loss_mean": 9.0}, {"step": 900, "loss_mean": 1.0}, {"step": 950, "loss_mean": 2.0},
             {"step": 1000, "loss_mean": 4.0}]  # an eval-forced log at 950 splits the window unevenly
     assert run_report.train_loss_tail(rows, 1000) == ((50 * 2.0 + 50 * 4.0) / 100, 901)
+
+
+def test_plot_names_a_missing_workdir(tmp_path, capsys):
+    from llama_jax.errors import run_cli
+    assert run_cli(plot.main, [str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such directory" in err and "metrics.jsonl" not in err

@@ -11,10 +11,16 @@ import os
 from llama_jax.data.config import SourceConfig, SourceKind, TextUnit
 
 
+_KINDS = tuple(k.value for k in SourceKind if k != SourceKind.PRETOKENIZED)
+
+
 def add_source_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="stdlib", choices=[k.value for k in SourceKind if k != SourceKind.PRETOKENIZED],
-                   help="corpus kind (default: the Python standard library's source)")
-    p.add_argument("--path", default="", help="text/jsonl: a file, a directory or a glob")
+    p.add_argument("--source", default="stdlib",
+                   help="the corpus: a source spec as train.py's and eval.py's (stdlib[:split], text:PATH, "
+                        "lines:PATH, jsonl:PATH[#field], tfds:NAME[:split]), or a bare kind "
+                        f"({', '.join(_KINDS)}) with --path/--field/--name (default: the Python standard "
+                        "library's source)")
+    p.add_argument("--path", default="", help="with a bare --source text/jsonl: a file, a directory or a glob")
     p.add_argument("--field", default="text", help="jsonl key / TFDS feature holding the text")
     p.add_argument("--text-unit", default="file", choices=[u.value for u in TextUnit])
     p.add_argument("--name", default="", help="tfds: dataset name, e.g. c4/en")
@@ -23,9 +29,22 @@ def add_source_flags(p: argparse.ArgumentParser) -> None:
 
 
 def source_from_flags(args: argparse.Namespace) -> SourceConfig:
-    return SourceConfig(kind=SourceKind(args.source), path=args.path, field=args.field,
-                        text_unit=TextUnit(args.text_unit), name=args.name, split=args.split,
-                        data_dir=args.data_dir)
+    """--source as a spec (`text:notes.txt`), or the older bare kind with --path etc."""
+    from llama_jax.errors import input_error
+    if args.source in _KINDS:  # "--source text --path notes.txt"
+        return SourceConfig(kind=SourceKind(args.source), path=args.path, field=args.field,
+                            text_unit=TextUnit(args.text_unit), name=args.name, split=args.split,
+                            data_dir=args.data_dir)
+    from llama_jax.data.spec import check_paths, parse_source
+    if args.path:
+        raise input_error("--path", "give the path in the --source spec, not both", "--source KIND:PATH",
+                          f"--source {args.source} --path {args.path}")
+    cfg = parse_source(args.source, args.split, args.data_dir, where="--source")
+    if cfg.kind == SourceKind.PRETOKENIZED:
+        raise input_error("--source", "already pretokenized: give a text source", "KIND:ARG with KIND in "
+                          f"{', '.join(_KINDS)}, lines", args.source)
+    check_paths((cfg,), "--source")
+    return cfg
 
 
 # train.py's list-valued config keys, given as one source spec (llama_jax.data.spec):

@@ -5,7 +5,9 @@ conditioned on bos; each later one (disjoint by default) on the token before it,
 `stride` < context, on the `context - stride` tokens before it, as in lm-evaluation-harness's
 `get_rolling_token_windows` + `make_disjoint_window` (stride None). Reports token
 perplexity, bits per byte and word perplexity (words: whitespace-separated, as the
-harness counts them for WikiText).
+harness counts them for WikiText). Pretokenized documents (token ids) are scored as they
+are; their bits per byte and word perplexity come from the decoded text when it encodes
+back to the same ids, else they are None ("not available").
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf
 
 
+NO_TEXT = ("not available: pretokenized ids that do not decode exactly (decode then encode gives other "
+           "ids, or another tokenizer made them); token perplexity only")
+
+
 @dataclasses.dataclass
 class PerplexityResult:
     loglikelihood: float = 0.0  # natural log, summed over all scored tokens
@@ -54,34 +60,67 @@ class PerplexityResult:
     bytes: int = 0
     words: int = 0
     documents: int = 0
+    without_text: int = 0  # documents (pretokenized ids) with no exact text: no bytes or words
 
-    def add(self, text: str, n_tokens: int, ll: float) -> None:
+    def add(self, text: str | None, n_tokens: int, ll: float) -> None:
         self.loglikelihood += ll
         self.tokens += n_tokens
+        self.documents += 1
+        if text is None:
+            self.without_text += 1
+            return
         self.bytes += len(text.encode("utf-8"))
         self.words += count_words(text)
-        self.documents += 1
 
     def metrics(self) -> dict:
-        """token_perplexity, bits_per_byte, word_perplexity and the counts behind them."""
+        """token_perplexity, bits_per_byte, word_perplexity and the counts behind them;
+        bits_per_byte and word_perplexity are None (with `text_metrics` saying why) when
+        some document had ids but no exact text."""
         nll = -self.loglikelihood
         if not self.tokens:
             raise DataError("perplexity: no tokens to score (an empty corpus?); a perplexity of nothing is not 1")
-        return {"token_perplexity": _exp(nll / self.tokens),
-                "bits_per_byte": nll / max(self.bytes, 1) / math.log(2),
-                "word_perplexity": _exp(nll / max(self.words, 1)),
-                "loglikelihood": self.loglikelihood, "tokens": self.tokens, "bytes": self.bytes,
-                "words": self.words, "documents": self.documents}
+        out = {"token_perplexity": _exp(nll / self.tokens),
+               "bits_per_byte": nll / max(self.bytes, 1) / math.log(2),
+               "word_perplexity": _exp(nll / max(self.words, 1)),
+               "loglikelihood": self.loglikelihood, "tokens": self.tokens, "bytes": self.bytes,
+               "words": self.words, "documents": self.documents}
+        if self.without_text:
+            out.update(bits_per_byte=None, word_perplexity=None, bytes=None, words=None,
+                       text_metrics=f"{NO_TEXT} ({self.without_text} of {self.documents} documents)")
+        return out
 
 
-def perplexity(scorer, tokenizer, documents: Iterable[str], *, stride: int | None = None,
-               chunk_documents: int = 64, progress: Callable[[int], None] | None = None) -> dict:
-    """Rolling perplexity of `documents` (an iterable of str) under `scorer` (a Scorer).
+def _document(doc, tokenizer, vocab_size: int | None, exact_ids: bool) -> tuple[str | None, list[int]]:
+    """(text or None, ids) of a document: a str is encoded; token ids (a pretokenized
+    source's) are scored as they are, their text the decoded ids when that is exact."""
+    if isinstance(doc, str):
+        return doc, tokenizer.encode(doc, bos=False)
+    ids = [int(i) for i in doc]
+    if ids and vocab_size is not None and not 0 <= min(ids) <= max(ids) < vocab_size:
+        raise DataError(f"perplexity: token id {max(ids) if max(ids) >= vocab_size else min(ids)} is outside the "
+                        f"model's vocabulary of {vocab_size} (pretokenized with another tokenizer?)")
+    if not exact_ids:
+        return None, ids
+    text = tokenizer.decode(ids)
+    return (text if tokenizer.encode(text, bos=False) == ids else None), ids
 
-    Documents are scored `chunk_documents` at a time so that windows of different
-    documents share batches. `progress(n)` is called with the number of documents done.
+
+def perplexity(scorer, tokenizer, documents: Iterable, *, stride: int | None = None,
+               chunk_documents: int = 64, progress: Callable[[int], None] | None = None,
+               exact_ids: bool = True) -> dict:
+    """Rolling perplexity of `documents` under `scorer` (a Scorer).
+
+    A document is a str, or a sequence of token ids (a pretokenized source's, without bos),
+    scored as given; ids beyond the model's vocabulary are an error. Bits per byte and word
+    perplexity need text: ids get theirs by decoding when encoding the decoded text gives
+    the same ids back (`exact_ids=False`: ids from another tokenizer never do), else those
+    two metrics are None. Documents are scored `chunk_documents` at a time so that windows
+    of different documents share batches. `progress(n)` is called with the number of
+    documents done.
     """
     result, chunk = PerplexityResult(), []
+    config = getattr(scorer, "config", None)
+    vocab_size = getattr(config, "vocab_size", None)
 
     def flush():
         requests, owners = [], []
@@ -98,8 +137,8 @@ def perplexity(scorer, tokenizer, documents: Iterable[str], *, stride: int | Non
             progress(len(chunk))
         chunk.clear()
 
-    for text in documents:
-        ids = tokenizer.encode(text, bos=False)
+    for doc in documents:
+        text, ids = _document(doc, tokenizer, vocab_size, exact_ids)
         if ids:  # an empty document has nothing to score
             chunk.append((text, ids))
         if len(chunk) >= chunk_documents:
