@@ -26,6 +26,7 @@ from llama_jax import integrity, optim, run_report, sharding, train_checkpoint, 
 from llama_jax import train_recovery, train_state, workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.data import DataConfig
+from llama_jax.errors import input_error
 from llama_jax.train_input import ShardedInput, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,55 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
     return step
 
 
+def preflight(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Every check of the settings that needs no device state, made before anything is
+    created in `workdir` (lock, checkpoint manager, directories): a bad setting fails with
+    one InputError and leaves nothing behind."""
+    train_checks.check_config(cfg, train_config.model_config(cfg))
+    try:
+        opt_cfg = train_config.optimizer_config(cfg)
+    except ValueError as e:
+        raise input_error("config.optimizer", str(e)) from None
+    train_checks.check_schedule(cfg, opt_cfg)
+    if cfg.init_from and _latest_complete_step(workdir) is None:  # a resumed run ignores init_from
+        from llama_jax.checkpoint import resolve_checkpoint
+        try:
+            resolve_checkpoint(cfg.init_from)
+        except (OSError, ValueError) as e:
+            raise input_error("config.init_from", str(e)) from None
+        if not cfg.data.tokenizer:
+            try:
+                _checkpoint_tokenizer(cfg.init_from)
+            except ValueError as e:
+                raise input_error("config.data.tokenizer", str(e)) from None
+
+
+def _latest_complete_step(workdir: str) -> int | None:
+    """The newest step directory under WORKDIR/checkpoints with all its items (read only)."""
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return None
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()
+             and all(os.path.exists(os.path.join(d, n, i)) for i in train_recovery.STEP_ITEMS)]
+    return max(steps, default=None)
+
+
+def _remove_failed_setup(workdir: str, created: bool) -> None:
+    """After a failure: a workdir holding nothing but our lock (and empty bookkeeping) loses
+    the lock, and the directory too if this run created it."""
+    if jax.process_index() != 0:
+        return
+    train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))
+    try:
+        if os.listdir(workdir) != [workdir_lock.LOCK_FILE]:
+            return
+        os.unlink(os.path.join(workdir, workdir_lock.LOCK_FILE))
+        if created:
+            os.rmdir(workdir)
+    except OSError:
+        pass
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None = None,
           on_log: Callable | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
@@ -242,7 +292,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
         try:
             return _train(cfg, workdir, stop, on_log)
         except BaseException:
-            train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))  # a failed setup's
+            _remove_failed_setup(workdir, created)  # a failed setup leaves nothing behind
             raise
 
 
