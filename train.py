@@ -154,7 +154,10 @@ def main(argv):
         return 2
     finally:
         console.close()
-    if lead:
+    if lead and out.get("complete"):
+        print(f"{FLAGS.workdir}: the run is already complete (checkpoint at step {out['step']} of "
+              f"{cfg.steps}); raise --config.steps to continue")
+    elif lead:
         print("\n".join(final_lines(out, FLAGS.workdir, stopped=stop.requested)))
     return 0
 

@@ -120,9 +120,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     else:
         log.info("initialising the parameters")
         state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
+    complete = latest is not None and latest >= cfg.steps  # train() returns at once: nothing to write
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
-               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
+               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0 and not complete,
                                                 from_step=0 if latest is None else latest),
                train_step=train_state.make_train_step(model, tx, schedule, mesh, shardings, cfg.micro_batches),
                eval_step=train_state.make_eval_step(model, mesh, shardings.params),
@@ -286,8 +287,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
     loss_mean, eval_loss, train_loss (+ train_loss_from_step: the mean over the last 10% of
     steps), plot_path, and a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0.
+    A workdir whose latest checkpoint is already at `cfg.steps` returns {"step": that step,
+    "complete": True} once that checkpoint restores (nothing compiled, trained or written).
     Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
-    train_checks.check_config(cfg, train_config.model_config(cfg))  # before anything is written
+    preflight(cfg, workdir)  # before anything is written
+    created = not os.path.exists(workdir)
     with workdir_lock.hold_for_run(workdir):
         try:
             return _train(cfg, workdir, stop, on_log)
@@ -298,6 +302,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
 
 def _train(cfg, workdir, stop, on_log) -> dict:
     run = setup(cfg, workdir)
+    if run.start_step >= cfg.steps:  # the latest intact checkpoint is already at `steps`
+        run.manager.wait_until_finished()
+        return {"step": run.start_step, "complete": True}
     run_report.start(run)  # WORKDIR/config.json and the start-of-run summary
     logger_last: dict = {}
     try:
