@@ -61,6 +61,23 @@ def _split_config_spec(argv):
     return spec, rest
 
 
+def _did_you_mean(message: str, cfg) -> str:
+    """' (did you mean --NAME?)' for absl's "Unknown command line flag 'X'", matched against
+    train.py's flags, the config keys and their last parts (--stepz: --config.steps)."""
+    import difflib
+    from llama_jax import config_file
+    m = re.search(r"Unknown command line flag '([^']+)'", message)
+    if not m:
+        return ""
+    names = {n: "--" + n.replace("_", "-") for n in ("workdir", "coordinator_address", "num_processes", "process_id")}
+    for key in config_file.keys(cfg):
+        names.setdefault(f"config.{key}", f"--config.{key}")
+        names.setdefault(key, f"--config.{key}")
+        names.setdefault(key.rsplit(".", 1)[-1], f"--config.{key}")
+    close = difflib.get_close_matches(m.group(1), list(names), n=1, cutoff=0.5)
+    return f" (did you mean {names[close[0]]}?)" if close else ""
+
+
 def parse_flags(argv):
     """Load the config file once, check overrides against its keys, then let absl parse."""
     from absl import flags
@@ -81,7 +98,7 @@ def parse_flags(argv):
     try:
         fv(["train.py", *rest])
     except flags.Error as e:  # a value of the wrong type, an unknown flag
-        raise input_error("train.py", str(e).splitlines()[0]) from None
+        raise input_error("train.py", str(e).splitlines()[0] + _did_you_mean(str(e), cfg)) from None
     if not fv.workdir:
         raise input_error("--workdir", "missing", "--workdir DIR", None)
     for key, source_spec in source_specs.items():  # e.g. data.sources="text:notes/*.txt"
@@ -137,7 +154,10 @@ def main(argv):
         return 2
     finally:
         console.close()
-    if lead:
+    if lead and out.get("complete"):
+        print(f"{FLAGS.workdir}: the run is already complete (checkpoint at step {out['step']} of "
+              f"{cfg.steps}); raise --config.steps to continue")
+    elif lead:
         print("\n".join(final_lines(out, FLAGS.workdir, stopped=stop.requested)))
     return 0
 

@@ -32,6 +32,15 @@ def check_config(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
                           f"0 <= value < max_seq_len={model.max_seq_len}", cfg.sample.max_new_tokens)
 
 
+def check_schedule(cfg: ml_collections.ConfigDict, opt_cfg) -> None:
+    """The learning-rate schedule must have steps after its warmup."""
+    steps = opt_cfg.total_steps or cfg.steps
+    if steps <= opt_cfg.warmup_steps:
+        raise input_error("config.optimizer.warmup_steps",
+                          f"{opt_cfg.warmup_steps} warmup steps leave nothing of a {steps}-step schedule",
+                          "warmup_steps < optimizer.total_steps (or steps)", opt_cfg.warmup_steps)
+
+
 def check_seq_len(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
     if not 0 < cfg.seq_len <= model.max_seq_len:
         raise input_error("config.seq_len", "exceeds the model's context",

@@ -26,6 +26,7 @@ from llama_jax import integrity, optim, run_report, sharding, train_checkpoint, 
 from llama_jax import train_recovery, train_state, workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.data import DataConfig
+from llama_jax.errors import input_error
 from llama_jax.train_input import ShardedInput, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     else:
         log.info("initialising the parameters")
         state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
+    complete = latest is not None and latest >= cfg.steps  # train() returns at once: nothing to write
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
-               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
+               writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0 and not complete,
                                                 from_step=0 if latest is None else latest),
                train_step=train_state.make_train_step(model, tx, schedule, mesh, shardings, cfg.micro_batches),
                eval_step=train_state.make_eval_step(model, mesh, shardings.params),
@@ -231,23 +233,78 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
     return step
 
 
+def preflight(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Every check of the settings that needs no device state, made before anything is
+    created in `workdir` (lock, checkpoint manager, directories): a bad setting fails with
+    one InputError and leaves nothing behind."""
+    train_checks.check_config(cfg, train_config.model_config(cfg))
+    try:
+        opt_cfg = train_config.optimizer_config(cfg)
+    except ValueError as e:
+        raise input_error("config.optimizer", str(e)) from None
+    train_checks.check_schedule(cfg, opt_cfg)
+    if cfg.init_from and _latest_complete_step(workdir) is None:  # a resumed run ignores init_from
+        from llama_jax.checkpoint import resolve_checkpoint
+        try:
+            resolve_checkpoint(cfg.init_from)
+        except (OSError, ValueError) as e:
+            raise input_error("config.init_from", str(e)) from None
+        if not cfg.data.tokenizer:
+            try:
+                _checkpoint_tokenizer(cfg.init_from)
+            except ValueError as e:
+                raise input_error("config.data.tokenizer", str(e)) from None
+
+
+def _latest_complete_step(workdir: str) -> int | None:
+    """The newest step directory under WORKDIR/checkpoints with all its items (read only)."""
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return None
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()
+             and all(os.path.exists(os.path.join(d, n, i)) for i in train_recovery.STEP_ITEMS)]
+    return max(steps, default=None)
+
+
+def _remove_failed_setup(workdir: str, created: bool) -> None:
+    """After a failure: a workdir holding nothing but our lock (and empty bookkeeping) loses
+    the lock, and the directory too if this run created it."""
+    if jax.process_index() != 0:
+        return
+    train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))
+    try:
+        if os.listdir(workdir) != [workdir_lock.LOCK_FILE]:
+            return
+        os.unlink(os.path.join(workdir, workdir_lock.LOCK_FILE))
+        if created:
+            os.rmdir(workdir)
+    except OSError:
+        pass
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None = None,
           on_log: Callable | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
     loss_mean, eval_loss, train_loss (+ train_loss_from_step: the mean over the last 10% of
     steps), plot_path, and a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0.
+    A workdir whose latest checkpoint is already at `cfg.steps` returns {"step": that step,
+    "complete": True} once that checkpoint restores (nothing compiled, trained or written).
     Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
-    train_checks.check_config(cfg, train_config.model_config(cfg))  # before anything is written
+    preflight(cfg, workdir)  # before anything is written
+    created = not os.path.exists(workdir)
     with workdir_lock.hold_for_run(workdir):
         try:
             return _train(cfg, workdir, stop, on_log)
         except BaseException:
-            train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))  # a failed setup's
+            _remove_failed_setup(workdir, created)  # a failed setup leaves nothing behind
             raise
 
 
 def _train(cfg, workdir, stop, on_log) -> dict:
     run = setup(cfg, workdir)
+    if run.start_step >= cfg.steps:  # the latest intact checkpoint is already at `steps`
+        run.manager.wait_until_finished()
+        return {"step": run.start_step, "complete": True}
     run_report.start(run)  # WORKDIR/config.json and the start-of-run summary
     logger_last: dict = {}
     try:

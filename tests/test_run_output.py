@@ -140,6 +140,15 @@ def test_train_on_a_local_text_file_given_on_the_command_line(tmp_path):
     assert len(events) == 1 and b"sample" in open(events[0], "rb").read()
     assert _png_size(run / "plot.png") == (plot.WIDTH, plot.HEIGHT)
 
+    # The same command again: one line that the run is complete, nothing compiled or written.
+    before = sorted(os.listdir(run / "checkpoints")), (run / "metrics.jsonl").read_text()
+    again = _train(tmp_path, *p.args[6:], timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.strip() == (f"run: the run is already complete (checkpoint at step {steps} of {steps}); "
+                                    f"raise --config.steps to continue"), again.stdout
+    assert "compiling" not in again.stderr, again.stderr
+    assert (sorted(os.listdir(run / "checkpoints")), (run / "metrics.jsonl").read_text()) == before
+
 
 def _png_pixels(path) -> np.ndarray:
     data = open(path, "rb").read()

@@ -137,6 +137,8 @@ def test_a_state_with_inf_is_never_saved(tmp_path, tokenizer_path):
     ("optimizer.b2", float("inf"), "config.optimizer.b2: must be a finite float32 number"),
     ("seq_len", 1025, "config.seq_len: exceeds the model's context"),  # the tiny preset's max_seq_len: 1024
     ("sample.max_new_tokens", 1024, "config.sample.max_new_tokens: leaves no room for the prompt"),
+    ("optimizer.warmup_steps", 10**6, "config.optimizer.warmup_steps: 1000000 warmup steps leave nothing of a "),
+    ("init_from", "no/such/ckpt", "config.init_from: not a llama_jax checkpoint: "),
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, key, value, message):
     cfg = tiny_config(**{key: value})
@@ -162,12 +164,30 @@ def test_train_py_refuses_keep_checkpoints_0_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
-def test_failed_setup_leaves_no_checkpoints_dir(tmp_path, tokenizer_path):
+def test_failed_setup_leaves_nothing_behind(tmp_path, tokenizer_path):
     cfg = tiny_config(**{"data.tokenizer": tokenizer_path,
                          "data.sources": [{"kind": "text", "path": str(tmp_path / "no_such.txt")}]})
     with pytest.raises(ValueError, match="no_such.txt"):
         trainer.train(cfg, str(tmp_path / "w"))
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    assert not os.path.exists(tmp_path / "w")  # neither checkpoints/ nor train.lock nor the directory
+    os.mkdir(tmp_path / "mine")  # a workdir the user made: kept, but without our lock
+    with pytest.raises(ValueError, match="no_such.txt"):
+        trainer.train(cfg, str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.steps=3", "--config.optimizer.warmup_steps=5"],
+     "error: config.optimizer.warmup_steps: 5 warmup steps leave nothing of a 3-step schedule "
+     "(expected warmup_steps < optimizer.total_steps (or steps), got 5)"),
+    (["--config.init_from=nope/ckpt"], "error: config.init_from: not a llama_jax checkpoint: "),
+    (["--stepz", "5"], "error: train.py: Unknown command line flag 'stepz' (did you mean --config.steps?)"),
+])
+def test_train_py_bad_settings_fail_in_one_line_before_the_workdir_is_made(tmp_path, flags, message):
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"), *flags]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith(message) and len(p.stderr.splitlines()) == 1, p.stderr
+    assert not os.path.exists(tmp_path / "w")
 
 
 _HOLDER = """
