@@ -6,7 +6,8 @@ and a character whose UTF-8 bytes are split over tokens comes out as U+FFFD. So 
 ids are decoded after the last few ids before them and the text of those is cut off
 (`continuation`); a stream (`TextDecoder`) holds back tokens while they end in an
 unfinished character, so that its pieces join to exactly `continuation` of all the ids.
-A tokenizer here is anything with `decode(ids) -> str` (ours drop bos/eos).
+A tokenizer here is anything with `decode(ids) -> str` (ours drop bos/eos). Ids at or past
+its `vocab_size` (a model whose vocabulary is padded past its tokenizer's) have no text.
 """
 from __future__ import annotations
 
@@ -26,11 +27,17 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
+def _with_text(tokenizer, ids: Sequence[int]) -> list[int]:
+    """`ids` without those the tokenizer has no piece for (they would raise in sentencepiece)."""
+    n = getattr(tokenizer, "vocab_size", None)
+    return [int(i) for i in ids if n is None or 0 <= int(i) < n]
+
+
 def continuation(tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
     """The text `ids` add after `context` (its last CONTEXT_TOKENS ids are used)."""
-    context = [int(i) for i in context][-CONTEXT_TOKENS:]
+    context = _with_text(tokenizer, context)[-CONTEXT_TOKENS:]
     head = tokenizer.decode(context)
-    full = tokenizer.decode(context + [int(i) for i in ids])
+    full = tokenizer.decode(context + _with_text(tokenizer, ids))
     return full[_common_prefix(head, full):]
 
 

@@ -89,6 +89,20 @@ def test_generate_text_keeps_leading_space_and_streams_it(tok):
         assert "".join(pieces[r]) == texts[r]
 
 
+def test_ids_past_the_tokenizers_vocabulary_have_no_text(tok):
+    """A model whose vocabulary is padded past its tokenizer's: sampled ids there decode to
+    nothing (sentencepiece raised an IndexError inside the decode loop)."""
+    from hf_utils import hf_model, params_from_hf
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size + 256)
+    params = params_from_hf(hf_model(cfg, seed=2), cfg)
+    ids = [tok.encode("def f(x):", bos=True)]
+    texts = generate_text(cfg, params, tok, ["def f(x):"], 32, temperature=1.0, seed=5)
+    new = generate(cfg, params, ids, 32, temperature=1.0, seed=5, stop_ids=[tok.eos_id],
+                   stream=lambda step, tokens: None)[0]
+    assert any(i >= tok.vocab_size for i in new)  # the case happens in this run
+    assert texts[0] == _expected(tok, ids[0], [i for i in new if i < tok.vocab_size])
+
+
 def test_generate_text_first_token_keeps_its_space(tok):
     """A model that can only say two words that start with a space: the text starts with one
     (and the CLI prints `prompt + text`). The final norm keeps one feature, h0; the output
