@@ -1,7 +1,5 @@
 """eval.py checks its input before scoring and never reports a metric of nothing (issue 18.8)."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -9,15 +7,7 @@ import pytest
 from llama_jax.data import DataError
 from llama_jax.errors import InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = ["apple banana cherry grape lemon mango orange peach pear plum", "the cat sat on the mat yes no"] * 20
-
-
-def _eval_module():
-    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from test_eval_cli import TEXT, _eval_module  # one loader of eval.py for both files
 
 
 @pytest.fixture(scope="module")
