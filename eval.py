@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llama_jax.cli import ArgumentParser, non_negative_int, positive_int, quiet_logs  # noqa: E402
+from llama_jax.cli.args import ArgumentParser, non_negative_int, positive_int, quiet_logs  # noqa: E402
 from llama_jax.errors import input_error, run_cli  # noqa: E402
 
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     quiet_logs()
     from llama_jax.data import check_vocab
     from llama_jax.evaluation import TASKS, Scorer, get_task
-    from llama_jax.generate_text import find_tokenizer, load_for_generation
+    from llama_jax.inference.text import find_tokenizer, load_for_generation
     names = list(TASKS) if args.tasks == "all" else [n.strip() for n in args.tasks.split(",") if n.strip()]
     names = [get_task(n).name for n in names]  # unknown names fail before the model loads
     if not names and not args.perplexity:

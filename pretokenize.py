@@ -11,8 +11,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llama_jax.cli import ArgumentParser, positive_int, quiet_logs  # noqa: E402
-from llama_jax.data.cli import add_source_flags, source_from_flags  # noqa: E402
+from llama_jax.cli.args import ArgumentParser, positive_int, quiet_logs  # noqa: E402
+from llama_jax.cli.sources import add_source_flags, source_from_flags  # noqa: E402
 from llama_jax.errors import run_cli  # noqa: E402
 
 

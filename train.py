@@ -65,7 +65,7 @@ def _did_you_mean(message: str, cfg) -> str:
     """' (did you mean --NAME?)' for absl's "Unknown command line flag 'X'", matched against
     train.py's flags, the config keys and their last parts (--stepz: --config.steps)."""
     import difflib
-    from llama_jax import config_file
+    from llama_jax.train import config_file
     m = re.search(r"Unknown command line flag '([^']+)'", message)
     if not m:
         return ""
@@ -81,7 +81,7 @@ def _did_you_mean(message: str, cfg) -> str:
 def parse_flags(argv):
     """Load the config file once, check overrides against its keys, then let absl parse."""
     from absl import flags
-    from llama_jax import config_file
+    from llama_jax.train import config_file
     global FLAGS
     spec, rest = _split_config_spec(list(argv))
     cfg = config_file.load(spec) if spec else None
@@ -90,7 +90,7 @@ def parse_flags(argv):
         raise SystemExit(0)
     if cfg is None:
         raise input_error("--config", "missing", "--config configs/NAME.py", None)
-    from llama_jax.data.cli import source_dicts, take_source_flags
+    from llama_jax.cli.sources import source_dicts, take_source_flags
     rest, source_specs = take_source_flags(rest)  # config_flags cannot override a list: specs are ours
     config_file.check_overrides(cfg, rest, spec)
     fv = flags.FlagValues()
@@ -127,13 +127,13 @@ def _init_distributed():
 
 def main(argv):
     parse_flags(argv)
-    from llama_jax.cli import quiet_logs
+    from llama_jax.cli.args import quiet_logs
     quiet_logs()  # Orbax and jax log every save step and backend probe at INFO through absl
     _init_distributed()
     import jax
-    from llama_jax import trainer
+    from llama_jax.train import loop as trainer
     from llama_jax.errors import InputError
-    from llama_jax.train_console import Console, final_lines
+    from llama_jax.train.console import Console, final_lines
 
     lead = jax.process_index() == 0
     cfg = FLAGS.config

@@ -22,10 +22,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llama_jax import ModelConfig, weights  # noqa: E402
-from llama_jax.conversion import tensor_order  # noqa: E402
-from llama_jax.safetensors_io import SafetensorsWriter  # noqa: E402
-from llama_jax.torch_io import TorchFileWriter  # noqa: E402
+from llama_jax import ModelConfig  # noqa: E402
+
+from llama_jax.interop import mapping as weights
+from llama_jax.interop.convert import tensor_order  # noqa: E402
+from llama_jax.interop.safetensors_files import SafetensorsWriter  # noqa: E402
+from llama_jax.interop.torch_files import TorchFileWriter  # noqa: E402
 
 
 def _random_bf16(rng, shape):

@@ -1,4 +1,4 @@
-"""Decode speed of `llama_jax.generate` against transformers' generate, on one GPU.
+"""Decode speed of `llama_jax.inference.generate` against transformers' generate, on one GPU.
 
 LLaMA-7B-shaped random bf16 weights, batch 1 and 16, greedy, 128 new tokens after a
 16-token prompt (no early stop). Timing copies /work/shared/peers/hf_torch_h200.py: two
@@ -120,7 +120,7 @@ def ours(args) -> dict:
     import flax.linen as nn
     import numpy as np
     from llama_jax import Llama, ModelConfig, generate
-    from llama_jax.decode import split_layers
+    from llama_jax.inference.decode import split_layers
     out = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
     bw = copy_bandwidth(jax, jnp, (64 << 20) if args.cpu_smoke else (4 << 30))
     out["copy_bandwidth_TBps"] = bw / 1e12

@@ -2,9 +2,9 @@
 
 Shapes: the LLaMA-1.1B shape of the peer script (dim 2048, 22 layers, 32 heads, ffn 5632,
 vocab 32000) and LLaMA-7B; batch 8 x 2048 per device, bf16 compute, float32 master
-params and AdamW state (the paper's optimizer chain from llama_jax.optim; `--param-dtypes`
+params and AdamW state (the paper's optimizer chain from llama_jax.train.optim; `--param-dtypes`
 adds pure bf16 params and AdamW state, the precision the peer trains in). One FLOP
-formula throughout (llama_jax.metrics.flops_per_token): 6 x non-embedding params +
+formula throughout (llama_jax.train.metrics.flops_per_token): 6 x non-embedding params +
 6 x layers x dim x seq; MFU against 989 TFLOP/s dense bf16 per H200.
 Timing as the peer script: 3 warm-up steps, then the mean of 10 timed steps.
 The peer (/work/shared/peers/hf_torch_h200.py, vendored as benchmarks/peers/) runs first,
@@ -61,7 +61,7 @@ def random_batch(cfg, mesh, b: int, t: int) -> dict:
     the peer trains: no segment ids, so cuDNN runs its causal kernel."""
     import jax
     import jax.numpy as jnp
-    from llama_jax import train_state
+    from llama_jax.train import state as train_state
     tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t + 1), 0, cfg.vocab_size, jnp.int32)
     bs = train_state.batch_sharding(mesh)
     return {"tokens": jax.device_put(tokens[:, :-1], bs), "targets": jax.device_put(tokens[:, 1:], bs),
@@ -83,7 +83,10 @@ def timed_steps(step, state, batch, n: int, warm: int = 2):
 
 def ours(name: str, args, param_dtype: str = "float32") -> dict:
     import jax
-    from llama_jax import metrics, optim, sharding, train_state
+    from llama_jax import sharding
+    from llama_jax.train import metrics
+    from llama_jax.train import optim
+    from llama_jax.train import state as train_state
     n_dev = jax.device_count()
     cfg = shape(name).replace(dtype="bfloat16", param_dtype=param_dtype,
                               remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,

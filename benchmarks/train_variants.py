@@ -84,7 +84,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import jax
     import train_step as TS
-    from llama_jax import metrics, optim, sharding, train_state
+    from llama_jax import sharding
+    from llama_jax.train import metrics
+    from llama_jax.train import optim
+    from llama_jax.train import state as train_state
     n_dev = jax.device_count()
     base = TS.shape(args.shape).replace(dtype="bfloat16", param_dtype="float32", remat_policy="dots_flash",
                                         layer_loop="unrolled", fuse_gate_up=True)

@@ -12,7 +12,7 @@ with Python's look (def, docstrings, indentation) if not its sense.
 Resume: run the same command again with a larger --config.steps (and the same
 --config.optimizer.total_steps, so the schedule is unchanged).
 """
-from llama_jax.train_config import base_config, model_dict
+from llama_jax.train.config import base_config, model_dict
 
 
 def get_config():

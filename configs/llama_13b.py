@@ -10,9 +10,9 @@ Memory: params + grads + Adam state in float32 = 16 bytes x 13.0B params = 208 G
 mesh's fsdp x tensor devices, plus activations (set --config.micro_batches=K to cut them by K).
 Mesh: (1, -1, 1): FSDP over all devices (v5p-128, or 8+ H100/H200 hosts).
 Expected throughput at the paper's ~50% MFU (tokens/s/device = 0.5 x peak FLOP/s / FLOPs per
-token, FLOPs per token = 6 x params + 6 x L x D x 2048, see llama_jax/metrics.py): about 2.8k on TPU v5p, 6k on H100/H200, 1.9k on A100.
+token, FLOPs per token = 6 x params + 6 x L x D x 2048, see llama_jax/train/metrics.py): about 2.8k on TPU v5p, 6k on H100/H200, 1.9k on A100.
 """
-from llama_jax.train_config import paper_config
+from llama_jax.train.config import paper_config
 
 
 def get_config():

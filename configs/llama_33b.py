@@ -10,9 +10,9 @@ Memory: params + grads + Adam state in float32 = 16 bytes x 32.5B params = 520 G
 mesh's fsdp x tensor devices, plus activations (set --config.micro_batches=K to cut them by K).
 Mesh: (1, -1, 4): FSDP x 4-way tensor parallel (v5p-256, or 16+ H100/H200 hosts).
 Expected throughput at the paper's ~50% MFU (tokens/s/device = 0.5 x peak FLOP/s / FLOPs per
-token, FLOPs per token = 6 x params + 6 x L x D x 2048, see llama_jax/metrics.py): about 1.1k on TPU v5p, 2.4k on H100/H200, 760 on A100.
+token, FLOPs per token = 6 x params + 6 x L x D x 2048, see llama_jax/train/metrics.py): about 1.1k on TPU v5p, 2.4k on H100/H200, 760 on A100.
 """
-from llama_jax.train_config import paper_config
+from llama_jax.train.config import paper_config
 
 
 def get_config():

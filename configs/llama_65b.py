@@ -10,9 +10,9 @@ Memory: params + grads + Adam state in float32 = 16 bytes x 65.2B params = 1.04 
 mesh's fsdp x tensor devices, plus activations (set --config.micro_batches=K to cut them by K).
 Mesh: (1, -1, 8): FSDP x 8-way tensor parallel within a host (v5p-512, or 32+ H100/H200 hosts).
 Expected throughput at the paper's ~50% MFU (tokens/s/device = 0.5 x peak FLOP/s / FLOPs per
-token, FLOPs per token = 6 x params + 6 x L x D x 2048, see llama_jax/metrics.py): about 560 on TPU v5p, 1.2k on H100/H200, 380 on A100 (the paper's figure).
+token, FLOPs per token = 6 x params + 6 x L x D x 2048, see llama_jax/train/metrics.py): about 560 on TPU v5p, 1.2k on H100/H200, 380 on A100 (the paper's figure).
 """
-from llama_jax.train_config import paper_config
+from llama_jax.train.config import paper_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ ROOT/<name>/*.jsonl (a "text" field per line), ROOT given after the colon:
 Otherwise the 7B recipe of configs/llama_7b.py (see its docstring for memory and speed).
 """
 from llama_jax.data import paper_mixture
-from llama_jax.train_config import paper_config, sources_list
+from llama_jax.train.config import paper_config, sources_list
 
 
 def get_config(root: str = "data/llama_mixture"):

@@ -6,7 +6,7 @@ Trains a 512-piece tokenizer on the stdlib corpus, then 40 steps of a 2-layer, 6
 model in float32 on 8 x 64 tokens a step. Expected: loss from ~6.2 (ln 512) to ~4 in
 well under a minute on a 2-core CPU.
 """
-from llama_jax.train_config import base_config, model_dict
+from llama_jax.train.config import base_config, model_dict
 
 
 def get_config():

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llama_jax.cli import ArgumentParser, positive_int, quiet_logs  # noqa: E402
+from llama_jax.cli.args import ArgumentParser, positive_int, quiet_logs  # noqa: E402
 from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
 
@@ -34,7 +34,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     quiet_logs()
     from tqdm import tqdm
-    from llama_jax import conversion
+    from llama_jax.interop import convert as conversion
     bar = tqdm(unit="tensor", desc="from_orbax", delay=1)  # no bar when failing fast
 
     def progress(done, total):

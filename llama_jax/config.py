@@ -18,7 +18,7 @@ import numpy as np
 from llama_jax import generations
 from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
-from llama_jax.hf_config_check import check_llama_hf_config
+from llama_jax.interop.hf_config import check_llama_hf_config
 
 
 class AttentionImpl(enum.Enum):

@@ -3,7 +3,9 @@ import numpy as np
 import torch
 import transformers
 
-from llama_jax import ModelConfig, weights
+from llama_jax import ModelConfig
+
+from llama_jax.interop import mapping as weights
 
 torch.set_num_threads(2)
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 from llama_jax import Llama, ModelConfig, load_checkpoint, sharding
 from llama_jax import model as model_lib
 from llama_jax.checkpoint import save_params
-from llama_jax.params_io import ParamsReader
+from llama_jax.checkpoint.streaming import ParamsReader
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
 

@@ -16,7 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"to_orbax": "convert/to_orbax.py", "from_orbax": "convert/from_orbax.py", "eval": "eval.py",
            "train": "train.py", "pretokenize": "pretokenize.py", "train_tokenizer": "train_tokenizer.py",
-           "generate": "llama_jax/generate_cli.py"}
+           "generate": "llama_jax/cli/generate.py"}
 
 
 def bad_inputs(d: dict) -> dict[str, list[list[str]]]:
@@ -152,7 +152,7 @@ def _hf_variants(hf, t, d):
         def make(dst):
             shutil.copytree(hf, dst)
             os.rename(os.path.join(dst, "model.safetensors"), os.path.join(dst, "model-00001-of-00001.safetensors"))
-            from llama_jax.safetensors_io import SafetensorsFile
+            from llama_jax.interop.safetensors_files import SafetensorsFile
             keys = SafetensorsFile(os.path.join(dst, "model-00001-of-00001.safetensors")).keys()
             wm = {k: "model-00001-of-00001.safetensors" for k in keys}
             wm[sorted(keys)[0]] = target
@@ -211,7 +211,8 @@ def fixtures(tmp_path_factory):
     import flax.linen as nn
     import jax
     import numpy as np
-    from llama_jax import Llama, ModelConfig, conversion
+    from llama_jax import Llama, ModelConfig
+    from llama_jax.interop import convert as conversion
     from llama_jax.checkpoint import save_params
     from llama_jax.data import train_tokenizer
     t = str(tmp_path_factory.mktemp("bad"))
@@ -280,7 +281,7 @@ def test_bad_inputs_give_one_line(cli, fixtures, tmp_path):
 @pytest.mark.parametrize("cli", sorted(SCRIPTS))
 def test_main_wiring_one_line(cli, tmp_path):
     """The real command line: `python SCRIPT --bogus-flag` exits 2 with one error line."""
-    cmd = [sys.executable, "-m", "llama_jax.generate"] if cli == "generate" else [sys.executable, SCRIPTS[cli]]
+    cmd = [sys.executable, "-m", "llama_jax", "generate"] if cli == "generate" else [sys.executable, SCRIPTS[cli]]
     p = subprocess.run(cmd + ["--bogus-flag"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT})
     lines = p.stderr.strip().splitlines()
@@ -290,7 +291,7 @@ def test_main_wiring_one_line(cli, tmp_path):
 def test_source_flag_takes_a_spec_or_a_bare_kind(tmp_path):
     """pretokenize.py / train_tokenizer.py: `--source text:F` is `--source text --path F` (README's form)."""
     import argparse
-    from llama_jax.data.cli import add_source_flags, source_from_flags
+    from llama_jax.cli.sources import add_source_flags, source_from_flags
     (tmp_path / "a.txt").write_text("hello")
     p = argparse.ArgumentParser()
     add_source_flags(p)
@@ -307,7 +308,7 @@ def test_source_flag_takes_a_spec_or_a_bare_kind(tmp_path):
 def _main_of(cli: str):
     import runpy
     if cli == "generate":
-        from llama_jax.generate_cli import main
+        from llama_jax.cli.generate import main
         return main
     return runpy.run_path(os.path.join(ROOT, SCRIPTS[cli]), run_name="cli_under_test")["main"]
 

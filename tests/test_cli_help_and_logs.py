@@ -1,6 +1,6 @@
 """CLI consistency and quiet logs (issue 17.6, 17.7, 18.11): fast, useful --help without heavy
 imports; one flag style with the other accepted; no WARNING lines from a conversion or from
-`python -m llama_jax.generate`; a config file runs once; a full disk gives one line."""
+`python -m llama_jax generate`; a config file runs once; a full disk gives one line."""
 import json
 import os
 import shutil
@@ -18,7 +18,7 @@ t0 = time.perf_counter()
 sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
 try:
     if sys.argv[0] == "generate":
-        runpy.run_module("llama_jax.generate", run_name="__main__")
+        runpy.run_module("llama_jax.inference.generate", run_name="__main__")
     else:
         runpy.run_path(sys.argv[0], run_name="__main__")
     code = 0
@@ -61,7 +61,7 @@ def test_generate_help_documents_sampling():
 
 
 def test_underscore_spelling_is_an_alias():
-    from llama_jax.cli import ArgumentParser
+    from llama_jax.cli.args import ArgumentParser
     p = ArgumentParser()
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--top-p", type=float)
@@ -74,7 +74,7 @@ def test_config_runs_once(tmp_path):
     """Listing keys for --help or for an unknown key's message does not run the file again."""
     counter = tmp_path / "runs"
     cfg = tmp_path / "cfg.py"
-    cfg.write_text(f"from llama_jax.train_config import base_config\n"
+    cfg.write_text(f"from llama_jax.train.config import base_config\n"
                    f"open({str(counter)!r}, 'a').write('x')\n"
                    f"def get_config():\n    return base_config()\n")
     for extra in (["--help"], ["--config.stpes=3"]):
@@ -120,7 +120,7 @@ def test_conversion_and_generate_print_no_warnings(tiny_ckpt):
     runs = [_run("convert/from_orbax.py", "--target", "hf", "--input", str(r / "ckpt"), "--output", str(r / "hf")),
             _run("convert/to_orbax.py", "--source", "hf", "--input", str(r / "hf"), "--output", str(r / "back")),
             _run("convert/from_orbax.py", "--target", "meta", "--input", str(r / "back"), "--output", str(r / "meta")),
-            _run("-m", "llama_jax.generate", "--checkpoint", str(r / "workdir"), "--prompt", "def", "--max-new-tokens", "4",
+            _run("-m", "llama_jax", "generate", "--checkpoint", str(r / "workdir"), "--prompt", "def", "--max-new-tokens", "4",
                  "--tokenizer", str(step / "tokenizer.model")),
             _run("convert/from_orbax.py", "--target", "hf", "--input", str(r / "workdir"), "--output", str(r / "hf2"))]
     for p in runs:

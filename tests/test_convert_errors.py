@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_convert_common import CASES, tiny_model, write_hf, write_meta
-from llama_jax import conversion
+from llama_jax.interop import convert as conversion
 
 CFG = CASES["gqa"]
 

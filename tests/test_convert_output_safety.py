@@ -16,7 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import ModelConfig, checkpoint, conversion
+from llama_jax import ModelConfig, checkpoint
+
+from llama_jax.interop import convert as conversion
 from llama_jax.errors import InputError, run_cli
 from llama_jax.model import param_shapes
 

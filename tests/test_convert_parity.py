@@ -12,7 +12,8 @@ import transformers
 
 from hf_utils import hf_logits, rel_err
 from test_convert_common import CASES, tiny_model, write_hf, write_meta
-from llama_jax import Llama, conversion, load_checkpoint
+from llama_jax import Llama, load_checkpoint
+from llama_jax.interop import convert as conversion
 
 TOL = 1e-5  # as tests/test_model_parity.py: float32, max |diff| / max |logit|
 T = 600

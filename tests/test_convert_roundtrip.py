@@ -7,7 +7,8 @@ import torch
 
 from test_convert_common import (CASES, assert_same_tensors, read_hf, read_meta, tiny_model, write_hf,
                                  write_meta)
-from llama_jax import ModelConfig, conversion, load_checkpoint
+from llama_jax import ModelConfig, load_checkpoint
+from llama_jax.interop import convert as conversion
 
 
 def test_meta_two_shards_float16_round_trip(tmp_path):
@@ -63,7 +64,7 @@ def test_llama3_vocab_split_embedding(tmp_path):
 
 
 def _meta_shapes(cfg):
-    from llama_jax import weights
+    from llama_jax.interop import mapping as weights
     return {n: weights.torch_shape(r, cfg) for r in weights.RULES for n in weights.names(r, cfg, "meta")}
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_utils import hf_logits, hf_model, rel_err
 from test_convert_common import assert_same_tensors, read_hf, read_meta, write_hf
-from llama_jax import Llama, ModelConfig, RopeScaling, conversion, load_checkpoint
+from llama_jax import Llama, ModelConfig, RopeScaling, load_checkpoint
+from llama_jax.interop import convert as conversion
 from llama_jax.errors import InputError
 
 TOL, T = 1e-5, 600

@@ -13,10 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import ModelConfig, conversion
+from llama_jax import ModelConfig
+
+from llama_jax.interop import convert as conversion
 from llama_jax.checkpoint import save_params
 from llama_jax.model import param_shapes
-from llama_jax.safetensors_io import SafetensorsFile
+from llama_jax.interop.safetensors_files import SafetensorsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

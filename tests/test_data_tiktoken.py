@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from llama_jax.data import DataError, Llama3Tokenizer, Tokenizer, load_tokenizer, train_tokenizer
-from llama_jax.generate_text import find_tokenizer
+from llama_jax.inference.text import find_tokenizer
 
 MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
 N_RANKS = 256 + len(MERGES)

@@ -78,7 +78,7 @@ def test_non_utf8_lines_score(ckpt, tmp_path):
 
 def test_scorer_refuses_lengths_beyond_context(ckpt):
     from llama_jax.evaluation import Scorer
-    from llama_jax.generate_text import load_for_generation
+    from llama_jax.inference.text import load_for_generation
     config, params = load_for_generation(str(ckpt / "ckpt"))
     for bad in (0, 1, 65):
         with pytest.raises(ValueError, match="max_length"):
@@ -87,7 +87,7 @@ def test_scorer_refuses_lengths_beyond_context(ckpt):
 
 def test_bad_spec_or_task_fails_before_loading_without_output(ckpt, tmp_path, monkeypatch, capsys):
     """--output is optional; a bad --perplexity spec or task name is the error, before the checkpoint loads."""
-    import llama_jax.generate_text as gt
+    import llama_jax.inference.text as gt
     monkeypatch.setattr(gt, "load_for_generation", lambda *a, **k: pytest.fail("checkpoint loaded"))
     ev = _eval_module()
     with pytest.raises(InputError, match=r"perplexity source: unknown source kind 'txt'"):
@@ -125,7 +125,7 @@ def test_pretokenized_scores_the_same_tokens_as_text(ckpt, tmp_path):
     with pytest.raises(InputError, match=r"larger than the model's vocabulary \(expected vocab_size <= 300, got 1000\)"):
         _run(ckpt, tmp_path, "--perplexity", f"pretokenized:{tmp_path / 'pre'}")
     from llama_jax.evaluation import Scorer, perplexity
-    from llama_jax.generate_text import load_for_generation
+    from llama_jax.inference.text import load_for_generation
     scorer = Scorer(*load_for_generation(str(ckpt / "ckpt")))
     with pytest.raises(DataError, match="token id 300 is outside the model's vocabulary of 300"):
         perplexity(scorer, tok, [np.array([5, 300], np.int32)])

@@ -6,8 +6,8 @@ import torch
 
 from hf_utils import hf_model, params_from_hf
 from llama_jax import ModelConfig, generate
-from llama_jax.generate import bucket_cache, bucket_pow2
-from llama_jax.decode import split_layers
+from llama_jax.inference.generate import bucket_cache, bucket_pow2
+from llama_jax.inference.decode import split_layers
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256)
 LENGTHS = (5, 13, 30)

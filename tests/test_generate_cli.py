@@ -1,4 +1,4 @@
-"""The text front end and `python -m llama_jax.generate` on a tiny saved checkpoint; foreign folders."""
+"""The text front end and `python -m llama_jax generate` on a tiny saved checkpoint; foreign folders."""
 import glob
 import os
 
@@ -9,8 +9,8 @@ import pytest
 
 from llama_jax import Llama, ModelConfig
 from llama_jax.checkpoint import save_params
-from llama_jax.generate import main
-from llama_jax.generate_text import generate_text, load_for_generation
+from llama_jax.inference.generate import main
+from llama_jax.inference.text import generate_text, load_for_generation
 
 pytest.importorskip("sentencepiece")
 
@@ -67,7 +67,7 @@ def test_foreign_or_missing_checkpoints_are_named(tmp_path, capsys):
 def test_too_long_fails_before_printing_or_loading(checkpoint, capsys, monkeypatch):
     """--max-new-tokens beyond the context: one error line, nothing printed, params never loaded."""
     path, cfg, _, _ = checkpoint
-    from llama_jax import generate_text as gt
+    from llama_jax.inference import text as gt
     monkeypatch.setattr(gt, "load_for_generation", lambda *a, **k: pytest.fail("params loaded"))
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", path, "--prompt", "hi", "--max-new-tokens", "100000"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, ModelConfig, generate
-from llama_jax.generate import filtered_probs
+from llama_jax.inference.generate import filtered_probs
 
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=128, multiple_of=16, max_seq_len=128)
 

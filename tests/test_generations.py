@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from reference.meta_model_args import MODEL_ARGS, PUBLISHED_PARAMS
-from llama_jax import ModelConfig, RopeScaling, conversion, generate
+from llama_jax import ModelConfig, RopeScaling, generate
+from llama_jax.interop import convert as conversion
 from llama_jax.checkpoint import abstract_params, save_params
 from llama_jax.errors import InputError
-from llama_jax.generate import default_stop_ids
-from llama_jax.generate_text import generate_text
+from llama_jax.inference.generate import default_stop_ids
+from llama_jax.inference.text import generate_text
 from llama_jax.generations import Generation
 
 PRESET_OF = {"1": "llama-7b", "2": "llama2-70b", "3": "llama3-8b", "3.1": "llama3.1-8b", "3.2": "llama3.2-1b",

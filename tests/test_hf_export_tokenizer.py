@@ -13,7 +13,9 @@ import torch
 import transformers
 
 from hf_utils import hf_model, params_from_hf, rel_err
-from llama_jax import Llama, ModelConfig, conversion, generate, hf_tokenizer
+from llama_jax import Llama, ModelConfig, generate
+from llama_jax.interop import convert as conversion
+from llama_jax.interop import hf_tokenizer
 from llama_jax.checkpoint import save_params
 from llama_jax.data import Llama3Tokenizer, train_tokenizer
 from llama_jax.generations import Generation

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama_jax import Llama, ModelConfig, conversion, integrity, load_checkpoint
+from llama_jax import Llama, ModelConfig, load_checkpoint
+
+from llama_jax.interop import convert as conversion
+
+from llama_jax.checkpoint import integrity
 from llama_jax.checkpoint import save_params
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
@@ -102,7 +106,7 @@ def test_checksums_survive_a_dtype_cast_and_old_checkpoints_load_with_one_warnin
     old = tmp_path / "old"
     shutil.copytree(checkpoints / "ocdbt", old)
     os.remove(old / integrity.FILE)
-    with caplog.at_level(logging.WARNING, logger="llama_jax.integrity"):
+    with caplog.at_level(logging.WARNING, logger="llama_jax.checkpoint.integrity"):
         _, loaded = load_checkpoint(old)
         load_checkpoint(old)
         conversion.from_orbax("meta", old, tmp_path / "meta")

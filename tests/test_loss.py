@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llama_jax.train_state import cross_entropy
+from llama_jax.train.state import cross_entropy
 
 
 def test_cross_entropy_and_its_gradient_equal_optax():

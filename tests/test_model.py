@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, ModelConfig, RopeScaling, init_cache
-from llama_jax import decode as D
+from llama_jax.inference import decode as D
 from llama_jax import model as M
 
 CFG = ModelConfig.preset("tiny")

@@ -75,7 +75,7 @@ def _meta_state_dict(hf_sd, cfg):
 
 
 def test_meta_layout_matches_meta_reference_and_transformers(case):
-    from llama_jax import weights
+    from llama_jax.interop import mapping as weights
     cfg, model, _ = case
     meta_sd = _meta_state_dict(model.state_dict(), cfg)
     tokens = _tokens(cfg, seed=2)
@@ -115,7 +115,7 @@ def test_modules_match_transformers(case):
         assert rel_err(ours, layer.input_layernorm(xt).numpy()) < 1e-6
         # Rotary on a query: HF rotates halves of its permuted rows, we rotate pairs.
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-        from llama_jax import weights
+        from llama_jax.interop import mapping as weights
         q_meta = rng.standard_normal((2, T, cfg.n_heads, cfg.head_dim)).astype(np.float32)
         q_hf = weights.meta_to_hf_rotary(q_meta.reshape(-1, cfg.head_dim).T.reshape(cfg.head_dim, -1), 1)
         q_hf = torch.as_tensor(q_hf.T.reshape(q_meta.shape)).transpose(1, 2)
@@ -147,7 +147,7 @@ def test_rope_frequencies_match_transformers(case):
 @pytest.mark.parametrize("layer_loop,remat,fuse", [("scan", "none", False), ("unrolled", "dots_flash", True)])
 def test_gradients_match_transformers(case, layer_loop, remat, fuse):
     """Backward pass too (our output projection has a custom VJP): grads of one loss."""
-    from llama_jax import weights
+    from llama_jax.interop import mapping as weights
     cfg, model, params = case
     cfg = cfg.replace(layer_loop=layer_loop, remat_policy=remat, fuse_gate_up=fuse)
     tokens = _tokens(cfg, b=1, t=520, seed=4)

@@ -7,7 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from llama_jax import ModelConfig, optim
+from llama_jax import ModelConfig
+
+from llama_jax.train import optim
 from llama_jax.model import param_shapes
 
 

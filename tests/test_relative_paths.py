@@ -74,7 +74,7 @@ def test_loaders_from_another_directory(root, monkeypatch):
     harness adapter, with paths relative to the working directory."""
     from llama_jax import load_checkpoint
     from llama_jax.checkpoint import find_tokenizer_file, resolve_checkpoint
-    from llama_jax.generate_text import find_tokenizer, load_for_generation
+    from llama_jax.inference.text import find_tokenizer, load_for_generation
     step = latest_step(root)
     monkeypatch.chdir(root / "notebooks")
     assert resolve_checkpoint("../runs/demo") == step
@@ -109,7 +109,7 @@ def test_fine_tune_with_init_from_a_relative_run(root):
 
 
 def test_generate_cli(root):
-    p = run(["-m", "llama_jax.generate", "--checkpoint", "runs/demo", "--prompt", "def f(x):",
+    p = run(["-m", "llama_jax", "generate", "--checkpoint", "runs/demo", "--prompt", "def f(x):",
              "--max-new-tokens", "4"], root)
     assert p.stdout.startswith("def f(x):")
 

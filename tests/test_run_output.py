@@ -14,7 +14,9 @@ import zlib
 import numpy as np
 import pytest
 
-from llama_jax import plot, run_report
+from llama_jax.train import plot
+
+from llama_jax.train import report as run_report
 from llama_jax.data import SourceConfig, SourceKind, TextUnit
 from llama_jax.data.spec import parse_source, parse_sources, to_spec
 from llama_jax.errors import InputError

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from llama_jax.errors import InputError
-from llama_jax.safetensors_io import SafetensorsFile, SafetensorsWriter
-from llama_jax.torch_sources import HFSource
+from llama_jax.interop.safetensors_files import SafetensorsFile, SafetensorsWriter
+from llama_jax.interop.sources import HFSource
 
 
 def _write(path, header: dict, data: bytes):

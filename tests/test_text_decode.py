@@ -9,8 +9,8 @@ import pytest
 
 from llama_jax import ModelConfig, generate
 from llama_jax.data import Llama3Tokenizer, train_tokenizer
-from llama_jax.generate_text import generate_text
-from llama_jax.text_decode import TextDecoder, decode_continuation
+from llama_jax.inference.text import generate_text
+from llama_jax.inference.detokenize import TextDecoder, decode_continuation
 
 pytest.importorskip("sentencepiece")
 

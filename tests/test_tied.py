@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from llama_jax import ModelConfig, generate, sharding as S
-from llama_jax import train_state as TS
+from llama_jax.train import state as TS
 from llama_jax.checkpoint import abstract_params
 
 TIED = ModelConfig.preset("tiny").replace(tie_word_embeddings=True)

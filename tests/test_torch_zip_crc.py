@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from test_convert_common import CASES, assert_same_tensors, read_meta, tiny_model, write_meta
-from llama_jax import conversion
-from llama_jax.torch_io import TorchFileWriter
+from llama_jax.interop import convert as conversion
+from llama_jax.interop.torch_files import TorchFileWriter
 
 
 def test_meta_export_records_have_right_crc32(tmp_path):

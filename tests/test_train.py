@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import trainer, train_checkpoint
+from llama_jax.train import loop as trainer
+
+from llama_jax.train import checkpoint as train_checkpoint
 from train_helpers import REPO, STEPS, as_flags, assert_same_losses, losses, tiny_config
 from train_helpers import reference, tokenizer_path  # noqa: F401  (fixtures)
 
@@ -62,7 +64,8 @@ def test_stop_and_resume_onto_another_mesh(tmp_path, tokenizer_path, reference):
 
 
 def test_init_is_sharded_and_step_dir_loads_as_params_checkpoint(tmp_path, tokenizer_path):
-    from llama_jax import load_checkpoint, sharding, train_config
+    from llama_jax import load_checkpoint, sharding
+    from llama_jax.train import config as train_config
     cfg = tiny_config(**{"data.tokenizer": tokenizer_path, "mesh": (1, 2, 4)})
     run_ = trainer.setup(cfg, str(tmp_path))
     wq = run_.state.params["layers"]["attention"]["wq"]  # [L, D, N, H]: D over fsdp, N over tensor

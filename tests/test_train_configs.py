@@ -8,7 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import ModelConfig, metrics, optim, sharding, train_config, train_state
+from llama_jax import ModelConfig, sharding
+
+from llama_jax.train import metrics
+
+from llama_jax.train import optim
+
+from llama_jax.train import config as train_config
+
+from llama_jax.train import state as train_state
 from llama_jax.data import DataConfig
 from train_helpers import REPO
 

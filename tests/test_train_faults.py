@@ -17,7 +17,15 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, train_checks, train_config, trainer, workdir_lock
+from llama_jax import checkpoint
+
+from llama_jax.train import checks as train_checks
+
+from llama_jax.train import config as train_config
+
+from llama_jax.train import loop as trainer
+
+from llama_jax.train import workdir_lock
 from llama_jax.errors import InputError
 from train_helpers import REPO, STEPS, as_flags, assert_same_losses, losses, tiny_config
 from train_helpers import reference, tokenizer_path  # noqa: F401  (fixtures)
@@ -192,7 +200,7 @@ def test_train_py_bad_settings_fail_in_one_line_before_the_workdir_is_made(tmp_p
 
 _HOLDER = """
 import sys, time
-from llama_jax import workdir_lock
+from llama_jax.train import workdir_lock
 with workdir_lock.hold(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -294,7 +302,7 @@ def _events(logdir):
 
 
 def test_a_resume_drops_the_metrics_rows_after_its_step(tmp_path):
-    from llama_jax.metrics import MetricsWriter
+    from llama_jax.train.metrics import MetricsWriter
     w = MetricsWriter(str(tmp_path))
     for step in range(1, 5):
         w.write(step, {"loss": float(step)})

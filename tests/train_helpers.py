@@ -57,7 +57,7 @@ def assert_same_losses(got: dict, want: dict, rtol: float = 2e-6):
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, tokenizer_path):
     """Losses by step of the uninterrupted 6-step run on mesh (1, 8, 1), one process."""
-    from llama_jax import trainer
+    from llama_jax.train import loop as trainer
     workdir = str(tmp_path_factory.mktemp("reference"))
     trainer.train(tiny_config(**{"data.tokenizer": tokenizer_path, "mesh": (1, 8, 1)}), workdir)
     return losses(workdir)

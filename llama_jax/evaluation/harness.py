@@ -8,7 +8,7 @@
 lm_eval is imported when this module is, so the rest of llama_jax never needs it. Contexts
 are encoded with bos (LLaMA's convention; `add_bos=False` gives the harness's HF default),
 log-likelihoods come from our packed `Scorer`, rolling log-likelihoods from our windows
-(the harness's disjoint windows), generation from `llama_jax.generate` (greedy unless the
+(the harness's disjoint windows), generation from `llama_jax.inference.generate` (greedy unless the
 task asks for sampling).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class LlamaJaxLM(TemplateLM):
     @classmethod
     def from_checkpoint(cls, path: str, tokenizer: str | None = None, dtype: str | None = None, **kw) -> "LlamaJaxLM":
         """Loads a llama_jax checkpoint directory and its tokenizer.model."""
-        from llama_jax.generate_text import find_tokenizer, load_for_generation
+        from llama_jax.inference.text import find_tokenizer, load_for_generation
         config, params = load_for_generation(path, dtype=dtype, mesh=kw.get("mesh"))
         return cls(config, params, find_tokenizer(path, tokenizer), **kw)
 
@@ -76,7 +76,7 @@ class LlamaJaxLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from llama_jax.generate import generate
+        from llama_jax.inference.generate import generate
         out = []
         for req in requests:  # one at a time: each request may carry its own stop strings and length
             context, kw = req.args

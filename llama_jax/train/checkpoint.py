@@ -7,7 +7,7 @@ Layout of one step (`WORKDIR/checkpoints/<step>/`):
   meta/              {"step": ...}
   model_config.json  (and tokenizer.model when known) beside params/, so that
                      `llama_jax.load_checkpoint(step_dir)` reads a training step directly.
-  checksums.json     one checksum per array of params/ and opt_state/ (llama_jax.integrity),
+  checksums.json     one checksum per array of params/ and opt_state/ (llama_jax.checkpoint.integrity),
                      verified on restore; written only for finite states.
   files/             (empty: the item whose handler writes the two files above)
 Orbax writes a step into a temporary directory and renames it when complete, so a kill
@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llama_jax import integrity
+from llama_jax.checkpoint import integrity
 
 DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
 

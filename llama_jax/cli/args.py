@@ -1,6 +1,6 @@
 """What the command-line scripts share: one flag style, one-line errors, quiet logs.
 
-Imported by the repo-root scripts and `python -m llama_jax.generate` only (the library never
+Imported by the repo-root scripts and `python -m llama_jax generate` only (the library never
 parses argv). Nothing here imports jax, so `--help` stays fast: scripts import their heavy
 modules after parsing.
 

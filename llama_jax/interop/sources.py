@@ -12,12 +12,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from llama_jax import weights
+from llama_jax.interop import mapping as weights
 from llama_jax.config import ModelConfig
 from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
-from llama_jax.safetensors_io import SafetensorsFile
-from llama_jax.torch_io import TorchFile
+from llama_jax.interop.safetensors_files import SafetensorsFile
+from llama_jax.interop.torch_files import TorchFile
 
 
 class MetaSource:

@@ -14,7 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from llama_jax.config import ModelConfig
-from llama_jax.optim import OptimizerConfig
+from llama_jax.train.optim import OptimizerConfig
 
 # Fields that may be None in a ModelConfig: ml_collections needs their type to accept
 # an override, hence typed placeholders.

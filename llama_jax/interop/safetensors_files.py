@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from llama_jax.errors import input_error
-from llama_jax.torch_io import PreallocatedWriter, pread_exact
+from llama_jax.interop.torch_files import PreallocatedWriter, pread_exact
 
 ST_TO_NUMPY = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

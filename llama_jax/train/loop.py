@@ -21,13 +21,21 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from llama_jax import metrics as metrics_lib
-from llama_jax import integrity, optim, run_report, sharding, train_checkpoint, train_checks, train_config
-from llama_jax import train_recovery, train_state, workdir_lock
+from llama_jax.train import metrics as metrics_lib
+from llama_jax import sharding
+from llama_jax.checkpoint import integrity
+from llama_jax.train import optim
+from llama_jax.train import report as run_report
+from llama_jax.train import checkpoint as train_checkpoint
+from llama_jax.train import checks as train_checks
+from llama_jax.train import config as train_config
+from llama_jax.train import recovery as train_recovery
+from llama_jax.train import state as train_state
+from llama_jax.train import workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.data import DataConfig
 from llama_jax.errors import input_error
-from llama_jax.train_input import ShardedInput, tokenizer_for
+from llama_jax.data.input import ShardedInput, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +330,7 @@ def _train(cfg, workdir, stop, on_log) -> dict:
 def sample(run: Run) -> str:
     """The configured prompt and its continuation by the current params (gathered to the
     host first: meant for the small demo models)."""
-    from llama_jax.generate_text import generate_text
+    from llama_jax.inference.text import generate_text
     s = run.cfg.sample
     log.info("generating a %d-token sample", s.max_new_tokens)
     params = jax.device_get(run.state.params)

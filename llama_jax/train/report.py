@@ -2,7 +2,7 @@
 the sample (WORKDIR/samples/step_N.txt and TensorBoard text), the smoothed final train
 loss, and WORKDIR/plot.png at the end. Process 0 writes; the others only compute.
 
-The summary goes to the `llama_jax.run_report` logger (train.py prints it cleanly above
+The summary goes to the `llama_jax.train.report` logger (train.py prints it cleanly above
 the progress bar); nothing here prints.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from llama_jax.plot import plot_run, read_metrics
+from llama_jax.train.plot import plot_run, read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from llama_jax.errors import input_error
-from llama_jax.zip_crc import set_crc32
+from llama_jax.interop.zip_crc import set_crc32
 
 
 def import_torch(path: str):

@@ -1,7 +1,7 @@
-"""`python -m llama_jax.generate`: sample text from a checkpoint, streaming one prompt's tokens.
+"""`python -m llama_jax generate`: sample text from a checkpoint, streaming one prompt's tokens.
 
-    python -m llama_jax.generate --checkpoint ckpt/tiny --prompt "def fib(n):" --max-new-tokens 64
-    python -m llama_jax.generate --checkpoint runs/demo --prompt "import" --prompt "class" \\
+    python -m llama_jax generate --checkpoint ckpt/tiny --prompt "def fib(n):" --max-new-tokens 64
+    python -m llama_jax generate --checkpoint runs/demo --prompt "import" --prompt "class" \\
         --temperature 0.8 --top-p 0.95
 
 Sampling is Meta's: temperature 0 is greedy; otherwise softmax(logits / temperature), then
@@ -13,12 +13,12 @@ from __future__ import annotations
 import sys
 import time
 
-from llama_jax.cli import ArgumentParser, non_negative_int, positive_int, quiet_logs
+from llama_jax.cli.args import ArgumentParser, non_negative_int, positive_int, quiet_logs
 from llama_jax.errors import input_error
 
 
 def _parser() -> ArgumentParser:
-    ap = ArgumentParser(prog="python -m llama_jax.generate", description=__doc__)
+    ap = ArgumentParser(prog="python -m llama_jax generate", description=__doc__)
     ap.add_argument("--checkpoint", required=True, help="a llama_jax checkpoint directory, training step or workdir")
     ap.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
     ap.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
@@ -40,7 +40,7 @@ def _check_lengths_early(a):
     """The tokenizer, once each prompt + --max-new-tokens is known to fit the model's context
     (read from model_config.json, before the params load and before anything is printed);
     None when the config cannot be read here (loading the checkpoint then says why)."""
-    from llama_jax import generate_text as gt
+    from llama_jax.inference import text as gt
     from llama_jax.checkpoint import CONFIG_FILE, resolve_checkpoint
     from llama_jax.config import ModelConfig
     try:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if not 0 < a.top_p <= 1:
         raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
     quiet_logs()
-    from llama_jax import generate_text as gt
+    from llama_jax.inference import text as gt
     tok = _check_lengths_early(a)
     import jax
     mesh = None

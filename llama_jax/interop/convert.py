@@ -15,12 +15,20 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llama_jax import checkpoint, hf_tokenizer, integrity, meta_params, weights
+from llama_jax import checkpoint
+
+from llama_jax.interop import hf_tokenizer
+
+from llama_jax.checkpoint import integrity
+
+from llama_jax.interop import meta_params
+
+from llama_jax.interop import mapping as weights
 from llama_jax.config import ModelConfig
-from llama_jax.params_io import ParamsReader, ParamsWriter, unflatten
-from llama_jax.safetensors_io import SafetensorsWriter
-from llama_jax.torch_io import TorchFileWriter, import_torch
-from llama_jax.torch_sources import open_source
+from llama_jax.checkpoint.streaming import ParamsReader, ParamsWriter, unflatten
+from llama_jax.interop.safetensors_files import SafetensorsWriter
+from llama_jax.interop.torch_files import TorchFileWriter, import_torch
+from llama_jax.interop.sources import open_source
 
 Progress = Callable[[int, int], None]
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")

@@ -19,7 +19,7 @@ import threading
 import time
 import jax
 
-from llama_jax import train_checkpoint
+from llama_jax.train import checkpoint as train_checkpoint
 
 log = logging.getLogger(__name__)
 

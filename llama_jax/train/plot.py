@@ -1,7 +1,7 @@
 """A training run's curves as a PNG: train loss and eval loss over steps (top), the
 learning rate (bottom), from WORKDIR/metrics.jsonl.
 
-    python -m llama_jax.plot WORKDIR [--output PATH]      # default WORKDIR/plot.png
+    python -m llama_jax plot WORKDIR [--output PATH]      # default WORKDIR/plot.png (llama_jax/cli/plot.py)
 
 Drawn with numpy and written with zlib (a PNG is a zlib stream of RGB rows), so plotting
 needs no plotting library; train.py writes the same figure at the end of every run.
@@ -163,20 +163,3 @@ def plot_run(workdir: str, output: str | None = None, rows: list[dict] | None = 
         f.write(png_bytes(render(rows)))
     os.replace(output + ".tmp", output)
     return output
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.plot", description=__doc__.split("\n")[0])
-    p.add_argument("workdir", help="a train.py --workdir (reads its metrics.jsonl)")
-    p.add_argument("--output", default=None, help="PNG path (default: WORKDIR/plot.png)")
-    args = p.parse_args(argv)
-    if not os.path.isdir(args.workdir):
-        from llama_jax.errors import input_error
-        raise input_error(args.workdir, "no such directory", "a train.py --workdir", args.workdir)
-    print(f"wrote {plot_run(args.workdir, args.output)}")
-    return 0
-
-
-if __name__ == "__main__":
-    from llama_jax.errors import run_cli
-    sys.exit(run_cli(main))

@@ -3,7 +3,7 @@
 A params-only checkpoint directory holds
   model_config.json   ModelConfig.to_dict()
   params/             an Orbax PyTree checkpoint of the params in our stacked layout
-  checksums.json      one checksum per array (llama_jax.integrity), verified on load
+  checksums.json      one checksum per array (llama_jax.checkpoint.integrity), verified on load
   tokenizer files     copied from the source, when known (tokenizer.model, tokenizer.json ...)
 A training step directory (`WORKDIR/checkpoints/<step>/`) has the same two entries beside
 its other items, so `load_checkpoint` reads a step, a workdir or its `checkpoints/`
@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llama_jax import integrity, workdir_lock
+from llama_jax.checkpoint import integrity
+
+from llama_jax.train import workdir_lock
 from llama_jax import model as model_lib
-from llama_jax import params_io
+from llama_jax.checkpoint import streaming as params_io
 from llama_jax.config import ModelConfig
 from llama_jax.errors import input_error
 

@@ -15,7 +15,7 @@ import time
 
 from tqdm import tqdm
 
-from llama_jax.run_report import rounded
+from llama_jax.train.report import rounded
 
 BAR_KEYS = ("loss_mean", "lr", "eval_loss")
 

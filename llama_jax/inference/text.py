@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.generate import default_stop_ids, generate
-from llama_jax.text_decode import TextDecoder, decode_continuation
+from llama_jax.inference.generate import default_stop_ids, generate
+from llama_jax.inference.detokenize import TextDecoder, decode_continuation
 
 
 class _TextStream:

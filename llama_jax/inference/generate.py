@@ -20,12 +20,6 @@ stacked tree, to hold one copy and skip it.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python -m llama_jax.generate`: the CLI, before the heavy imports (fast --help)
-    import sys
-    from llama_jax.errors import run_cli
-    from llama_jax.generate_cli import main as _cli_main
-    sys.exit(run_cli(_cli_main))
-
 import functools
 from typing import Callable, NamedTuple, Sequence
 
@@ -36,7 +30,7 @@ import numpy as np
 
 from llama_jax import generations
 from llama_jax.config import ModelConfig
-from llama_jax.decode import decode_forward, decode_layer_shapes, init_decode_cache, is_split, split_layers
+from llama_jax.inference.decode import decode_forward, decode_layer_shapes, init_decode_cache, is_split, split_layers
 from llama_jax.model import param_shapes
 
 _PAD = -1  # written into the output after a row has stopped
@@ -335,12 +329,3 @@ def _run(fn, params, args, mesh) -> np.ndarray:
         out = fn(params, *args)
     return np.asarray(jax.device_get(out))
 
-
-def main(argv=None) -> None:
-    """The `python -m llama_jax.generate` CLI (llama_jax.generate_cli): bad input exits 2 with one line."""
-    import sys
-    from llama_jax.errors import run_cli
-    from llama_jax.generate_cli import main as cli_main
-    rc = run_cli(cli_main, argv)
-    if rc:
-        sys.exit(rc)

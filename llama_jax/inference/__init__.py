@@ -1,0 +1,1 @@
+"""Inference: the cached decode path, sampling, generation, text in and out."""

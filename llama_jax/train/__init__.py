@@ -1,0 +1,1 @@
+"""Training: config schema, state, optimizer, checkpoints, metrics, the loop."""
