@@ -28,6 +28,8 @@ from llama_jax.interop import mapping as weights
 from llama_jax.interop.convert import tensor_order  # noqa: E402
 from llama_jax.interop.safetensors_files import SafetensorsWriter  # noqa: E402
 from llama_jax.interop.torch_files import TorchFileWriter  # noqa: E402
+from llama_jax.interop.meta_params import meta_params_of
+from llama_jax.interop.hf_config import hf_config_of
 
 
 def _random_bf16(rng, shape):
@@ -45,10 +47,10 @@ def write_source(fmt: str, config: ModelConfig, out: str) -> int:
     order = list(tensor_order(config, fmt))
     specs = {name: (weights.torch_shape(rule, config), np.dtype(ml_dtypes.bfloat16)) for rule, _, name in order}
     if fmt == "meta":
-        (open(os.path.join(out, "params.json"), "w")).write(json.dumps(config.to_meta_params()))
+        (open(os.path.join(out, "params.json"), "w")).write(json.dumps(meta_params_of(config)))
         writer = TorchFileWriter(os.path.join(out, "consolidated.00.pth"), specs)
     else:
-        (open(os.path.join(out, "config.json"), "w")).write(json.dumps(config.to_hf_config()))
+        (open(os.path.join(out, "config.json"), "w")).write(json.dumps(hf_config_of(config)))
         writer = SafetensorsWriter(os.path.join(out, "model.safetensors"), specs)
     for name, (shape, _) in specs.items():
         writer.write(name, _random_bf16(rng, shape))

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from llama_jax.interop.hf_config import hf_config_of
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +49,7 @@ def peer(args) -> dict:
     from llama_jax.config import ModelConfig
     dev = "cpu" if args.cpu_smoke else "cuda"
     sync = (lambda: None) if args.cpu_smoke else torch.cuda.synchronize
-    cfg = transformers.LlamaConfig(**ModelConfig.preset(args.preset).to_hf_config(), attn_implementation="sdpa")
+    cfg = transformers.LlamaConfig(**hf_config_of(ModelConfig.preset(args.preset)), attn_implementation="sdpa")
     out = {"torch": torch.__version__, "transformers": transformers.__version__}
     for static in (True, False):
         for b in map(int, args.batches.split(",")):

@@ -18,7 +18,6 @@ import numpy as np
 from llama_jax import generations
 from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
-from llama_jax.interop.hf_config import check_llama_hf_config
 
 
 class AttentionImpl(enum.Enum):
@@ -215,121 +214,6 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
-    # Meta params.json.
-    @classmethod
-    def from_meta_params(cls, params: dict, vocab_size: int | None = None, source: str = "params.json",
-                         generation: Generation | str | None = None, tied: bool = False,
-                         **execution: Any) -> "ModelConfig":
-        """Read Meta's params.json; `vocab_size` fills in its -1 ("from the tokenizer").
-
-        `generation` overrides the one the keys say (generations.from_meta_params); `tied`
-        says the weights have one embedding matrix for input and output.
-        """
-        p = dict(params)
-        for k in ("dim", "n_layers", "n_heads", "norm_eps"):
-            if k not in p:
-                raise input_error(source, f"missing key {k!r}")
-        known = set(generations.META_KEYS[Generation.LLAMA3_1]) | set(generations.META_ROPE_KEYS) | set(
-            generations.META_IGNORED_KEYS)
-        unknown = sorted(set(p) - known)
-        if unknown:
-            raise input_error(source, f"unknown key {unknown[0]!r}", f"one of Meta's keys {sorted(known)}")
-        gen = generations.parse(generation) if generation is not None else generations.from_meta_params(p, tied)
-        v = p.pop("vocab_size", -1)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
-            raise input_error(f"{source}: vocab_size", "must be an integer (-1: from the tokenizer)", "an integer", v)
-        if v is None or v < 0:
-            v = vocab_size
-        if v is None:
-            raise input_error(source, "vocab_size is -1 (from the tokenizer): pass vocab_size")
-        if vocab_size is not None and v != vocab_size:
-            raise input_error(source, "vocab_size differs from the tokenizer/weights", vocab_size, v)
-        factor, high = p.pop("rope_scaling_factor", None), p.pop("rope_high_freq_factor", None)
-        if p.pop("use_scaled_rope", False):
-            factor = factor or generations.ROPE_FACTOR.get(gen)
-            if factor is None:
-                raise input_error(source, f"use_scaled_rope is true but generation {gen.value} has no scaled "
-                                          f"rope", "generation 3.1, 3.2 or 3.3")
-            p["rope_scaling"] = RopeScaling(factor=float(factor), **({"high_freq_factor": float(high)} if high else {}))
-        p.pop("max_batch_size", None)
-        kw = {"max_seq_len": generations.CONTEXT[gen], **p, **execution}
-        return _named(source, cls, dict(vocab_size=v, generation=gen, tie_word_embeddings=tied, **kw))
-
-    def to_meta_params(self) -> dict:
-        """params.json with exactly the keys Meta shipped for `generation` (generations.META_KEYS)."""
-        g, where = self.generation, f"Meta params.json of generation {self.generation.value}"
-        keys = generations.META_KEYS[g]
-        if not g.llama3_family and self.rope_theta != 10000.0:
-            raise input_error(where, "has no rope_theta key: export as generation 3 or later", 10000.0,
-                              self.rope_theta)
-        if g is Generation.LLAMA1 and (self.n_kv_heads is not None or self.ffn_dim_multiplier is not None):
-            raise input_error(where, "has no n_kv_heads/ffn_dim_multiplier: export as generation 2 or later")
-        p = {k: getattr(self, k) for k in keys if k != "use_scaled_rope"}
-        if g is Generation.LLAMA2:  # its optional keys, where used (70B)
-            p.update({k: getattr(self, k) for k in generations.META_OPTIONAL_KEYS if getattr(self, k) is not None})
-        if g.llama3_family:
-            p["n_kv_heads"] = self.kv_heads
-            if self.ffn_dim_multiplier is None:
-                del p["ffn_dim_multiplier"]
-        if self.rope_scaling is not None:
-            if not g.scaled_rope or self.rope_scaling != RopeScaling(factor=generations.ROPE_FACTOR[g]):
-                raise input_error(where, "can only say use_scaled_rope (llama3 scaling with the generation's "
-                                  "factor); pass the right --generation", generations.ROPE_FACTOR.get(g),
-                                  self.rope_scaling)
-        if g.scaled_rope:
-            p["use_scaled_rope"] = self.rope_scaling is not None
-        return p
-
-    # Hugging Face config.json.
-    @classmethod
-    def from_hf_config(cls, c: dict, source: str = "config.json", generation: Generation | str | None = None,
-                       **execution: Any) -> "ModelConfig":
-        check_llama_hf_config(c, source)  # refuses other architectures, naming the field (biases, head_dim, ...)
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if k not in c:
-                raise input_error(source, f"missing key {k!r}")
-        rope = dict(c.get("rope_parameters") or {})  # transformers v5 puts theta and scaling here
-        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-        scaling = c.get("rope_scaling") or rope
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        rope_scaling = None
-        if rope_type == "llama3":
-            rope_scaling = RopeScaling(**{k: scaling[k] for k in (
-                "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")})
-        elif rope_type != "default":
-            raise input_error(source, f"unknown rope type {rope_type!r} in rope_scaling", "'default' or 'llama3'")
-        d, h = c["hidden_size"], c["num_attention_heads"]
-        kv = c.get("num_key_value_heads") or h
-        multiple_of, multiplier = _ffn_recipe_for(d, c["intermediate_size"])
-        tied = bool(c.get("tie_word_embeddings", False))  # transformers' LlamaConfig default: untied
-        gen = generations.parse(generation) if generation is not None else generations.from_hf_config(
-            c, rope_scaling and rope_scaling.factor, tied)
-        return cls(generation=gen, tie_word_embeddings=tied, dim=d, n_layers=c["num_hidden_layers"], n_heads=h,
-                   n_kv_heads=None if kv == h else kv,
-                   vocab_size=c["vocab_size"], multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope_scaling,
-                   max_seq_len=c.get("max_position_embeddings", 2048), **execution)
-
-    def to_hf_config(self) -> dict:
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {"rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.dim, "intermediate_size": self.ffn_hidden_dim,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
-            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
-            "rope_parameters": rope, "hidden_act": "silu", "tie_word_embeddings": bool(self.tie_word_embeddings),
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
-            "bos_token_id": generations.special_ids(self.generation).bos,
-            "eos_token_id": generations.special_ids(self.generation).eos,
-            "dtype": self.param_dtype,
-        }
-
 
 def _named(source: str, cls, kwargs: dict) -> "ModelConfig":
     """cls(**kwargs), a bad value reported with the file it came from."""
@@ -337,21 +221,6 @@ def _named(source: str, cls, kwargs: dict) -> "ModelConfig":
         return cls(**kwargs)
     except ValueError as e:
         raise input_error(source, str(e)) from None
-
-
-def _ffn_recipe_for(dim: int, hidden: int) -> tuple[int, float | None]:
-    """Meta's (multiple_of, ffn_dim_multiplier) that give HF's stored intermediate_size.
-
-    HF keeps only the result, so the recipe is not unique (Llama 2 70B's 28672 is both
-    4096 x 7 and 1024 x 28): known recipes first, else a multiplier that lands on `hidden`.
-    """
-    base = int(2 * 4 * dim / 3)
-    for m in (4096, 1024, 256, 128, 64, 32, 16, 8):
-        for mult in (None, 1.3, 1.2, 1.5, 2.0):
-            h = base if mult is None else int(mult * base)
-            if m * ((h + m - 1) // m) == hidden:
-                return m, mult
-    return 1, (hidden + 0.5) / base
 
 
 _ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",

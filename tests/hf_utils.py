@@ -6,6 +6,7 @@ import transformers
 from llama_jax import ModelConfig
 
 from llama_jax.interop import mapping as weights
+from llama_jax.interop.hf_config import hf_config_of
 
 torch.set_num_threads(2)
 
@@ -13,7 +14,7 @@ torch.set_num_threads(2)
 def hf_model(config: ModelConfig, seed: int = 0, attn: str = "eager") -> "transformers.LlamaForCausalLM":
     """A float32 LlamaForCausalLM with random weights (norm weights randomised too)."""
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**config.to_hf_config(), attn_implementation=attn)
+    hf_cfg = transformers.LlamaConfig(**hf_config_of(config), attn_implementation=attn)
     model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

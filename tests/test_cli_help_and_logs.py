@@ -18,7 +18,8 @@ t0 = time.perf_counter()
 sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
 try:
     if sys.argv[0] == "generate":
-        runpy.run_module("llama_jax.inference.generate", run_name="__main__")
+        sys.argv = ["llama_jax", "generate", *sys.argv[1:]]
+        runpy.run_module("llama_jax", run_name="__main__", alter_sys=True)
     else:
         runpy.run_path(sys.argv[0], run_name="__main__")
     code = 0

@@ -9,6 +9,7 @@ import torch
 from hf_utils import hf_model
 from test_model_parity import _meta_state_dict
 from llama_jax import ModelConfig, RopeScaling
+from llama_jax.interop.meta_params import meta_params_of
 
 CASES = {
     "mha": ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=1024),
@@ -35,7 +36,7 @@ def write_meta(model_or_sd, cfg: ModelConfig, path: str, shards: int, dtype: tor
     """params.json + consolidated.NN.pth split as Meta does, + a tokenizer.model stand-in."""
     sd = _meta_state_dict(model_or_sd.state_dict(), cfg) if hasattr(model_or_sd, "state_dict") else model_or_sd
     os.makedirs(path)
-    params = cfg.to_meta_params()
+    params = meta_params_of(cfg)
     for k in range(shards):
         shard = {}
         for name, w in sd.items():

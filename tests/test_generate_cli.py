@@ -9,7 +9,14 @@ import pytest
 
 from llama_jax import Llama, ModelConfig
 from llama_jax.checkpoint import save_params
-from llama_jax.inference.generate import main
+from llama_jax.__main__ import main as llama_main
+
+
+def main(argv):
+    """`python -m llama_jax generate ARGV` in this process; exits with its code when it fails."""
+    rc = llama_main(["generate", *argv])
+    if rc:
+        raise SystemExit(rc)
 from llama_jax.inference.text import generate_text, load_for_generation
 
 pytest.importorskip("sentencepiece")

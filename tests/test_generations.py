@@ -16,6 +16,10 @@ from llama_jax.errors import InputError
 from llama_jax.inference.generate import default_stop_ids
 from llama_jax.inference.text import generate_text
 from llama_jax.generations import Generation
+from llama_jax.interop.meta_params import meta_params_of
+from llama_jax.interop.meta_params import config_from_meta
+from llama_jax.interop.hf_config import hf_config_of
+from llama_jax.interop.hf_config import config_from_hf
 
 PRESET_OF = {"1": "llama-7b", "2": "llama2-70b", "3": "llama3-8b", "3.1": "llama3.1-8b", "3.2": "llama3.2-1b",
              "3.3": "llama3.3-70b"}
@@ -38,17 +42,17 @@ def _published_without_vocab(p):
 @pytest.mark.parametrize("gen", sorted(PRESET_OF))
 def test_presets_write_the_published_params_json(gen):
     """Our preset's params.json has Meta's published keys and values (vocab_size: -1 in 1/2)."""
-    ours = ModelConfig.preset(PRESET_OF[gen]).to_meta_params()
+    ours = meta_params_of(ModelConfig.preset(PRESET_OF[gen]))
     assert _published_without_vocab(ours) == _published_without_vocab(PUBLISHED_PARAMS[gen])
     assert ModelConfig.preset(PRESET_OF[gen]).generation.value == gen
     if gen == "2":  # 7B/13B: no GQA, no multiplier, so no keys for them (LLaMA 1's set)
-        assert set(ModelConfig.preset("llama2-7b").to_meta_params()) == set(PUBLISHED_PARAMS["1"])
+        assert set(meta_params_of(ModelConfig.preset("llama2-7b"))) == set(PUBLISHED_PARAMS["1"])
 
 
 @pytest.mark.parametrize("gen", sorted(PRESET_OF))
 def test_published_params_json_reads_as_the_preset(gen):
     p = PUBLISHED_PARAMS[gen]
-    cfg = ModelConfig.from_meta_params(p, vocab_size=32000 if p["vocab_size"] < 0 else None,
+    cfg = config_from_meta(p, vocab_size=32000 if p["vocab_size"] < 0 else None,
                                        tied=gen == "3.2", generation="3.3" if gen == "3.3" else None)
     assert cfg == ModelConfig.preset(PRESET_OF[gen])
     if gen == "3.2":  # rope factor 32: from the generation, as params.json only says use_scaled_rope
@@ -187,11 +191,11 @@ def test_new_presets_have_the_published_parameter_counts(name, count):
 
 def test_rope_factor_comes_from_the_files():
     p31 = PUBLISHED_PARAMS["3.1"]
-    assert ModelConfig.from_meta_params(p31).rope_scaling.factor == 8.0
+    assert config_from_meta(p31).rope_scaling.factor == 8.0
     # Llama 4's ModelArgs name for it, when a params.json carries one.
-    assert ModelConfig.from_meta_params({**p31, "rope_scaling_factor": 16.0}).rope_scaling.factor == 16.0
-    hf = ModelConfig.preset("llama3.2-1b").to_hf_config()
+    assert config_from_meta({**p31, "rope_scaling_factor": 16.0}).rope_scaling.factor == 16.0
+    hf = hf_config_of(ModelConfig.preset("llama3.2-1b"))
     hf["rope_scaling"]["factor"] = hf["rope_parameters"]["factor"] = 4.0
-    assert ModelConfig.from_hf_config(hf).rope_scaling.factor == 4.0
+    assert config_from_hf(hf).rope_scaling.factor == 4.0
     with pytest.raises(InputError, match="can only say use_scaled_rope"):  # params.json cannot say 4
-        ModelConfig.from_hf_config(hf).to_meta_params()
+        meta_params_of(config_from_hf(hf))

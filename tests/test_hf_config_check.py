@@ -7,6 +7,8 @@ import transformers
 
 from llama_jax import ModelConfig
 from llama_jax.errors import InputError
+from llama_jax.interop.hf_config import hf_config_of
+from llama_jax.interop.hf_config import config_from_hf
 
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
@@ -19,11 +21,11 @@ def _hf(cls, **kw):
 
 
 def test_llama_configs_accepted():
-    ModelConfig.from_hf_config(_hf(transformers.LlamaConfig))
-    ModelConfig.from_hf_config(ModelConfig.preset("tiny").to_hf_config())
+    config_from_hf(_hf(transformers.LlamaConfig))
+    config_from_hf(hf_config_of(ModelConfig.preset("tiny")))
     l3 = _hf(transformers.LlamaConfig, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    assert ModelConfig.from_hf_config(l3).rope_scaling.factor == 32.0
+    assert config_from_hf(l3).rope_scaling.factor == 32.0
 
 
 @pytest.mark.parametrize("make, field", [
@@ -43,5 +45,5 @@ def test_llama_configs_accepted():
 ])
 def test_other_architectures_refused(make, field):
     with pytest.raises(InputError, match=rf"^cfg/config\.json: {field}: ") as e:
-        ModelConfig.from_hf_config(make(), source="cfg/config.json")
+        config_from_hf(make(), source="cfg/config.json")
     assert "\n" not in str(e.value) and "got" in str(e.value)

@@ -10,6 +10,10 @@ import pytest
 from llama_jax import Llama, ModelConfig, RopeScaling, init_cache
 from llama_jax.inference import decode as D
 from llama_jax import model as M
+from llama_jax.interop.meta_params import meta_params_of
+from llama_jax.interop.meta_params import config_from_meta
+from llama_jax.interop.hf_config import hf_config_of
+from llama_jax.interop.hf_config import config_from_hf
 
 CFG = ModelConfig.preset("tiny")
 
@@ -154,7 +158,7 @@ def test_unknown_rope_type_fails():
     with pytest.raises(ValueError, match="unknown rope type 'yarn'"):
         RopeScaling(rope_type="yarn")
     with pytest.raises(ValueError, match="unknown rope type 'dynamic'"):
-        ModelConfig.from_hf_config({**ModelConfig.preset("llama3-8b").to_hf_config(),
+        config_from_hf({**hf_config_of(ModelConfig.preset("llama3-8b")),
                                     "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None})
 
 
@@ -162,12 +166,12 @@ def test_unknown_rope_type_fails():
                                   "llama3.2-3b", "tiny"])
 def test_meta_and_hf_configs_round_trip(name, tmp_path):
     cfg = ModelConfig.preset(name)
-    meta = json.loads(json.dumps(cfg.to_meta_params()))
-    back = ModelConfig.from_meta_params(meta, max_seq_len=cfg.max_seq_len, tied=cfg.tie_word_embeddings)
+    meta = json.loads(json.dumps(meta_params_of(cfg)))
+    back = config_from_meta(meta, max_seq_len=cfg.max_seq_len, tied=cfg.tie_word_embeddings)
     # LLaMA 1 65B's params.json reads as Llama 2 (same keys, norm_eps 1e-5): the one case to say.
     assert back == cfg or (name == "llama-65b" and back == cfg.replace(generation="2"))
-    hf = json.loads(json.dumps(cfg.to_hf_config()))
-    from_hf = ModelConfig.from_hf_config(hf)
+    hf = json.loads(json.dumps(hf_config_of(cfg)))
+    from_hf = config_from_hf(hf)
     # HF stores the FFN size, not Meta's recipe for it: the size must survive.
     assert from_hf.ffn_hidden_dim == cfg.ffn_hidden_dim
     assert from_hf.replace(multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier) == cfg
@@ -179,12 +183,12 @@ def test_meta_params_json_as_shipped():
     # Llama 2 70B's params.json, vocab_size -1 ("from the tokenizer").
     shipped = {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
                "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}
-    cfg = ModelConfig.from_meta_params(shipped, vocab_size=32000, max_seq_len=4096)
+    cfg = config_from_meta(shipped, vocab_size=32000, max_seq_len=4096)
     assert cfg == ModelConfig.preset("llama2-70b")
     with pytest.raises(ValueError, match="vocab_size is -1"):
-        ModelConfig.from_meta_params(shipped)
+        config_from_meta(shipped)
     with pytest.raises(ValueError, match="missing key 'dim'"):
-        ModelConfig.from_meta_params({"n_layers": 2})
+        config_from_meta({"n_layers": 2})
 
 
 def test_hf_config_v4_style_with_rope_scaling():
@@ -193,14 +197,14 @@ def test_hf_config_v4_style_with_rope_scaling():
           "max_position_embeddings": 131072, "tie_word_embeddings": False,
           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
-    assert ModelConfig.from_hf_config(hf) == ModelConfig.preset("llama3.1-8b")
-    tied = ModelConfig.from_hf_config({**hf, "tie_word_embeddings": True})
+    assert config_from_hf(hf) == ModelConfig.preset("llama3.1-8b")
+    tied = config_from_hf({**hf, "tie_word_embeddings": True})
     assert tied.tie_word_embeddings and tied.generation.value == "3.2"
 
 
 def test_execution_fields_stay_out_of_the_architecture():
     a = CFG.replace(dtype="bfloat16", remat_policy="full", attention_impl="xla")
-    assert a.architecture == CFG.architecture and a.to_meta_params() == CFG.to_meta_params()
+    assert a.architecture == CFG.architecture and meta_params_of(a) == meta_params_of(CFG)
     assert a.remat_policy.value == "full"  # strings are converted to enums once, at construction
     assert dataclasses.replace(a, dtype="float32", remat_policy="none", attention_impl="auto") == CFG
     u = CFG.replace(layer_loop="unrolled", fuse_gate_up=True)

@@ -13,6 +13,7 @@ from hf_utils import hf_logits, hf_model, params_from_hf, rel_err, state_dict_np
 from reference import meta_torch
 from llama_jax import Llama, ModelConfig, RopeScaling
 from llama_jax import model as M
+from llama_jax.interop.meta_params import meta_params_of
 
 TOL = 1e-5  # float32: observed max |diff| / max |logit| is ~1.3e-6
 T = 600
@@ -81,7 +82,7 @@ def test_meta_layout_matches_meta_reference_and_transformers(case):
     tokens = _tokens(cfg, seed=2)
     scaling = None if cfg.rope_scaling is None else vars(cfg.rope_scaling)
     with torch.no_grad():
-        meta_params = cfg.replace(rope_scaling=None).to_meta_params()  # scaling passed on its own
+        meta_params = meta_params_of(cfg.replace(rope_scaling=None))  # scaling passed on its own
         ref = meta_torch.forward(meta_sd, meta_params, torch.as_tensor(tokens).long(), scaling).numpy()
     # The Meta-convention reference agrees with transformers: the test's permutation is right.
     assert rel_err(ref, hf_logits(model, tokens)) < TOL

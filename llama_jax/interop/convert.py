@@ -29,6 +29,7 @@ from llama_jax.checkpoint.streaming import ParamsReader, ParamsWriter, unflatten
 from llama_jax.interop.safetensors_files import SafetensorsWriter
 from llama_jax.interop.torch_files import TorchFileWriter, import_torch
 from llama_jax.interop.sources import open_source
+from llama_jax.interop.hf_config import hf_config_of
 
 Progress = Callable[[int, int], None]
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")
@@ -163,7 +164,7 @@ def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: in
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: Path(v.path).name for k, v in writer_of.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf = config.to_hf_config()
+    hf = hf_config_of(config)
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return writers, lambda rule, name, w: writer_of[name].write(name, w)
 

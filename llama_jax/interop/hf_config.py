@@ -5,13 +5,17 @@ Mistral, Qwen2, Gemma, Mixtral and others store config.json files with the same 
 would convert without complaint and then run as the wrong model: a sliding attention window
 ignored, biases dropped, another activation. `check_llama_hf_config` accepts a config only
 where every such field has LLaMA's value (`tie_word_embeddings` and `rope_scaling` are
-checked where they are read, in `ModelConfig.from_hf_config`).
+checked where they are read, in `config_from_hf`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from llama_jax import generations
+from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.errors import input_error
+from llama_jax.generations import Generation
 
 _ARCHITECTURES = ("LlamaForCausalLM", "LlamaModel", "LLaMAForCausalLM")  # the last: early conversions
 # Fields a LLaMA either lacks or sets to one value: (key, allowed values, what LLaMA has).
@@ -54,3 +58,67 @@ def check_llama_hf_config(c: dict, source: str = "config.json") -> None:
         if head_dim != c["hidden_size"] // c["num_attention_heads"]:
             raise input_error(f"{source}: head_dim", "must be hidden_size / num_attention_heads in LLaMA",
                               c["hidden_size"] // c["num_attention_heads"], head_dim)
+
+
+def config_from_hf(c: dict, source: str = "config.json", generation: Generation | str | None = None,
+                   **execution: Any) -> ModelConfig:
+    check_llama_hf_config(c, source)  # refuses other architectures, naming the field (biases, head_dim, ...)
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if k not in c:
+            raise input_error(source, f"missing key {k!r}")
+    rope = dict(c.get("rope_parameters") or {})  # transformers v5 puts theta and scaling here
+    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    scaling = c.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = RopeScaling(**{k: scaling[k] for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")})
+    elif rope_type != "default":
+        raise input_error(source, f"unknown rope type {rope_type!r} in rope_scaling", "'default' or 'llama3'")
+    d, h = c["hidden_size"], c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or h
+    multiple_of, multiplier = _ffn_recipe_for(d, c["intermediate_size"])
+    tied = bool(c.get("tie_word_embeddings", False))  # transformers' LlamaConfig default: untied
+    gen = generations.parse(generation) if generation is not None else generations.from_hf_config(
+        c, rope_scaling and rope_scaling.factor, tied)
+    return ModelConfig(generation=gen, tie_word_embeddings=tied, dim=d, n_layers=c["num_hidden_layers"], n_heads=h,
+               n_kv_heads=None if kv == h else kv,
+               vocab_size=c["vocab_size"], multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+               norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope_scaling,
+               max_seq_len=c.get("max_position_embeddings", 2048), **execution)
+
+def hf_config_of(config: ModelConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope = {"rope_theta": config.rope_theta, **dataclasses.asdict(config.rope_scaling)}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.dim, "intermediate_size": config.ffn_hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope, "hidden_act": "silu", "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+        "bos_token_id": generations.special_ids(config.generation).bos,
+        "eos_token_id": generations.special_ids(config.generation).eos,
+        "dtype": config.param_dtype,
+    }
+
+
+def _ffn_recipe_for(dim: int, hidden: int) -> tuple[int, float | None]:
+    """Meta's (multiple_of, ffn_dim_multiplier) that give HF's stored intermediate_size.
+
+    HF keeps only the result, so the recipe is not unique (Llama 2 70B's 28672 is both
+    4096 x 7 and 1024 x 28): known recipes first, else a multiplier that lands on `hidden`.
+    """
+    base = int(2 * 4 * dim / 3)
+    for m in (4096, 1024, 256, 128, 64, 32, 16, 8):
+        for mult in (None, 1.3, 1.2, 1.5, 2.0):
+            h = base if mult is None else int(mult * base)
+            if m * ((h + m - 1) // m) == hidden:
+                return m, mult
+    return 1, (hidden + 0.5) / base

@@ -18,6 +18,8 @@ from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
 from llama_jax.interop.safetensors_files import SafetensorsFile
 from llama_jax.interop.torch_files import TorchFile
+from llama_jax.interop.meta_params import config_from_meta
+from llama_jax.interop.hf_config import config_from_hf
 
 
 class MetaSource:
@@ -47,9 +49,9 @@ class MetaSource:
             raise input_error(d / "params.json", "not a JSON object", "{dim, n_layers, ...}", type(params).__name__)
         args = dict(params=params, vocab_size=self._vocab_size(params), source=str(d / "params.json"),
                     generation=generation)
-        self.config = ModelConfig.from_meta_params(**args)
+        self.config = config_from_meta(**args)
         if self._tied(keys0, explicit=generation is not None):
-            self.config = ModelConfig.from_meta_params(**args, tied=True)
+            self.config = config_from_meta(**args, tied=True)
         weights.check_names(keys0, self.config, "meta", source=str(self.shards[0].path))
         for s in self.shards:
             check_float_weights({n: s for n in keys0})
@@ -101,7 +103,7 @@ class HFSource:
         d = Path(directory)
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{d}: no config.json (a Hugging Face checkpoint has config.json and weights)")
-        self.config = ModelConfig.from_hf_config(read_json(d / "config.json"), source=str(d / "config.json"),
+        self.config = config_from_hf(read_json(d / "config.json"), source=str(d / "config.json"),
                                                  generation=generation)
         self.files = {}  # tensor name -> opened file
         for path in _hf_weight_files(d):

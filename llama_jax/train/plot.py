@@ -8,11 +8,9 @@ needs no plotting library; train.py writes the same figure at the end of every r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
-import sys
 import zlib
 
 import numpy as np
