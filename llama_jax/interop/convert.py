@@ -5,7 +5,8 @@ with pread (torch_files, safetensors_files), mapped by mapping.py, and written o
 slice at a time into the Orbax checkpoint (checkpoint.streaming); the way back reads layer
 slices and writes torch files in place. The torch-side format is a `Format`; the public
 functions also take its string ("meta", "hf") and parse it once, here. Outputs are built
-in a temporary directory and renamed when complete. `progress(done, total)` is called after each tensor.
+in a temporary directory and renamed when complete. `progress(done, total)` is called
+after each tensor.
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, *, shards: int, 
     return writers, write
 
 
-def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, *, max_shard_size: int, **_):
+def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, *, max_shard_size: str | int, **_):
+    max_shard_size = parse_size(max_shard_size)
     groups, size = [[]], 0
     for rule, _, name in tensor_order(config, Format.HF):
         shape = weights.torch_shape(rule, config)
@@ -183,7 +185,7 @@ def from_orbax(target: Format | str, input_dir: str | os.PathLike, output_dir: s
     want, sums = integrity.stored(d), integrity.HostSums()
     with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir, d]) as tmp:
         writers, write = _WRITERS[target](tmp, config, dtypes, shards=shards, source_dir=d,
-                                          max_shard_size=parse_size(max_shard_size))
+                                          max_shard_size=max_shard_size)
         for done, (rule, layer, name) in enumerate(tensor_order(config, target), 1):
             stored = weights.stored_rule(rule, config)  # a tied output is the embedding again
             ours = reader.read(stored.path, layer)
