@@ -29,10 +29,6 @@ class Format(enum.Enum):
         except ValueError:
             raise input_error(where, "unknown checkpoint format", " or ".join(f.value for f in cls), value) from None
 
-    @property
-    def title(self) -> str:
-        return {Format.META: "Meta", Format.HF: "Hugging Face"}[self]
-
 
 # The dtypes a LLaMA weight file may hold (anything else is refused: an integer tensor is
 # a quantised format we do not read), and those our params may be stored in.
