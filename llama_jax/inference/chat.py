@@ -94,7 +94,7 @@ def _checked(family: ChatFamily, messages, prev: str | None) -> list[tuple[str, 
         else:
             allowed = _NEXT[family][prev]
             if role not in allowed:
-                raise input_error(where, _RULE[family], " or ".join(allowed), role)
+                raise input_error(where, _RULE[family], " or ".join(allowed), m["role"])
             prev = role
         out.append((role, content))
     if prev not in ("user", "ipython"):
