@@ -95,6 +95,20 @@ def test_init_layout_and_shardings():
     assert spec(("feed_forward", "w2"), "b") == (None, None, "fsdp")
 
 
+def test_forward_term_is_x_times_the_delta():
+    """lora.forward (the unmerged form the model will run) == x @ delta, per target."""
+    lora = L.LoraConfig(rank=4, alpha=8, targets=ALL)
+    adapters = _random_adapters(lora)
+    for name, t in L.TARGETS.items():
+        f = adapters
+        for p in t.path:
+            f = f[p]
+        a, b = f["a"][1], f["b"][1]
+        x = jax.random.normal(jax.random.PRNGKey(5), (2, 3) + L.factor_shape(t.inputs, CFG, 4))
+        want = np.einsum(f"BT{t.inputs},{t.weight}->BT{t.outputs}", x, L.delta(name, a, b, lora.scale))
+        np.testing.assert_allclose(L.forward(name, x, a, b, lora.scale), want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_peft_loads_our_adapters_and_merges_like_us(base, tmp_path):
     params, hf_dir = base
     lora = L.LoraConfig(rank=4, alpha=8, targets=ALL)
