@@ -79,8 +79,9 @@ class LoraConfig:
         if not self.targets or len(set(self.targets)) != len(self.targets):
             raise input_error("lora.targets", "must name each weight once, at least one", tuple(TARGETS),
                               self.targets)
-        if type(self.rank) is not int or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
             raise input_error("lora.rank", "must be a positive integer", ">= 1", self.rank)
+        object.__setattr__(self, "rank", int(self.rank))
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not np.isfinite(self.alpha) \
                 or self.alpha <= 0:
             raise input_error("lora.alpha", "must be a positive number", "> 0", self.alpha)
@@ -181,7 +182,7 @@ def forward(target: str, x: Array, a: Array, b: Array, scale: float) -> Array:
 def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
     """Params with every adapted weight replaced by W + scale * (a @ b), computed in float32
     and cast back to W's dtype. `params` is not modified (untouched leaves are shared)."""
-    out = _copy_dicts(params)
+    out = _copy_dicts(nn.unbox(params))  # (Llama.init's params come in partitioning boxes)
     for name in lora.targets:
         t = TARGETS[name]
         node, ad = out, adapters

@@ -7,6 +7,7 @@ loads adapters peft saved.
 """
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -75,6 +76,21 @@ def test_zero_b_merge_is_the_base_exactly(base):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens = _tokens()
     np.testing.assert_array_equal(_ours(merged, tokens), _ours(params, tokens))
+
+
+def test_merge_keeps_the_weight_dtype():
+    """bf16 base weights: the sum is taken in float32 and rounded once, back to bf16."""
+    lora = L.LoraConfig(rank=2, alpha=3, targets=("wv", "w2"))
+    boxed = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16),  # as Llama.init gives them: boxed
+                         jax.jit(Llama(CFG).init)(jax.random.PRNGKey(0), _tokens()[:, :8])["params"])
+    params = nn.unbox(boxed)
+    adapters = _random_adapters(lora)
+    merged = L.merge(boxed, adapters, lora)
+    w, f = params["layers"]["feed_forward"]["w2"], adapters["layers"]["feed_forward"]["w2"]
+    want = (w.astype(np.float32) + L.delta("w2", f["a"], f["b"], 1.5)).astype(w.dtype)
+    np.testing.assert_array_equal(merged["layers"]["feed_forward"]["w2"], want)
+    assert merged["layers"]["attention"]["wv"].dtype == w.dtype
+    assert merged["layers"]["attention"]["wq"] is params["layers"]["attention"]["wq"]  # untouched: shared
 
 
 def test_init_layout_and_shardings():
