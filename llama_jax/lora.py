@@ -15,6 +15,7 @@ docs/peft.md states the layout and how it maps to peft's lora_A / lora_B.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -70,7 +71,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("wq", "wv")
 
     def __post_init__(self):
-        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
+        if not isinstance(self.targets, (tuple, list)) or not all(isinstance(t, str) for t in self.targets):
             raise input_error("lora.targets", "must be a tuple of weight names", tuple(TARGETS), self.targets)
         object.__setattr__(self, "targets", tuple(self.targets))
         for t in self.targets:
@@ -79,15 +80,17 @@ class LoraConfig:
         if not self.targets or len(set(self.targets)) != len(self.targets):
             raise input_error("lora.targets", "must name each weight once, at least one", tuple(TARGETS),
                               self.targets)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
             raise input_error("lora.rank", "must be a positive integer", ">= 1", self.rank)
         object.__setattr__(self, "rank", int(self.rank))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not np.isfinite(self.alpha) \
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not np.isfinite(self.alpha) \
                 or self.alpha <= 0:
             raise input_error("lora.alpha", "must be a positive number", "> 0", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
                 or not 0 <= self.dropout < 1:
             raise input_error("lora.dropout", "must be a probability below 1", "0 <= dropout < 1", self.dropout)
+        object.__setattr__(self, "alpha", float(self.alpha))  # (JSON-writable, equal however given)
+        object.__setattr__(self, "dropout", float(self.dropout))
 
     @property
     def scale(self) -> float:
