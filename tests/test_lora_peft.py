@@ -159,6 +159,11 @@ def test_adapters_trained_elsewhere_load_onto_our_model(base, tmp_path):
     theirs = hf_logits(model, tokens)
     assert rel_err(theirs, _ours(params, tokens)) > 1e-2
     assert rel_err(ours, theirs) < TOL and rel_err(ours[:, -64:], theirs[:, -64:]) < TOL
+    # the same through checkpoints: base checkpoint + peft folder -> merged checkpoint
+    P.merge_into_checkpoint(hf_dir.parent / "ckpt", tmp_path / "theirs", tmp_path / "merged")
+    config, merged = checkpoint.load_checkpoint(tmp_path / "merged")
+    assert config == CFG
+    np.testing.assert_array_equal(_ours(merged, tokens), ours)
     # and back out again: the same tensors, bit for bit
     P.save_peft(adapters, lora, CFG, tmp_path / "again")
     a, b = SafetensorsFile(tmp_path / "theirs" / P.WEIGHTS_FILE), SafetensorsFile(tmp_path / "again" / P.WEIGHTS_FILE)

@@ -23,7 +23,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.errors import input_error, read_json
 from llama_jax.interop import mapping
 from llama_jax.interop.safetensors_files import SafetensorsFile, SafetensorsWriter
-from llama_jax.lora import TARGETS, LoraConfig, factor_shape
+from llama_jax.lora import TARGETS, LoraConfig, factor_shape, merge
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -94,6 +94,11 @@ def save_peft(adapters: dict, lora: LoraConfig, config: ModelConfig, out_dir: st
         for p in TARGETS[target].path:
             node = node[p]
         a, b = np.asarray(node["a"]), np.asarray(node["b"])
+        for f, x in (("a", a), ("b", b)):
+            want = factor_shape("L" + getattr(TARGETS[target], f), config, lora.rank)
+            if x.shape != want:
+                raise input_error(f"adapters/{'/'.join(TARGETS[target].path)}/{f}",
+                                  f"shape does not match r={lora.rank} on this model", want, x.shape)
         for i in range(config.n_layers):
             pa, pb = to_peft(target, a[i], b[i], config)
             tensors[tensor_name(target, i, "a")], tensors[tensor_name(target, i, "b")] = pa, pb
@@ -196,3 +201,14 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> tuple[dict
             node = node.setdefault(p, {})
         node["a"], node["b"] = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     return adapters, lora
+
+
+def merge_into_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, output: str | os.PathLike,
+                          overwrite: bool = False) -> Path:
+    """A params-only checkpoint of `base` with the peft adapters in `adapter_dir` merged in
+    (export it to HF or Meta files with convert.from_orbax); returns its path."""
+    config, params = checkpoint.load_checkpoint(base)
+    adapters, lora = load_peft(adapter_dir, config)
+    merged = merge(params, adapters, lora)
+    return checkpoint.save_params(output, merged, config, overwrite=overwrite,
+                                  tokenizer_dir=checkpoint.resolve_checkpoint(base))
