@@ -242,3 +242,11 @@ def _write(d, tensors):
     for n, x in tensors.items():
         w.write(n, x)
     w.close()
+
+
+def test_save_refuses_adapters_of_another_rank(tmp_path):
+    adapters = _random_adapters(L.LoraConfig(rank=2, targets=("wo",)))
+    with pytest.raises(InputError, match=r"adapters/layers/attention/wo/a: shape does not match r=3 on this model "
+                                         r"\(expected \(2, 4, 16, 3\), got \(2, 4, 16, 2\)\)"):
+        P.save_peft(adapters, L.LoraConfig(rank=3, targets=("wo",)), CFG, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
