@@ -96,7 +96,7 @@ def test_check_params_names_and_shapes(params):
     without = {k: v for k, v in params.items() if k != "output"}
     with pytest.raises(ValueError, match=r"^here: params do not match the model config .*missing \['output'\]"):
         check_params(CFG, without, "here")
-    with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
+    with pytest.raises(ValueError, match=r"unknown \['extra/weight'\]"):
         check_params(CFG, {**params, "extra": params["norm"]})
     with pytest.raises(ValueError, match=r"shape \(found, expected\) \{'output': \(\(64, 256\), \(64, 128\)\)"):
         check_params(CFG.replace(vocab_size=128), params)
