@@ -27,6 +27,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llama_jax.checkpoint.layout import TOKENIZER_MODEL
+
 if TYPE_CHECKING:  # the converters import this module: no tokenizer libraries until needed
     from llama_jax.config import ModelConfig
     from llama_jax.data import Llama3Tokenizer, Tokenizer
@@ -175,9 +177,9 @@ def write_export_files(out_dir: str | Path, config: ModelConfig) -> list[str]:
     config.json's bos/eos set to that tokenizer's."""
     from llama_jax.data import DataError, load_tokenizer
     out, tok = Path(out_dir), None
-    if (out / "tokenizer.model").is_file():
+    if (out / TOKENIZER_MODEL).is_file():
         try:
-            tok = load_tokenizer(str(out / "tokenizer.model"))
+            tok = load_tokenizer(str(out / TOKENIZER_MODEL))
         except DataError as e:
             log.warning("no Hugging Face tokenizer files written: %s", e)
     written = []
