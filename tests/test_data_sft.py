@@ -168,26 +168,30 @@ def test_packing_keeps_examples_whole_with_their_masks(tok, files):
 def test_masked_loss_packed_equals_examples_alone(sp, tik, files):
     from llama_jax import Llama, ModelConfig
     from llama_jax.losses import masked_cross_entropy
+    # One model for both tokenizers (a vocabulary holding both): two compilations in all.
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=max(sp.vocab_size, tik.vocab_size))
+    model = Llama(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]
+    packed_logits = jax.jit(lambda t, p, s: model.apply({"params": params}, t, positions=p, segment_ids=s))
+    alone_logits = jax.jit(lambda t: model.apply({"params": params}, t))
     for tok in (sp, tik):
         examples = _all_examples(tok, files, 128)
         batch = next(make_dataset(_cfg(files, shuffle=True), tok, 128, 4, seed=2, shard_index=0, shard_count=1))
-        cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=tok.vocab_size)
-        model = Llama(cfg)
-        params = model.init(jax.random.PRNGKey(0), batch["tokens"][:1])["params"]
-        logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])
+        logits = packed_logits(batch["tokens"], batch["positions"], batch["segment_ids"])
         total, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
         # Each example alone, left-aligned (trailing zeros cannot reach it under the causal
         # mask), its loss written out: -log softmax at the target, weighted by the target's weight.
         segs = _segments(batch, examples)
-        alone = np.zeros((len(segs), 129), np.int32)
+        assert 4 <= len(segs) <= 24
+        alone = np.zeros((24, 129), np.int32)
         for i, (_, _, (ids, _)) in enumerate(segs):
             alone[i, :len(ids)] = ids
-        lg = np.asarray(model.apply({"params": params}, alone), np.float64)
+        lg = np.asarray(alone_logits(alone), np.float64)
         lg = lg - lg.max(-1, keepdims=True)
         logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
-        want = sum(-(logp[i, np.arange(len(ids) - 1), ids[1:]] * w[1:]).sum() for i, (_, _, (ids, w)) in enumerate(segs))
-        assert len(segs) >= 4 and count == sum(w[1:].sum() for _, _, (_, w) in segs) > 0
+        want = sum(-(logp[i, np.arange(len(ids) - 1), ids[1:]] * w[1:]).sum()
+                   for i, (_, _, (ids, w)) in enumerate(segs))
+        assert count == sum(w[1:].sum() for _, _, (_, w) in segs) > 0
         np.testing.assert_allclose(float(total), want, rtol=1e-5)
 
 
@@ -238,7 +242,8 @@ BAD_ROWS = [
     ({"messages": [m(U, "a"), m(A, "b"), m(U, "c")]}, "c.jsonl:2: messages\\[2\\]: a training dialog ends with "
                                                       "the assistant's answer"),
     ({"messages": [m(U, "a"), m("bot", "b")]}, "c.jsonl:2: .*expected role 'assistant'"),
-    ({"messages": [m(U, "a"), m(A, "b"), m(U, "c"), m("robot", "d"), m(A, "e")]}, "c.jsonl:2: messages\\[3\\]: unknown role"),
+    ({"messages": [m(U, "a"), m(A, "b"), m(U, "c"), m("robot", "d"), m(A, "e")]},
+     "c.jsonl:2: messages\\[3\\]: unknown role"),
     ({"messages": "hello"}, "c.jsonl:2: messages: a dialog is a non-empty list"),
     ({"messages": []}, "c.jsonl:2: messages: a dialog is a non-empty list"),
     ({"messages": [m(U, "a"), m(A, 3)]}, "c.jsonl:2: answer: content must be a string"),
@@ -257,7 +262,7 @@ def test_bad_chat_rows_name_file_line_and_message(sp, tmp_path, row, match):
 def test_bad_prompt_completion_rows(sp, tmp_path):
     path = tmp_path / "p.jsonl"
     for row, match in [({"prompt": "a"}, "p.jsonl:3: no field 'completion'"), ("not json", "p.jsonl:3: not valid JSON"),
-                       ({"prompt": "a", "completion": 3}, "p.jsonl:3: completion: expected a string"),
+                       ({"prompt": "a", "completion": 3}, "p.jsonl:3: completion: not a string"),
                        ({"prompt": [m(U, "a")], "completion": [m(U, "b")]}, "p.jsonl:3: completion: a conversational")]:
         path.write_text('{"prompt": "x", "completion": "y"}\n\n' + (row if isinstance(row, str) else json.dumps(row)))
         cfg = DataConfig(sources=(SourceConfig(kind="prompt_completion", path=str(path)),), shuffle=False)

@@ -36,7 +36,8 @@ from llama_jax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 from llama_jax.data.tiktoken_tokenizer import Llama3Tokenizer, load_tokenizer
 
 __all__ = [
-    "BATCH_KEYS", "DataConfig", "DataError", "DataIterator", "Llama3Tokenizer", "LossMask", "PipelineStats", "PretokenizedSource",
+    "BATCH_KEYS", "DataConfig", "DataError", "DataIterator", "Llama3Tokenizer", "LossMask", "PipelineStats",
+    "PretokenizedSource",
     "SourceConfig", "SourceKind", "TextUnit", "Tokenizer", "check_vocab", "load_tokenizer", "make_dataset",
     "make_global_batch", "pack_documents", "paper_mixture", "pretokenize", "train_tokenizer",
 ]

@@ -30,7 +30,7 @@ import numpy as np
 
 from llama_jax.data.config import DataError, LossMask, SourceConfig, SourceKind, TextUnit
 from llama_jax.data.sources import FileSource
-from llama_jax.errors import InputError
+from llama_jax.errors import InputError, input_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,7 @@ class SftExample:
 
     @property
     def where(self) -> str:
-        with open(self.path, "rb") as f:
-            line = f.read(self.offset).count(b"\n") + 1
-        return f"{self.path}:{line}"
+        return _where(self.path, self.offset)
 
 
 class SftSource:
@@ -94,7 +92,10 @@ class SftSource:
 
 
 def _where(path: str, offset: int) -> str:
-    return SftExample(SourceKind.CHAT_JSONL, None, LossMask.ASSISTANT, path, offset).where
+    """`path:line` of the line starting at byte `offset` (counted on demand: errors, warnings)."""
+    with open(path, "rb") as f:
+        line = f.read(offset).count(b"\n") + 1
+    return f"{path}:{line}"
 
 
 def encode_example(tokenizer, ex: SftExample) -> tuple[np.ndarray, np.ndarray]:
@@ -117,13 +118,13 @@ def chat_pieces(tokenizer, messages, loss_mask: LossMask = LossMask.ASSISTANT) -
     `encode_dialog(messages[:-1]) + encode_answer(messages[-1]["content"])`."""
     from llama_jax.inference import chat  # lazy: chat formats live with inference; they import data
     if not isinstance(messages, list) or not messages:
-        raise InputError("messages: a dialog is a non-empty list of {'role', 'content'} dicts "
-                         f"(got {type(messages).__name__}{'' if messages else ' (empty)'})")
+        raise input_error("messages", "a dialog is a non-empty list of {'role', 'content'} dicts",
+                          got=f"{type(messages).__name__}{'' if messages else ' (empty)'}")
     last = messages[-1]
     if not isinstance(last, Mapping) or last.get("role") != "assistant":
         got = last.get("role") if isinstance(last, Mapping) else type(last).__name__
-        raise InputError(f"messages[{len(messages) - 1}]: a training dialog ends with the assistant's "
-                         f"answer (expected role 'assistant', got {got!r})")
+        raise input_error(f"messages[{len(messages) - 1}]", "a training dialog ends with the assistant's answer",
+                          "role 'assistant'", got)
     answers = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"]
     pieces, start = [], 0
     try:
@@ -148,16 +149,16 @@ def prompt_completion_pieces(tokenizer, prompt, completion) -> list[tuple[list[i
         if isinstance(completion, list):
             if len(completion) != 1 or not isinstance(completion[0], Mapping) \
                     or completion[0].get("role") != "assistant":
-                raise InputError("completion: a conversational completion is one assistant message "
-                                 f"(got {json.dumps(completion)[:80]})")
+                raise input_error("completion", "a conversational completion is one assistant message",
+                                  got=json.dumps(completion)[:80])
             completion = completion[0].get("content")
         if not isinstance(completion, str):
-            raise InputError(f"completion: expected a string, got {type(completion).__name__}")
+            raise input_error("completion", "not a string", "a string", type(completion).__name__)
         return chat_pieces(tokenizer, prompt + [{"role": "assistant", "content": completion}],
                            LossMask.LAST_ASSISTANT)
     for key, v in (("prompt", prompt), ("completion", completion)):
         if not isinstance(v, str):
-            raise InputError(f"{key}: expected a string (or, conversational, a list of messages), "
-                             f"got {type(v).__name__}")
+            raise input_error(key, "not a string", "a string (or, conversational, a list of messages)",
+                              type(v).__name__)
     return [([tokenizer.bos_id] + tokenizer.encode(prompt, bos=False), 0),
             (tokenizer.encode(completion, bos=False) + [tokenizer.eos_id], 1)]
