@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -226,7 +227,8 @@ def test_long_examples_keep_their_end_counted_and_warned_once(tok, tmp_path, cap
         batches = list(it)
     assert it.stats.truncated_documents == 3
     warned = [r for r in caplog.records if "longer than a row" in r.getMessage()]
-    assert len(warned) == 1 and f"{tmp_path / 'c.jsonl'}:1" in warned[0].getMessage()
+    # Tokenizing threads race for the first warning: any long row's file:line.
+    assert len(warned) == 1 and re.match(rf"{re.escape(str(tmp_path / 'c.jsonl'))}:[134]: ", warned[0].getMessage())
     cut = [(b["tokens"][0], b["targets"][0], b["loss_mask"][0]) for b in batches if b["segment_ids"][0].max() == 1
            and b["segment_ids"][0].min() == 1]
     assert len(cut) == 3

@@ -10,8 +10,9 @@ to the model). Split documents are counted in `PipelineStats.split_documents`.
 Fine-tuning examples (data/sft.py) carry a per-token weight (1: a token the model must
 produce) and are packed whole instead (grain's FirstFitPackIterDataset, rows of whole
 examples, padded): a row never starts in the middle of an example, so an answer always sees
-its prompt. An example longer than a row keeps its last seq_len + 1 tokens (counted in
-`PipelineStats.truncated_documents`; the first one logs a warning). Plain text has weight 1
+its prompt. An example longer than a row keeps its last seq_len + 1 tokens (a plain text
+document mixed into such a pipeline keeps its first), counted in
+`PipelineStats.truncated_documents`; the first one logs a warning. Plain text has weight 1
 everywhere; the weights travel through packing and grain's iterator state with the ids.
 
 Batch contract (numpy, shape [batch, seq_len] each):
@@ -48,7 +49,7 @@ class PipelineStats:
         self.tokens = 0
         self.split_documents = 0  # documents longer than a row, spread over several rows
         self.empty_documents = 0  # documents with no tokens: they still add bos + eos
-        self.truncated_documents = 0  # fine-tuning examples longer than a row, cut from the left
+        self.truncated_documents = 0  # documents longer than a row where documents are packed whole
 
     def add(self, n_tokens: int, row_len: int):
         with self._lock:
@@ -57,14 +58,13 @@ class PipelineStats:
             self.split_documents += n_tokens > row_len
             self.empty_documents += n_tokens == 2
 
-    def add_truncated(self, where: str, n_tokens: int, row_len: int):
+    def add_truncated(self, where: str, n_tokens: int, row_len: int, kept: str):
         with self._lock:
             self.truncated_documents += 1
             first = self.truncated_documents == 1
         if first:
-            log.warning("%s: a fine-tuning example of %d tokens is longer than a row (%d): it keeps its "
-                        "last %d tokens; further ones are counted in stats.truncated_documents",
-                        where, n_tokens, row_len, row_len)
+            log.warning("%s: %d tokens, longer than a row (%d): it keeps its %s %d tokens; further ones "
+                        "are counted in stats.truncated_documents", where, n_tokens, row_len, kept, row_len)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("documents", "tokens", "split_documents", "empty_documents",
@@ -75,9 +75,10 @@ class TokenizeDocument:
     """Map: text (or already tokenized ids) -> {"tokens": int32 [bos] + ids + [eos],
     "weights": int32 ones}; a fine-tuning example -> its chat/prompt-completion ids and weights."""
 
-    def __init__(self, tokenizer, row_len: int, stats: PipelineStats):
+    def __init__(self, tokenizer, row_len: int, stats: PipelineStats, whole_documents: bool = False):
         self._tok, self._row_len, self._stats = tokenizer, row_len, stats
         self._bos, self._eos = tokenizer.bos_id, tokenizer.eos_id
+        self._whole = whole_documents  # packed whole (fine-tuning): a longer document is cut here
 
     def __call__(self, doc) -> dict:
         if isinstance(doc, SftExample):
@@ -87,12 +88,15 @@ class TokenizeDocument:
             tokens = np.asarray(ids, dtype=np.int32)
         else:  # pre-tokenized: an int array without bos/eos
             tokens = np.concatenate([[self._bos], np.asarray(doc, np.int32), [self._eos]]).astype(np.int32)
+        if self._whole and len(tokens) > self._row_len:  # plain text mixed into fine-tuning: keep its start
+            self._stats.add_truncated("a text document", len(tokens), self._row_len, "first")
+            tokens = tokens[:self._row_len]
         self._stats.add(len(tokens), self._row_len)
         return {"tokens": tokens, "weights": np.ones_like(tokens)}
 
     def _fine_tuning(self, doc, ids: np.ndarray, weights: np.ndarray) -> dict:
         if len(ids) > self._row_len:
-            self._stats.add_truncated(doc.where, len(ids), self._row_len)
+            self._stats.add_truncated(doc.where, len(ids), self._row_len, "last")
             ids, weights = ids[-self._row_len:], weights[-self._row_len:]
         if not weights[1:].any():  # the first token is never a target
             raise DataError(f"{doc.where}: no token to train on (the loss mask is all zero)")

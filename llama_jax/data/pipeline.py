@@ -105,7 +105,8 @@ def make_dataset(data_config: DataConfig, tokenizer, seq_len: int, global_batch_
         raise DataError(f"seq_len must be > 0, got {seq_len}")
     local_batch = global_batch_size // shard_count
     stats = packing.PipelineStats()
-    tokenize = packing.TokenizeDocument(tokenizer, seq_len + 1, stats)
+    fine_tuning = any(cfg.kind in SFT_KINDS for cfg in data_config.sources)
+    tokenize = packing.TokenizeDocument(tokenizer, seq_len + 1, stats, whole_documents=fine_tuning)
     sources = [open_source(cfg) for cfg in data_config.sources]
     _check_pretokenized(sources, tokenizer)
     parts = {f"{i}:{cfg.describe()}": _source_dataset(src, cfg, i, data_config, tokenize, seed, shard_index, shard_count)
@@ -115,7 +116,6 @@ def make_dataset(data_config: DataConfig, tokenizer, seq_len: int, global_batch_
     else:
         weights = {k: cfg.weight for k, cfg in zip(parts, data_config.sources)}
         ds = grain.IterDataset.mix(parts, weights)
-    fine_tuning = any(cfg.kind in SFT_KINDS for cfg in data_config.sources)
     ds = packing.pack(ds, seq_len, whole_documents=fine_tuning, bins=local_batch).map(packing.row_to_example)
     ds = ds.batch(local_batch, drop_remainder=False)
     layout = _Layout(seq_len, local_batch, seed, shard_index, shard_count, tuple(parts))
