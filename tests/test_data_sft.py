@@ -300,3 +300,14 @@ def test_all_zero_masks_are_errors(sp, files, monkeypatch):
     monkeypatch.setattr(packing, "row_to_example", lambda r: {**real_row(r), "loss_mask": np.zeros(64, np.float32)})
     with pytest.raises(DataError, match="a batch of 0:chat_jsonl:.*chat.jsonl, 1:prompt_completion:.*has no token"):
         next(make_dataset(_cfg(files), sp, 64, 2, shard_index=0, shard_count=1))
+
+
+def test_fine_tuning_sources_feed_tokenizer_training_not_pretokenize(sp, files, tmp_path):
+    from llama_jax.data import pretokenize
+    from llama_jax.data.tokenizer import _documents
+    src = SourceConfig(kind="chat_jsonl", path=str(files / "chat.jsonl"))
+    docs = list(_documents(src))
+    assert len(docs) == 60 and all(isinstance(t, str) for t in docs)
+    assert "\n".join(x["content"] for x in _dialog(0)) in docs
+    with pytest.raises(DataError, match="pretokenize: fine-tuning sources .*chat_jsonl"):
+        pretokenize(src, sp, str(tmp_path / "pt"))
