@@ -107,7 +107,9 @@ def test_train_on_a_local_text_file_given_on_the_command_line(tmp_path):
     # The run read the given files: the config records them, the tokenizer learnt their word.
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["sources"] == [{"kind": "text", "path": str(tmp_path / "corpus.txt"), "name": "",
-                                       "split": "train", "field": "text", "text_unit": "file", "weight": 1.0}]
+                                       "split": "train", "field": "text", "text_unit": "file", "weight": 1.0,
+                                       "messages_field": "messages", "prompt_field": "prompt",
+                                       "completion_field": "completion", "loss_mask": "assistant"}]
     assert cfg["eval_data"]["sources"][0]["text_unit"] == "line"
     assert cfg["model"]["dim"] == 64 and cfg["steps"] == steps
     assert cfg["data"]["tokenizer"] == str(run / "tokenizer.model")

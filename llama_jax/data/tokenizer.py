@@ -105,7 +105,8 @@ def _documents(texts_or_source) -> Iterable[str]:
             for cfg in cfgs:
                 src = open_source(cfg)
                 for i in np.random.default_rng(0).permutation(len(src)):
-                    yield src[int(i)]
+                    doc = src[int(i)]
+                    yield doc if isinstance(doc, str) else doc.text  # a fine-tuning example
         return gen()
     return texts_or_source
 
