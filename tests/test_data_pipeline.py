@@ -8,7 +8,7 @@ import pytest
 
 from llama_jax.data import (BATCH_KEYS, DataConfig, DataError, SourceConfig, Tokenizer, make_dataset,
                             make_global_batch, pack_documents, pretokenize, train_tokenizer)
-from llama_jax.data.sources import open_source
+from llama_jax.data.source_kinds import open_source
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

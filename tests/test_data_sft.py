@@ -304,7 +304,7 @@ def test_all_zero_masks_are_errors(sp, files, monkeypatch):
 
 def test_fine_tuning_sources_feed_tokenizer_training_not_pretokenize(sp, files, tmp_path):
     from llama_jax.data import pretokenize
-    from llama_jax.data.tokenizer import _documents
+    from llama_jax.data.tokenizer_training import _documents
     src = SourceConfig(kind="chat_jsonl", path=str(files / "chat.jsonl"))
     docs = list(_documents(src))
     assert len(docs) == 60 and all(isinstance(t, str) for t in docs)

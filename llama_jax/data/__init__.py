@@ -32,7 +32,8 @@ from llama_jax.data.packing import BATCH_KEYS, PipelineStats, pack_documents
 from llama_jax.data.pipeline import DataIterator, make_dataset, make_global_batch
 from llama_jax.data.pretokenize import pretokenize
 from llama_jax.data.pretokenized_source import PretokenizedSource
-from llama_jax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from llama_jax.data.tokenizer import Tokenizer, check_vocab
+from llama_jax.data.tokenizer_training import train_tokenizer
 from llama_jax.data.tiktoken_tokenizer import Llama3Tokenizer, load_tokenizer
 
 __all__ = [

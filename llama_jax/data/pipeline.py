@@ -10,7 +10,7 @@ import numpy as np
 
 from llama_jax.data import packing
 from llama_jax.data.config import SFT_KINDS, DataConfig, DataError, SourceConfig
-from llama_jax.data.sources import open_source
+from llama_jax.data.source_kinds import open_source
 
 _STATE_VERSION = 1
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from llama_jax.data.config import SFT_KINDS, DataConfig, DataError, SourceConfig
 from llama_jax.data.pretokenized_source import META_FILE
-from llama_jax.data.sources import open_source
+from llama_jax.data.source_kinds import open_source
 
 
 def pretokenize(source: SourceConfig | DataConfig, tokenizer, output_dir: str,

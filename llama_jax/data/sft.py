@@ -3,7 +3,7 @@
 Two source kinds, one example a line:
 - `chat_jsonl`: `{"messages": [{"role", "content"}, ...]}` (key: `messages_field`), the
   dialog ending with the assistant's answer. It is written in the chat format of the
-  tokenizer's family (`llama_jax.inference.chat`, Meta's layouts) and weighted 1 on what the
+  tokenizer's family (`llama_jax.data.chat_format`, Meta's layouts) and weighted 1 on what the
   model must produce: each assistant turn's content and its end-of-turn token (LLaMA 2 eos,
   LLaMA 3 <|eot_id|>), never system, user, tool or header tokens. `loss_mask`: every
   assistant turn (default) or only the last.
@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from llama_jax.data.config import DataError, LossMask, SourceConfig, SourceKind, TextUnit
+from llama_jax.data import chat_format as chat
 from llama_jax.data.sources import FileSource
 from llama_jax.errors import InputError, input_error
 
@@ -116,7 +117,6 @@ def encode_example(tokenizer, ex: SftExample) -> tuple[np.ndarray, np.ndarray]:
 def chat_pieces(tokenizer, messages, loss_mask: LossMask = LossMask.ASSISTANT) -> list[tuple[list[int], int]]:
     """A dialog ending with the assistant as (ids, weight) pieces whose concatenation is
     `encode_dialog(messages[:-1]) + encode_answer(messages[-1]["content"])`."""
-    from llama_jax.inference import chat  # lazy: chat formats live with inference; they import data
     if not isinstance(messages, list) or not messages:
         raise input_error("messages", "a dialog is a non-empty list of {'role', 'content'} dicts",
                           got=f"{type(messages).__name__}{'' if messages else ' (empty)'}")

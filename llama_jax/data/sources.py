@@ -15,7 +15,7 @@ import sysconfig
 
 import numpy as np
 
-from llama_jax.data.config import SFT_KINDS, DataError, SourceConfig, SourceKind, TextUnit
+from llama_jax.data.config import DataError, SourceKind, TextUnit
 from llama_jax.data.decoding import DecodeCounter
 
 # Directories left out of the stdlib corpus: tests are large and repetitive, and
@@ -143,22 +143,3 @@ def stdlib_files(split: str = "train") -> list[str]:
 def _is_eval(relpath: str) -> bool:
     digest = hashlib.sha1(relpath.encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") % 100 < _EVAL_PERCENT
-
-
-def open_source(cfg: SourceConfig):
-    """Opens one configured source as a random-access document source."""
-    if cfg.kind == SourceKind.STDLIB:
-        return FileSource(stdlib_files(cfg.split), SourceKind.TEXT, TextUnit.FILE, name=cfg.describe())
-    if cfg.kind in (SourceKind.TEXT, SourceKind.JSONL):
-        paths = resolve_paths(cfg.path, cfg.describe())
-        return FileSource(paths, cfg.kind, cfg.text_unit, cfg.field, name=cfg.describe())
-    if cfg.kind in SFT_KINDS:
-        from llama_jax.data.sft import SftSource
-        return SftSource(resolve_paths(cfg.path, cfg.describe()), cfg)
-    if cfg.kind == SourceKind.TFDS:
-        from llama_jax.data.tfds_source import open_tfds  # lazy: tensorflow_datasets is optional
-        return open_tfds(cfg)
-    if cfg.kind == SourceKind.PRETOKENIZED:
-        from llama_jax.data.pretokenized_source import PretokenizedSource  # lazy: grain, array_record
-        return PretokenizedSource(cfg.path)
-    raise DataError(f"unknown source kind {cfg.kind}")
