@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import ModelConfig, sharding
+from llama_jax import Llama, ModelConfig, sharding
 
 from llama_jax.train import metrics
 
@@ -28,6 +28,7 @@ CONFIGS = ["tiny", "demo", "llama_7b", "llama_13b", "llama_33b", "llama_65b", "m
 def test_config_builds_every_part(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     model = train_config.model_config(c)
+    assert train_config.run_options(c).param_dtype == np.float32  # float32 master weights everywhere
     opt = train_config.optimizer_config(c)
     data = c.data.to_dict()
     data.pop("tokenizer"), data.pop("shards")
@@ -42,7 +43,8 @@ def test_paper_configs_follow_table_2_and_shard_evenly_at_full_size(name, lr, st
     assert (c.batch_size * c.seq_len, c.optimizer.peak_lr, c.steps) == (4 * 2**20, lr, steps)
     model = train_config.model_config(c)
     tx = optim.make_optimizer(train_config.optimizer_config(c), c.steps)
-    boxed = train_state.abstract_state(model, tx)              # shapes only: 65B costs nothing
+    net = Llama(model, train_config.run_options(c))
+    boxed = train_state.abstract_state(net, tx)                # shapes only: 65B costs nothing
     abstract = nn.unbox(boxed)
     shape = tuple(8 if s == -1 else 1 for s in c.mesh) if c.mesh[2] == 1 else (1, 1, 8)
     shardings = train_state.state_shardings(boxed, sharding.make_mesh(shape))

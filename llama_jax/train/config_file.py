@@ -130,7 +130,8 @@ def check_values(cfg) -> None:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
             raise input_error(f"config.{key}", "out of range", f"an integer >= {low}", v)
     from llama_jax.train import config as train_config
-    train_config.model_config(cfg)  # ModelConfig's and OptimizerConfig's own checks, before any work
+    train_config.model_config(cfg)  # ModelConfig's, RunOptions' and OptimizerConfig's own checks, before any work
+    train_config.run_options(cfg)
     train_config.optimizer_config(cfg)
     if flat["batch_size"] % flat["micro_batches"]:
         raise input_error("config.micro_batches", "must divide batch_size",
