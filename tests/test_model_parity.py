@@ -129,11 +129,12 @@ def test_modules_match_transformers(case):
         # Attention (causal), then the whole pre-norm block.
         mask = _hf_causal_mask(T)
         attn_hf = layer.self_attn(xt, position_embeddings=(cos_t, sin_t), attention_mask=mask)[0].numpy()
-        attn, _ = M.Attention(cfg).apply({"params": lp["attention"]}, x, sin, cos, None)
+        inputs = M.LayerInputs(sin, cos)
+        attn = M.Attention(cfg, RunOptions()).apply({"params": lp["attention"]}, x, inputs)
         assert rel_err(attn, attn_hf) < TOL
         block_hf = layer(xt, position_embeddings=(cos_t, sin_t), attention_mask=mask)
         block_hf = (block_hf[0] if isinstance(block_hf, tuple) else block_hf).numpy()
-        block, _ = M.Block(cfg).apply({"params": lp}, x, None, sin, cos, None, None, None)
+        block, _ = M.Block(cfg, RunOptions()).apply({"params": lp}, x, inputs)
         assert rel_err(block, block_hf) < TOL
 
 
