@@ -2,7 +2,7 @@
 
 Two runs of one checkpoint may differ in every field here; none of them is ever written
 into model_config.json. Strings (from config files and flags) become dtypes and enums
-once, at construction.
+once, at construction. (No jax import here: `train.py --help` reads config files cheaply.)
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dataclasses
 import enum
 from typing import Any, Mapping
 
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from llama_jax.errors import input_error
@@ -38,15 +38,15 @@ class LayerLoop(enum.Enum):
     #                        no per-layer stacking of saved activations (faster on GPUs)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop}
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How to run a model: dtypes, kernels, memory/speed trade-offs. Defaults: float32, plain."""
-    dtype: Any = jnp.float32           # compute dtype of activations
-    param_dtype: Any = jnp.float32     # dtype parameters are created in
+    dtype: Any = DTYPES["float32"]        # compute dtype of activations
+    param_dtype: Any = DTYPES["float32"]  # dtype parameters are created in
     attention_impl: AttentionImpl = AttentionImpl.AUTO
     remat_policy: RematPolicy = RematPolicy.NONE
     layer_loop: LayerLoop = LayerLoop.SCAN  # how the uncached forward runs the stacked layers
@@ -59,12 +59,9 @@ class RunOptions:
             raise ValueError(f"RunOptions.{field}={getattr(self, field)!r}: must be {expected}")
 
         for f in ("dtype", "param_dtype"):
-            try:
-                dt = jnp.dtype(getattr(self, f))
-            except TypeError:
-                dt = None
-            if dt is None or dt.name not in DTYPES:
-                bad(f, f"one of {DTYPES}")
+            dt = _dtype(getattr(self, f))
+            if dt is None:
+                bad(f, f"one of {tuple(DTYPES)}")
             object.__setattr__(self, f, dt)
         for f, enum_cls in _ENUMS.items():
             v = getattr(self, f)
@@ -102,3 +99,14 @@ class RunOptions:
             return cls(**d)
         except ValueError as e:
             raise input_error(source, str(e)) from None
+
+
+def _dtype(v) -> np.dtype | None:
+    """A dtype of DTYPES from its name, a numpy/ml_dtypes dtype or a jnp scalar type; None otherwise."""
+    if isinstance(v, str):
+        return DTYPES.get(v)
+    try:
+        dt = np.dtype(v)
+    except TypeError:
+        return None
+    return dt if dt in DTYPES.values() else None

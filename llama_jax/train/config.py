@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 
 import ml_collections
 from ml_collections import config_dict
@@ -19,26 +20,20 @@ from llama_jax.config import ModelConfig
 from llama_jax.runtime import RunOptions
 from llama_jax.train.optim import OptimizerConfig
 
-# Fields that may be None in a ModelConfig: ml_collections needs their type to accept
-# an override, hence typed placeholders.
-_OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "rope_scaling": dict}
-
-
 def model_dict(preset: str, **overrides) -> ml_collections.ConfigDict:
     """All fields of `ModelConfig.preset(preset, **overrides)` as a ConfigDict, plus `preset`."""
-    cfg = ModelConfig.preset(preset, **overrides)
-    d = ml_collections.ConfigDict()
-    d.preset = preset  # informational: the fields below are what is used
-    for f in dataclasses.fields(ModelConfig):
-        v = getattr(cfg, f.name)
-        if isinstance(v, enum.Enum):
-            v = v.value
-        elif dataclasses.is_dataclass(v):
-            v = dataclasses.asdict(v)
-        elif v is None:
-            v = config_dict.placeholder(_OPTIONAL_TYPES[f.name])
-        setattr(d, f.name, v)
+    fields = ModelConfig.preset(preset, **overrides).to_dict()
+    d = ml_collections.ConfigDict({"preset": preset})  # informational: the fields below are what is used
+    for name, v in fields.items():
+        setattr(d, name, _placeholder(name) if v is None else v)
     return d
+
+
+def _placeholder(name: str):
+    """A typed None: ml_collections needs a field's type to accept an override of a None value."""
+    hint = typing.get_type_hints(ModelConfig)[name]  # e.g. int | None
+    t = next(a for a in typing.get_args(hint) if a is not type(None))
+    return config_dict.placeholder(dict if dataclasses.is_dataclass(t) else t)
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:

@@ -68,11 +68,12 @@ def _comments(obj, pattern: str, prefix: str) -> dict[str, str]:
 
 def key_help() -> dict[str, str]:
     """The one-line help of each key: the comment beside its default in the library."""
-    from llama_jax import config
+    from llama_jax import config, runtime
     from llama_jax.train import optim
     from llama_jax.train import config as train_config
     assign, field = r"^\s*c\.([\w.]+)\s*=.*?#\s*(.+)$", r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$"
     out = _comments(config.ModelConfig, field, "model.")
+    out.update(_comments(runtime.RunOptions, field, "run."))
     out.update(_comments(optim.OptimizerConfig, field, "optimizer."))
     out.update(_comments(train_config.base_config, assign, ""))
     return out
