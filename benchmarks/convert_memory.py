@@ -26,6 +26,7 @@ from llama_jax import ModelConfig  # noqa: E402
 
 from llama_jax.interop import mapping as weights
 from llama_jax.interop.convert import tensor_order  # noqa: E402
+from llama_jax.interop.formats import Format  # noqa: E402
 from llama_jax.interop.safetensors_files import SafetensorsWriter  # noqa: E402
 from llama_jax.interop.torch_files import TorchFileWriter  # noqa: E402
 from llama_jax.interop.meta_params import meta_params_of
@@ -44,7 +45,7 @@ def write_source(fmt: str, config: ModelConfig, out: str) -> int:
     import ml_dtypes
     os.makedirs(out)
     rng = np.random.default_rng(0)
-    order = list(tensor_order(config, fmt))
+    order = list(tensor_order(config, Format(fmt)))
     specs = {name: (weights.torch_shape(rule, config), np.dtype(ml_dtypes.bfloat16)) for rule, _, name in order}
     if fmt == "meta":
         (open(os.path.join(out, "params.json"), "w")).write(json.dumps(meta_params_of(config)))

@@ -16,16 +16,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax.cli.args import ArgumentParser, positive_int, quiet_logs  # noqa: E402
 from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
+from llama_jax.interop.formats import PARAM_DTYPES, Format  # noqa: E402
 
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--target", required=True, choices=["meta", "hf"])
+    p.add_argument("--target", required=True, choices=[f.value for f in Format])
     p.add_argument("--input", required=True, help="params-only checkpoint, training step, or workdir (latest step)")
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--shards", type=positive_int, default=1, help="Meta model-parallel shards to write")
     p.add_argument("--max-shard-size", default="5GB", help="Hugging Face: largest safetensors file, e.g. 5GB")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
                    help="write tensors in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
@@ -42,7 +43,7 @@ def main(argv=None):
         bar.update(done - bar.n)
 
     try:
-        config = conversion.from_orbax(args.target, args.input, args.output, shards=args.shards,
+        config = conversion.from_orbax(Format(args.target), args.input, args.output, shards=args.shards,
                                        max_shard_size=args.max_shard_size, dtype=args.dtype,
                                        overwrite=args.overwrite, progress=progress, generation=args.generation)
     finally:

@@ -14,14 +14,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax.cli.args import ArgumentParser, quiet_logs  # noqa: E402
 from llama_jax.errors import run_cli  # noqa: E402
 from llama_jax.generations import Generation  # noqa: E402
+from llama_jax.interop.formats import PARAM_DTYPES, Format  # noqa: E402
 
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--source", required=True, choices=["meta", "hf"])
+    p.add_argument("--source", required=True, choices=[f.value for f in Format])
     p.add_argument("--input", required=True, help="folder with params.json + consolidated.*.pth, or config.json + weights")
     p.add_argument("--output", required=True, help="checkpoint folder to create")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
                    help="store the params in this dtype (default: as stored in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--generation", choices=[g.value for g in Generation], default=None,
@@ -38,7 +39,7 @@ def main(argv=None):
         bar.update(done - bar.n)
 
     try:
-        config = conversion.to_orbax(args.source, args.input, args.output, dtype=args.dtype,
+        config = conversion.to_orbax(Format(args.source), args.input, args.output, dtype=args.dtype,
                                      overwrite=args.overwrite, progress=progress, generation=args.generation)
     finally:
         bar.close()  # before an error line, not after it

@@ -9,6 +9,7 @@ constraints resolve.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Sequence
 
 import flax.linen as nn
@@ -63,18 +64,50 @@ def activate(mesh: Mesh, rules=RULES):
         yield
 
 
+class ShardingWarning(UserWarning):
+    """A parameter axis is left unsplit (replicated) because its mesh axes do not divide it."""
+
+
 def logical_to_shardings(boxed_tree, mesh: Mesh, rules=RULES):
     """NamedShardings for a tree of flax LogicallyPartitioned boxes (e.g. from eval_shape).
 
     An axis whose size the mesh axes do not divide (2 kv heads over a tensor axis of 4)
-    stays unsplit on them: replicated rather than an error.
+    stays unsplit on them, i.e. replicated, and one ShardingWarning names every such
+    array, its shape, the mesh axes and their size.
     """
     specs = nn.get_partition_spec(boxed_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     shapes = jax.tree.map(lambda x: np.shape(x.value if is_box(x) else x), boxed_tree, is_leaf=is_box)
-    return jax.tree.map(lambda sh, shape: _fit(sh, shape, mesh), shardings, shapes,
-                        is_leaf=lambda x: isinstance(x, NamedSharding))
+    unsplit: list[str] = []
+
+    def fit(path, sh, shape):
+        fitted = _fit(sh, shape, mesh)
+        if fitted is not sh:
+            unsplit.append(_describe_unsplit(jax.tree_util.keystr(path, simple=True, separator="/"),
+                                             shape, sh.spec, mesh))
+        return fitted
+    fitted = jax.tree_util.tree_map_with_path(fit, shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if unsplit:
+        # Warn, not raise: replicating what does not divide is correct, and for kv heads
+        # (GQA with fewer kv heads than the tensor axis) it is what users expect, as
+        # vLLM and MaxText replicate kv heads over tensor ranks. What users do not expect is
+        # to learn it from an out-of-memory error, so it is never silent: the warning
+        # gives the memory multiplier (the axis size) to choose a mesh by.
+        warnings.warn(f"{len(unsplit)} array(s) not split as the sharding rules ask, because the "
+                      "mesh axes do not divide them; they are replicated over those axes:\n  "
+                      + "\n  ".join(unsplit), ShardingWarning, stacklevel=2)
+    return fitted
+
+
+def _describe_unsplit(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> str:
+    parts = []
+    for dim, (axes, ok) in enumerate(zip(spec, divides(shape, spec, mesh))):
+        if not ok:
+            names = axes if isinstance(axes, tuple) else (axes,)
+            size = int(np.prod([mesh.shape[a] for a in names]))
+            parts.append(f"dim {dim} ({shape[dim]}) over mesh axis {'x'.join(names)} of size {size}")
+    return f"{name} {tuple(shape)}: " + ", ".join(parts) + " -> replicated"
 
 
 def divides(shape: Sequence[int], spec: PartitionSpec, mesh) -> list[bool]:

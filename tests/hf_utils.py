@@ -6,6 +6,7 @@ import transformers
 from llama_jax import ModelConfig
 
 from llama_jax.interop import mapping as weights
+from llama_jax.interop.formats import Format
 from llama_jax.interop.hf_config import hf_config_of
 
 torch.set_num_threads(2)
@@ -30,7 +31,7 @@ def state_dict_np(model) -> dict:
 
 
 def params_from_hf(model, config: ModelConfig) -> dict:
-    return weights.from_state_dict(state_dict_np(model), config, "hf")
+    return weights.from_state_dict(state_dict_np(model), config, Format.HF)
 
 
 def hf_logits(model, tokens: np.ndarray, **kw) -> np.ndarray:

@@ -20,7 +20,8 @@ CASES = {
                             max_seq_len=1024),
 }
 
-# Meta model-parallel split axes (REFERENCE.md), written out here independently of weights.py.
+# Meta model-parallel split axes (docs/rotary_and_layouts.md), written out here independently of
+# interop/mapping.py.
 _META_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 

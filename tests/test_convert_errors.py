@@ -148,3 +148,31 @@ def test_refuses_to_overwrite_and_leaves_nothing_on_failure(hf_dir, meta_dir, tm
     with pytest.raises(ValueError):
         conversion.to_orbax("meta", src, tmp_path / "failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no output, no temporary left
+
+
+def test_unknown_format_string_is_refused_naming_the_allowed_ones(hf_dir, tmp_path):
+    """A format string is parsed once at the API edge; anything but meta/hf is an error, never HF."""
+    from llama_jax.errors import InputError
+    for call, where in ((lambda: conversion.to_orbax("HF", hf_dir, tmp_path / "a"), "source"),
+                        (lambda: conversion.from_orbax("safetensors", hf_dir, tmp_path / "b"), "target")):
+        with pytest.raises(InputError) as e:
+            call()
+        assert str(e.value) == f"{where}: unknown checkpoint format (expected meta or hf, got " \
+                               f"{'HF' if where == 'source' else 'safetensors'!r})"
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_transform_and_split_has_a_table_entry():
+    """The name map dispatches through tables: a new enum member without an entry fails here."""
+    import numpy as np
+    from llama_jax.interop import mapping
+    from llama_jax.interop.formats import Format
+    assert set(mapping._TO_OURS) == set(mapping._TO_TORCH) == set(mapping.Transform)
+    assert set(mapping._SPLIT_AXIS) | {mapping.MetaSplit.EMBEDDING} == set(mapping.MetaSplit)
+    assert {r.transform for r in mapping.RULES if r.rotary} <= set(mapping._ROTARY_HEADS)
+    rng = np.random.default_rng(0)
+    for rule in mapping.RULES:  # torch -> ours -> torch is the identity, in both formats
+        w = rng.standard_normal(mapping.torch_shape(rule, CFG)).astype(np.float32)
+        for fmt in Format:
+            ours = mapping.tensor_to_ours(rule, w, CFG, fmt)
+            np.testing.assert_array_equal(mapping.tensor_to_torch(rule, ours, CFG, fmt), w)

@@ -65,7 +65,8 @@ def test_llama3_vocab_split_embedding(tmp_path):
 
 def _meta_shapes(cfg):
     from llama_jax.interop import mapping as weights
-    return {n: weights.torch_shape(r, cfg) for r in weights.RULES for n in weights.names(r, cfg, "meta")}
+    from llama_jax.interop.formats import Format
+    return {n: weights.torch_shape(r, cfg) for r in weights.RULES for n in weights.names(r, cfg, Format.META)}
 
 
 def test_hf_bfloat16_sharded_round_trip(tmp_path):

@@ -49,14 +49,29 @@ def test_special_ids(tik_path):
     st = tok.special_tokens
     assert (st["<|begin_of_text|>"], st["<|end_of_text|>"], st["<|start_header_id|>"],
             st["<|end_header_id|>"], st["<|eot_id|>"]) == (N_RANKS, N_RANKS + 1, N_RANKS + 6, N_RANKS + 7, N_RANKS + 9)
-    assert st["<|reserved_special_token_0|>"] == N_RANKS + 2 and st["<|reserved_special_token_4|>"] == N_RANKS + 8
-    assert st["<|reserved_special_token_250|>"] == N_RANKS + 255 and len(st) == 256
+    # Llama 3.1's names (meta-llama/llama-models): eom 8, python_tag 10, reserved 2..246 after
+    assert (st["<|eom_id|>"], tok.eom_id, st["<|python_tag|>"]) == (N_RANKS + 8, N_RANKS + 8, N_RANKS + 10)
+    assert (st["<|finetune_right_pad_id|>"], st["<|step_id|>"]) == (N_RANKS + 4, N_RANKS + 5)
+    assert st["<|reserved_special_token_0|>"] == N_RANKS + 2 and st["<|reserved_special_token_2|>"] == N_RANKS + 11
+    assert st["<|reserved_special_token_246|>"] == N_RANKS + 255 and len(st) == 256
     ids = tok.encode("hello", bos=True, eos=True)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.bos_id not in ids[1:-1]
     assert tok.encode("hello", bos=False) == ids[1:-1]
     # special-token text in the input is plain text, never a special id
     assert all(i < N_RANKS for i in tok.encode("<|begin_of_text|><|eot_id|>", bos=False))
     assert tok.decode([tok.eot_id]) == "<|eot_id|>"
+
+
+def test_llama3_0_ids_and_used_names_unchanged(tik_path):
+    """Llama 3.0's list (meta-llama/llama3) differs only in names of tokens 3.0 never uses."""
+    from llama_jax.data.tiktoken_tokenizer import SPECIAL_TOKENS, SPECIAL_TOKENS_LLAMA3_0
+    tok = Llama3Tokenizer(tik_path)
+    renamed = {i for i, (new, old) in enumerate(zip(SPECIAL_TOKENS, SPECIAL_TOKENS_LLAMA3_0)) if new != old}
+    assert renamed == {4, 5, 8, 10} | set(range(11, 256))
+    assert all(SPECIAL_TOKENS_LLAMA3_0[i].startswith("<|reserved_special_token_") for i in renamed)
+    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        assert tok.special_tokens[name] == N_RANKS + SPECIAL_TOKENS_LLAMA3_0.index(name)
+        assert tok.decode([tok.special_tokens[name]]) == ("" if name in ("<|begin_of_text|>", "<|end_of_text|>") else name)
 
 
 def test_long_runs_and_pickle(tik_path):

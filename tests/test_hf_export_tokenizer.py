@@ -19,6 +19,7 @@ from llama_jax.interop import hf_tokenizer
 from llama_jax.checkpoint import save_params
 from llama_jax.data import Llama3Tokenizer, train_tokenizer
 from llama_jax.generations import Generation
+from llama_jax.inference.chat import encode_dialog, hf_chat_template
 
 pytest.importorskip("tokenizers")
 
@@ -26,6 +27,7 @@ TEXTS = ["hello world", " one leading space", "   three leading spaces", "traili
          "digits 0 7 42 12345 3.14159 and 1,000,000", "unicode: héllo wörld, 世界, ∮ E·da = Q, emoji 🙂🦙",
          "lines\nand\n\n  indented\n\tand tabs\r\n", "<s> </s> <unk> <|begin_of_text|><|eot_id|> as text",
          "it's   don't\u00a0nbsp  \u3000ideographic space", "def f(x):\n    return x ** 2  # square\n"]
+SPECIAL_TEXT = ["<s>", "</s>", "<unk>", "<|begin_of_text|>", "<|eot_id|>"]
 MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"  ", b"   ", b"    ",
           b"12", b"123", b"\n\n", b"in", b" in", b"th", b"the", b" the", b"re", b"ret", b"return", b" (", b"):"]
 
@@ -62,9 +64,29 @@ def test_auto_tokenizer_gives_our_ids(export):
     assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id)
     for text in TEXTS + ["".join(_corpus()[:2])]:
         ids = tok.encode(text, bos=True)
-        assert hf(text)["input_ids"] == ids, text
+        # text that spells a special token is plain text to our (Meta's) encode; transformers
+        # reads it so only when asked (the export keeps its default, for chat templates)
+        assert hf(text, split_special_tokens=True)["input_ids"] == ids, text
+        if not any(name in text for name in SPECIAL_TEXT):
+            assert hf(text)["input_ids"] == ids, text
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), text
     assert hf("hello", add_special_tokens=False)["input_ids"] == tok.encode("hello", bos=False)
+    assert hf("a <|eot_id|> </s>")["input_ids"].count(tok.eot_id if isinstance(tok, Llama3Tokenizer) else tok.eos_id) == 1
+
+
+def test_auto_tokenizer_chat_template_gives_encode_dialog(export):
+    """The export's chat_template: apply_chat_template gives encode_dialog's ids."""
+    tok, _, _, path = export
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    dialogs = [[{"role": "user", "content": "hello world"}],
+               [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "héllo 世界 🦙"},
+                {"role": "assistant", "content": "def f(x):\n    return x"}, {"role": "user", "content": ""}]]
+    for dialog in dialogs:
+        out = hf.apply_chat_template(dialog, tokenize=True, add_generation_prompt=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        assert list(ids) == encode_dialog(tok, dialog)
+    config = json.loads(open(os.path.join(path, "tokenizer_config.json")).read())
+    assert config["chat_template"] == hf_chat_template(tok) and config["split_special_tokens"] is False
 
 
 def test_generation_config_has_our_stop_ids(export):

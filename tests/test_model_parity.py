@@ -13,6 +13,7 @@ from hf_utils import hf_logits, hf_model, params_from_hf, rel_err, state_dict_np
 from reference import meta_torch
 from llama_jax import Llama, ModelConfig, RopeScaling, RunOptions
 from llama_jax import model as M
+from llama_jax.interop.formats import Format
 from llama_jax.interop.meta_params import meta_params_of
 
 TOL = 1e-5  # float32: observed max |diff| / max |logit| is ~1.3e-6
@@ -55,7 +56,7 @@ def test_logits_match_transformers(case, layer_loop):
 
 
 def _meta_state_dict(hf_sd, cfg):
-    """HF names/rotary -> Meta names/rotary, written here independently of weights.py."""
+    """HF names/rotary -> Meta names/rotary, written here independently of interop/mapping.py."""
     def unpermute(w, n):
         return w.view(n, 2, w.shape[0] // n // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
     out = {"tok_embeddings.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"],
@@ -86,7 +87,7 @@ def test_meta_layout_matches_meta_reference_and_transformers(case):
         ref = meta_torch.forward(meta_sd, meta_params, torch.as_tensor(tokens).long(), scaling).numpy()
     # The Meta-convention reference agrees with transformers: the test's permutation is right.
     assert rel_err(ref, hf_logits(model, tokens)) < TOL
-    params = weights.from_state_dict({k: v.numpy() for k, v in meta_sd.items()}, cfg, "meta")
+    params = weights.from_state_dict({k: v.numpy() for k, v in meta_sd.items()}, cfg, Format.META)
     ours = np.asarray(jax.jit(Llama(cfg).apply)({"params": params}, tokens))
     err = rel_err(ours, ref)
     assert err < TOL, f"relative error {err:.2e}"
@@ -157,7 +158,7 @@ def test_gradients_match_transformers(case, layer_loop, remat, fuse):
     model.zero_grad()
     logits = model(torch.as_tensor(tokens).long()).logits
     (logits * torch.as_tensor(probe)).sum().backward()
-    theirs = weights.from_state_dict({k: p.grad.numpy() for k, p in model.named_parameters()}, cfg, "hf")
+    theirs = weights.from_state_dict({k: p.grad.numpy() for k, p in model.named_parameters()}, cfg, Format.HF)
     ours = jax.grad(lambda p: jnp.sum(Llama(cfg, run).apply({"params": p}, tokens) * probe))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(ours):
         ref = theirs

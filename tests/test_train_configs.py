@@ -1,12 +1,14 @@
-"""configs/*.py: every file builds; the paper's sizes shard evenly (eval_shape, no memory);
+"""configs/*.py: every file builds; the paper's sizes shard as the rules say (eval_shape, no memory);
 the FLOP formula."""
 import importlib
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh, AxisType
 
 from llama_jax import Llama, ModelConfig, sharding
 
@@ -37,8 +39,17 @@ def test_config_builds_every_part(name):
     assert float(optim.lr_schedule(opt, c.steps)(opt.warmup_steps)) == pytest.approx(opt.peak_lr)
 
 
-@pytest.mark.parametrize("name, lr, steps", [("llama_7b", 3e-4, 238418), ("llama_65b", 1.5e-4, 333786)])
-def test_paper_configs_follow_table_2_and_shard_evenly_at_full_size(name, lr, steps):
+def _rule_and_fitted_specs(boxed, mesh):
+    """Per leaf: (the rules' spec, the spec logical_to_shardings gives), with no ShardingWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sharding.ShardingWarning)  # an unsplit axis fails here, loudly
+        fitted = sharding.logical_to_shardings(boxed, mesh)
+    rule = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.RULES)
+    return [(r.spec, f.spec) for r, f in zip(jax.tree.leaves(rule), jax.tree.leaves(fitted), strict=True)]
+
+
+@pytest.mark.parametrize("name, lr, steps, gpus", [("llama_7b", 3e-4, 238418, 256), ("llama_65b", 1.5e-4, 333786, 2048)])
+def test_paper_configs_follow_table_2_and_shard_evenly_at_full_size(name, lr, steps, gpus):
     c = importlib.import_module(f"configs.{name}").get_config()
     assert (c.batch_size * c.seq_len, c.optimizer.peak_lr, c.steps) == (4 * 2**20, lr, steps)
     model = train_config.model_config(c)
@@ -46,14 +57,35 @@ def test_paper_configs_follow_table_2_and_shard_evenly_at_full_size(name, lr, st
     net = Llama(model, train_config.run_options(c))
     boxed = train_state.abstract_state(net, tx)                # shapes only: 65B costs nothing
     abstract = nn.unbox(boxed)
-    shape = tuple(8 if s == -1 else 1 for s in c.mesh) if c.mesh[2] == 1 else (1, 1, 8)
-    shardings = train_state.state_shardings(boxed, sharding.make_mesh(shape))
-    leaves = list(zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
     n_params = sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))
     assert n_params == model.num_params()
-    assert len(leaves) > 20
-    for a, s in leaves:
+    # The config's own mesh on the 8 test devices, and on the paper's GPU count (an abstract
+    # mesh: shardings without devices). Every parameter and optimizer moment gets exactly
+    # the spec the rules ask for: no axis is quietly left unsplit.
+    for mesh in (sharding.make_mesh(c.mesh),
+                 AbstractMesh(sharding.mesh_shape(c.mesh, gpus), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)):
+        specs = _rule_and_fitted_specs(boxed, mesh)
+        assert len(specs) > 20 and all(r == f for r, f in specs), [(r, f) for r, f in specs if r != f]
+        split = {a for r, _ in specs for a in jax.tree.leaves(tuple(r)) if a is not None}
+        assert split == {"fsdp", "tensor"}  # the rules do split (size-1 axes are named too)
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(train_state.state_shardings(boxed, sharding.make_mesh(c.mesh))),
+                    strict=True):
         s.shard_shape(a.shape)  # raises when a dimension does not divide its mesh axes
+
+
+def test_an_axis_that_does_not_divide_is_reported():
+    """65 heads over tensor=8: the head axis cannot split, and the warning says so."""
+    model = ModelConfig.preset("llama-65b", dim=65 * 128, n_heads=65, n_kv_heads=65)
+    tx = optim.make_optimizer(train_config.optimizer_config(importlib.import_module("configs.llama_65b").get_config()), 10**5)
+    boxed = train_state.abstract_state(model, tx)
+    with pytest.warns(sharding.ShardingWarning) as record:
+        shardings = train_state.state_shardings(boxed, sharding.make_mesh((1, 1, 8)))
+    assert len(record) == 1  # one warning, every array listed in it
+    msg = str(record[0].message)
+    assert "params/layers/attention/wq (80, 8320, 65, 128): dim 2 (65) over mesh axis tensor of size 8 -> replicated" in msg
+    assert "params/layers/attention/wo (80, 65, 128, 8320): dim 1 (65)" in msg
+    assert "mu/layers/attention/wq" in msg and "feed_forward" not in msg  # moments too; nothing else
+    assert tuple(shardings.params["layers"]["attention"]["wq"].spec) == (None, "fsdp", None, None)  # heads unsplit
 
 
 def test_flops_per_token_formula():

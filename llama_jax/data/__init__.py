@@ -27,7 +27,8 @@ All failures the user must fix raise `DataError` (a ValueError) naming the file 
 from llama_jax.data.config import DataConfig, DataError, SourceConfig, SourceKind, TextUnit, paper_mixture
 from llama_jax.data.packing import BATCH_KEYS, PipelineStats, pack_documents
 from llama_jax.data.pipeline import DataIterator, make_dataset, make_global_batch
-from llama_jax.data.pretokenize import PretokenizedSource, pretokenize
+from llama_jax.data.pretokenize import pretokenize
+from llama_jax.data.pretokenized_source import PretokenizedSource
 from llama_jax.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 from llama_jax.data.tiktoken_tokenizer import Llama3Tokenizer, load_tokenizer
 

@@ -34,8 +34,8 @@ class DataIterator:
     have produced.
     """
 
-    def __init__(self, grain_iter, layout: _Layout, stats: packing.PipelineStats, sources: list):
-        self._it, self._layout, self.stats, self.sources = grain_iter, layout, stats, sources
+    def __init__(self, grain_iter, layout: _Layout, stats: packing.PipelineStats):
+        self._it, self._layout, self.stats = grain_iter, layout, stats
 
     def __iter__(self):
         return self
@@ -55,10 +55,6 @@ class DataIterator:
             diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
             raise DataError(f"data iterator state does not match this pipeline (saved, now): {diff}")
         self._it.set_state(state["grain"])
-
-    def decode_errors(self) -> dict[str, int]:
-        """Documents with undecodable bytes replaced, per source."""
-        return {s.name: s.decode_errors.documents for s in self.sources}
 
 
 def _source_dataset(src, cfg: SourceConfig, index: int, data: DataConfig, tokenize, seed: int,
@@ -115,7 +111,7 @@ def make_dataset(data_config: DataConfig, tokenizer, seq_len: int, global_batch_
     ds = packing.pack(ds, seq_len).map(packing.row_to_example)
     ds = ds.batch(local_batch, drop_remainder=False)
     layout = _Layout(seq_len, local_batch, seed, shard_index, shard_count, tuple(parts))
-    return DataIterator(iter(ds), layout, stats, sources)
+    return DataIterator(iter(ds), layout, stats)
 
 
 def _check_pretokenized(sources, tokenizer):

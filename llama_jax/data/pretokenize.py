@@ -1,4 +1,4 @@
-"""Pre-tokenize a corpus once into array_record shards, and read it back as a source.
+"""Pre-tokenize a corpus once into array_record shards (read back by data/pretokenized_source).
 
 Where on-the-fly tokenization cannot keep up with a large model's step, tokenize once:
 each record is one document's ids (int32, little-endian, without bos/eos; the pipeline
@@ -14,9 +14,8 @@ import os
 import numpy as np
 
 from llama_jax.data.config import DataConfig, DataError, SourceConfig
-from llama_jax.data.sources import _DecodeCounter, open_source
-
-META_FILE = "pretokenized.json"
+from llama_jax.data.pretokenized_source import META_FILE
+from llama_jax.data.sources import open_source
 
 
 def pretokenize(source: SourceConfig | DataConfig, tokenizer, output_dir: str,
@@ -74,34 +73,3 @@ def _write_shards(cfgs, tokenizer, output_dir: str, docs_per_shard: int, shards:
         if writer is not None:
             writer.close()
     return n_docs, n_tokens
-
-
-class PretokenizedSource:
-    """Random access over a `pretokenize` output directory; items are int32 id arrays."""
-
-    def __init__(self, directory: str):
-        meta_path = os.path.join(directory, META_FILE)
-        if not os.path.isfile(meta_path):
-            raise DataError(f"pretokenized:{directory}: no {META_FILE} (not written by pretokenize?)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        paths = [os.path.join(directory, s) for s in meta["shards"]]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise DataError(f"pretokenized:{directory}: missing shard(s) {missing}")
-        import grain
-        self._records = grain.sources.ArrayRecordDataSource(paths)
-        if len(self._records) != meta["documents"]:
-            raise DataError(f"pretokenized:{directory}: {len(self._records)} records, "
-                            f"expected {meta['documents']} from {META_FILE}")
-        self.name, self.vocab_size, self.meta = f"pretokenized:{directory}", meta["vocab_size"], meta
-        self.decode_errors = _DecodeCounter()  # always 0: ids are not decoded
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.frombuffer(self._records[i], dtype="<i4").astype(np.int32)
-
-    def __repr__(self):
-        return f"PretokenizedSource({self.name!r}, {len(self)} documents)"

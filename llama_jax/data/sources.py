@@ -10,42 +10,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import sysconfig
-import threading
 
 import numpy as np
 
 from llama_jax.data.config import DataError, SourceConfig, SourceKind, TextUnit
-
-log = logging.getLogger(__name__)
+from llama_jax.data.decoding import DecodeCounter
 
 # Directories left out of the stdlib corpus: tests are large and repetitive, and
 # site-packages is whatever the user installed, so not the same on every machine.
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 _EVAL_PERCENT = 1  # stdlib files whose path hash falls in the first 1% are held out
-
-
-class _DecodeCounter:
-    """Counts documents and replaced characters from bytes that are not UTF-8."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.documents = 0
-        self.replaced = 0
-
-    def decode(self, raw: bytes, where: str) -> str:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            n = text.count("\ufffd")
-            with self._lock:
-                self.documents += 1
-                self.replaced += n
-            log.warning("%s: %d undecodable byte sequence(s) replaced by U+FFFD", where, n)
-            return text
 
 
 def resolve_paths(pattern: str, what: str) -> list[str]:
@@ -84,7 +60,7 @@ class FileSource:
                  field: str = "text", name: str = ""):
         self.name = name or (paths[0] if len(paths) == 1 else f"{len(paths)} files")
         self._paths, self._kind, self._field = list(paths), kind, field
-        self.decode_errors = _DecodeCounter()
+        self.decode_errors = DecodeCounter()
         self._whole_files = kind == SourceKind.TEXT and text_unit == TextUnit.FILE
         if self._whole_files:
             self._index = np.arange(len(paths), dtype=np.int64)[:, None]
@@ -171,6 +147,6 @@ def open_source(cfg: SourceConfig):
         from llama_jax.data.tfds_source import open_tfds  # lazy: tensorflow_datasets is optional
         return open_tfds(cfg)
     if cfg.kind == SourceKind.PRETOKENIZED:
-        from llama_jax.data.pretokenize import PretokenizedSource  # lazy: grain, array_record
+        from llama_jax.data.pretokenized_source import PretokenizedSource  # lazy: grain, array_record
         return PretokenizedSource(cfg.path)
     raise DataError(f"unknown source kind {cfg.kind}")

@@ -11,7 +11,7 @@ import itertools
 from typing import Any, Callable, Iterable
 
 from llama_jax.data.config import DataError, SourceConfig
-from llama_jax.data.sources import _DecodeCounter
+from llama_jax.data.decoding import DecodeCounter
 
 
 class TfdsSource:
@@ -19,7 +19,7 @@ class TfdsSource:
 
     def __init__(self, records, cfg: SourceConfig):
         self._records, self._field, self.name = records, cfg.field, cfg.describe()
-        self.decode_errors = _DecodeCounter()
+        self.decode_errors = DecodeCounter()
         if len(records) == 0:
             raise DataError(f"{self.name}: empty corpus (0 records)")
         first = records[0]
@@ -73,7 +73,7 @@ class TfdsLoadSource:
 
     def __init__(self, cfg: SourceConfig):
         self.cfg, self.name = cfg, cfg.describe()
-        self.decode_errors = _DecodeCounter()
+        self.decode_errors = DecodeCounter()
 
     def records(self, shard_index: int, shard_count: int,
                 num_epochs: int | None) -> Callable[[], Iterable[str]]:

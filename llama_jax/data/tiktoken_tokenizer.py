@@ -24,14 +24,27 @@ PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
            r"|\s+")
 NUM_SPECIAL_TOKENS = 256
 # Meta's order; ids are n_ranks + index (128000.. for the released 128000-rank file).
-SPECIAL_TOKENS = ([
+# Llama 3.1 named five of Llama 3.0's reserved tokens (meta-llama/llama-models, commit
+# 1f0feb7, models/llama3_1/api/tokenizer.py): 128004 <|finetune_right_pad_id|>, 128005
+# <|step_id|>, 128008 <|eom_id|> (end of message: a tool call awaits its result), 128010
+# <|python_tag|>, and renumbered the rest <|reserved_special_token_2..246|>. One file
+# serves every Llama 3.x, so we use the 3.1 names for all of them: every id, and the text of
+# every token Llama 3.0 uses, stay as they were (3.0's list: SPECIAL_TOKENS_LLAMA3_0).
+_NAMED = ["<|begin_of_text|>", "<|end_of_text|>",
+          "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+          "<|finetune_right_pad_id|>", "<|step_id|>",
+          "<|start_header_id|>", "<|end_header_id|>",
+          "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+SPECIAL_TOKENS = _NAMED + [f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(_NAMED))]
+# meta-llama/llama3, llama/tokenizer.py (Llama 3.0).
+SPECIAL_TOKENS_LLAMA3_0 = ([
     "<|begin_of_text|>", "<|end_of_text|>",
     "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
     "<|start_header_id|>", "<|end_header_id|>",
     "<|reserved_special_token_4|>", "<|eot_id|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(5, NUM_SPECIAL_TOKENS - 5)])
-assert len(SPECIAL_TOKENS) == NUM_SPECIAL_TOKENS
+assert len(SPECIAL_TOKENS) == len(SPECIAL_TOKENS_LLAMA3_0) == NUM_SPECIAL_TOKENS
 
 # tiktoken is slow (or overflows its stack) on huge strings and on huge runs of only
 # whitespace / only non-whitespace: Meta's reference encodes in bounded pieces.
@@ -64,8 +77,8 @@ def parse_ranks(data: bytes, path: str = "<in-memory>") -> dict[bytes, int]:
 
 class Llama3Tokenizer:
     """LLaMA 3's tiktoken BPE with `Tokenizer`'s interface: bos <|begin_of_text|> = n_ranks
-    (128000), eos <|end_of_text|> = n_ranks + 1, eot <|eot_id|> = n_ranks + 9, no pad (-1),
-    vocab_size = n_ranks + 256. Special-token text inside `encode`'s input is plain text."""
+    (128000), eos <|end_of_text|> = n_ranks + 1, eot <|eot_id|> = n_ranks + 9, eom
+    <|eom_id|> = n_ranks + 8 (3.1 on), no pad (-1), vocab_size = n_ranks + 256. Special-token text inside `encode`'s input is plain text."""
 
     def __init__(self, model_path: str | None = None, *, model_bytes: bytes | None = None):
         import tiktoken
@@ -101,6 +114,10 @@ class Llama3Tokenizer:
     @property
     def eot_id(self) -> int:
         return self.special_tokens["<|eot_id|>"]
+
+    @property
+    def eom_id(self) -> int:
+        return self.special_tokens["<|eom_id|>"]
 
     @property
     def pad_id(self) -> int:

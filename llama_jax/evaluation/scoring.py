@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
+from llama_jax.losses import token_log_probs
 from llama_jax.model import Llama
 
 Pair = tuple[Sequence[int], Sequence[int]]
@@ -103,9 +104,7 @@ class Scorer:
 
         def token_scores(params, tokens, positions, segment_ids, targets):
             logits = model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
-            # log p(target) = logit - logsumexp: avoids materialising a second [B,T,V] array.
-            lp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - jax.nn.logsumexp(logits, -1)
-            return lp, jnp.argmax(logits, -1) == targets
+            return token_log_probs(logits, targets), jnp.argmax(logits, -1) == targets
 
         self._fn = jax.jit(token_scores)
 

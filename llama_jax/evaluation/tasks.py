@@ -24,9 +24,6 @@ class Doc:
     choices: tuple[str, ...]   # continuations, scored after a " " delimiter
     gold: int
 
-    def context(self, i: int) -> str:
-        return self.contexts[i if len(self.contexts) > 1 else 0]
-
 
 @dataclasses.dataclass(frozen=True)
 class Task:

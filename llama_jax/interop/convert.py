@@ -1,10 +1,12 @@
 """Streaming conversion: PyTorch (Meta, Hugging Face) checkpoints <-> params-only Orbax.
 
 One tensor is in memory at a time (plus the writes in flight): torch tensors are read
-with pread (torch_io, safetensors_io), mapped by weights.py, and written one layer
-slice at a time into the Orbax checkpoint (params_io); the way back reads layer slices
-and writes torch files in place. Outputs are built in a temporary directory and renamed
-when complete. `progress(done, total)` is called after each tensor.
+with pread (torch_files, safetensors_files), mapped by mapping.py, and written one layer
+slice at a time into the Orbax checkpoint (checkpoint.streaming); the way back reads layer
+slices and writes torch files in place. The torch-side format is a `Format`; the public
+functions also take its string ("meta", "hf") and parse it once, here. Outputs are built
+in a temporary directory and renamed when complete. `progress(done, total)` is called
+after each tensor.
 """
 from __future__ import annotations
 
@@ -16,26 +18,21 @@ from typing import Callable, Iterator
 import numpy as np
 
 from llama_jax import checkpoint
-
-from llama_jax.interop import hf_tokenizer
-
 from llama_jax.checkpoint import integrity
-
-from llama_jax.interop import meta_params
-
-from llama_jax.interop import mapping as weights
-from llama_jax.config import ModelConfig
 from llama_jax.checkpoint.streaming import ParamsReader, ParamsWriter, unflatten
-from llama_jax.interop.safetensors_files import SafetensorsWriter
-from llama_jax.interop.torch_files import TorchFileWriter, import_torch
-from llama_jax.interop.sources import open_source
+from llama_jax.config import ModelConfig
+from llama_jax.interop import hf_tokenizer, meta_params
+from llama_jax.interop import mapping as weights
+from llama_jax.interop.formats import PARAM_DTYPES, Format, get_path
 from llama_jax.interop.hf_config import hf_config_of
+from llama_jax.interop.safetensors_files import SafetensorsWriter
+from llama_jax.interop.sources import open_source
+from llama_jax.interop.torch_files import TorchFileWriter, import_torch
 
 Progress = Callable[[int, int], None]
-_PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def tensor_order(config: ModelConfig, fmt: str, rules=None) -> Iterator[tuple[weights.Rule, int | None, str]]:
+def tensor_order(config: ModelConfig, fmt: Format, rules=None) -> Iterator[tuple[weights.Rule, int | None, str]]:
     """(rule, layer or None, torch name), embeddings first, then layer by layer, then the head.
 
     `rules`: the tensors to visit (default: those a `fmt` file holds, weights.file_rules)."""
@@ -53,14 +50,16 @@ def tensor_order(config: ModelConfig, fmt: str, rules=None) -> Iterator[tuple[we
 def _param_dtype(dtypes) -> str:
     """The weights' one dtype name (HF config.json "dtype"); float32 when mixed."""
     names = {np.dtype(d).name for d in dtypes}
-    return names.pop() if len(names) == 1 and names <= set(_PARAM_DTYPES) else "float32"
+    return names.pop() if len(names) == 1 and names <= set(PARAM_DTYPES) else "float32"
 
 
-def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype=None,
+def to_orbax(source: Format | str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype=None,
              overwrite: bool = False, progress: Progress | None = None, generation=None) -> ModelConfig:
-    """Convert a Meta ("meta") or Hugging Face ("hf") folder to a params-only Orbax checkpoint.
+    """Convert a Meta (Format.META, "meta") or Hugging Face (Format.HF, "hf") folder to a
+    params-only Orbax checkpoint.
 
     `generation` ("3.1", ...) overrides the LLaMA generation the source files say."""
+    source = Format.parse(source, "source")
     src = open_source(source, input_dir, generation=generation)
     config = src.config
     rules = weights.param_rules(config)
@@ -68,11 +67,11 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
     for rule in rules:
         found = {np.dtype(src.dtype(n)) for n in weights.names(rule, config, source)}
         if dtype is None and len(found) > 1:
-            raise ValueError(f"{input_dir}: {rule.meta if source == 'meta' else rule.hf} is stored in several "
+            raise ValueError(f"{input_dir}: {rule.name(source)} is stored in several "
                              f"dtypes {sorted(map(str, found))} across layers; pass dtype (--dtype) to pick one")
         leaf_dtypes[rule.path] = np.dtype(dtype) if dtype is not None else found.pop()
     abstract = checkpoint.abstract_params(config)
-    shapes = {r.path: (_get(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
+    shapes = {r.path: (get_path(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
     total = sum(1 for _ in tensor_order(config, source, rules))
     with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir]) as tmp:
         writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in rules if r.layered})
@@ -91,15 +90,9 @@ def to_orbax(source: str, input_dir: str | os.PathLike, output_dir: str | os.Pat
         integrity.write(tmp, sums.hexdigests())
         config.save(tmp / checkpoint.CONFIG_FILE)
         checkpoint.copy_tokenizer_files(input_dir, tmp)
-        if source == "meta":
+        if source is Format.META:
             meta_params.keep_source(input_dir, tmp)
     return config
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def parse_size(size: str | int) -> int:
@@ -118,19 +111,10 @@ def parse_size(size: str | int) -> int:
     return n
 
 
-def _meta_shard_shape(rule: weights.Rule, shape: tuple[int, ...], n: int, config: ModelConfig) -> tuple[int, ...]:
-    axis = weights.embedding_split_axis(config) if rule.path == ("tok_embeddings",) else rule.meta_shard_axis
-    if axis is None or n == 1:
-        return shape
-    if shape[axis] % n:
-        raise ValueError(f"{rule.meta}: axis {axis} of size {shape[axis]} does not split into {n} shards")
-    return shape[:axis] + (shape[axis] // n,) + shape[axis + 1:]
-
-
-def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, shards: int, source_dir: Path):
+def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, *, shards: int, source_dir: Path, **_):
     specs = [{} for _ in range(shards)]
-    for rule, _, name in tensor_order(config, "meta"):
-        shape = _meta_shard_shape(rule, weights.torch_shape(rule, config), shards, config)
+    for rule, _, name in tensor_order(config, Format.META):
+        shape = weights.meta_shard_shape(rule, weights.torch_shape(rule, config), shards, config)
         for s in specs:
             s[name] = (shape, dtypes[rule.path])
     meta_params.write(out / "params.json", config, source_dir)
@@ -142,9 +126,10 @@ def _meta_writers(out: Path, config: ModelConfig, dtypes: dict, shards: int, sou
     return writers, write
 
 
-def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: int):
+def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, *, max_shard_size: str | int, **_):
+    max_shard_size = parse_size(max_shard_size)
     groups, size = [[]], 0
-    for rule, _, name in tensor_order(config, "hf"):
+    for rule, _, name in tensor_order(config, Format.HF):
         shape = weights.torch_shape(rule, config)
         nbytes = int(np.prod(shape)) * dtypes[rule.path].itemsize
         if groups[-1] and size + nbytes > max_shard_size:
@@ -169,18 +154,22 @@ def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, max_shard_size: in
     return writers, lambda rule, name, w: writer_of[name].write(name, w)
 
 
-def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, shards: int = 1,
+# (output folder, config, dtypes by path, options) -> (file writers, write(rule, name, tensor))
+_WRITERS = {Format.META: _meta_writers, Format.HF: _hf_writers}
+
+
+def from_orbax(target: Format | str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, shards: int = 1,
                max_shard_size: str | int = "5GB", dtype=None, overwrite: bool = False,
                progress: Progress | None = None, generation=None) -> ModelConfig:
-    """Write a params-only checkpoint or training step as Meta files (`shards` of them) or an HF folder.
+    """Write a params-only checkpoint or training step as Meta files (Format.META, "meta";
+    `shards` of them) or a Hugging Face folder (Format.HF, "hf").
 
     `generation` ("3.1", ...) overrides the checkpoint's: it decides the params.json keys,
     the embedding's shard axis and the special token ids written."""
-    if target not in ("meta", "hf"):
-        raise ValueError(f"unknown target format {target!r}; known: 'meta', 'hf'")
-    if target == "hf" and shards != 1:
+    target = Format.parse(target, "target")
+    if target is Format.HF and shards != 1:
         raise ValueError("shards applies to Meta output only (use max_shard_size for Hugging Face)")
-    if target == "meta":
+    if target is Format.META:
         import_torch(str(output_dir))  # consolidated.NN.pth are torch files: say so before any work
     d = checkpoint.resolve_checkpoint(input_dir)
     config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
@@ -194,10 +183,8 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
     total = sum(1 for _ in tensor_order(config, target))
     want, sums = integrity.stored(d), integrity.HostSums()
     with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir, d]) as tmp:
-        if target == "meta":
-            writers, write = _meta_writers(tmp, config, dtypes, shards, d)
-        else:
-            writers, write = _hf_writers(tmp, config, dtypes, parse_size(max_shard_size))
+        writers, write = _WRITERS[target](tmp, config, dtypes, shards=shards, source_dir=d,
+                                          max_shard_size=max_shard_size)
         for done, (rule, layer, name) in enumerate(tensor_order(config, target), 1):
             stored = weights.stored_rule(rule, config)  # a tied output is the embedding again
             ours = reader.read(stored.path, layer)
@@ -210,6 +197,6 @@ def from_orbax(target: str, input_dir: str | os.PathLike, output_dir: str | os.P
             w.close()
         integrity.compare(d, want, sums.hexdigests())  # a damaged input leaves no output
         checkpoint.copy_tokenizer_files(d, tmp)
-        if target == "hf":
+        if target is Format.HF:
             hf_tokenizer.write_export_files(tmp, config)
     return config

@@ -1,5 +1,6 @@
-"""Is a Hugging Face config.json a LLaMA? Refuse look-alikes, naming the field that differs.
+"""Hugging Face's config.json: read (`config_from_hf`) and written (`hf_config_of`).
 
+Is a config.json a LLaMA? Refuse look-alikes, naming the field that differs.
 Mistral, Qwen2, Gemma, Mixtral and others store config.json files with the same key names
 (hidden_size, num_attention_heads, ...) and weights with the same tensor names, so they
 would convert without complaint and then run as the wrong model: a sliding attention window
@@ -62,6 +63,7 @@ def check_llama_hf_config(c: dict, source: str = "config.json") -> None:
 
 def config_from_hf(c: dict, source: str = "config.json", generation: Generation | str | None = None,
                    **execution: Any) -> ModelConfig:
+    """A ModelConfig from a LLaMA config.json; `generation` overrides the one it says."""
     check_llama_hf_config(c, source)  # refuses other architectures, naming the field (biases, head_dim, ...)
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if k not in c:
@@ -88,8 +90,9 @@ def config_from_hf(c: dict, source: str = "config.json", generation: Generation 
                norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope_scaling,
                max_seq_len=c.get("max_position_embeddings", 2048), **execution)
 
+
 def hf_config_of(config: ModelConfig, dtype: str = "float32") -> dict:
-    """HF config.json for `config`; `dtype`: the stored weights' dtype name."""
+    """`config` as transformers' LlamaConfig JSON; `dtype`: the stored weights' dtype name."""
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         rope = {"rope_theta": config.rope_theta, **dataclasses.asdict(config.rope_scaling)}

@@ -11,10 +11,14 @@ than naming a transformers class that rebuilds its own pipeline:
 - tiktoken (LLaMA 3): the cl100k split pattern, then byte-level BPE that takes a whole
   split piece when it is a token (tiktoken's rule: `ignore_merges`), merges ranked by
   the rank of the merged token; the 256 special tokens after the ranks, in our order.
-Both prepend bos in a post-processor and never append eos (our prompts: bos only). Text
-that spells a special token is plain text for sentencepiece and for Meta's tiktoken
-encode, hence `split_special_tokens: true` (pass `split_special_tokens=False` to
-`AutoTokenizer` for chat templates that spell special tokens as text).
+Both prepend bos in a post-processor and never append eos (our prompts: bos only).
+tokenizer_config.json carries the chat format of the tokenizer's family as `chat_template`
+(inference/chat.py: `apply_chat_template(dialog, add_generation_prompt=True)` gives
+`encode_dialog`'s ids), always: a base model's users never call it, and Meta's own Llama 3.1
+base repos carry one too. A template spells its control tokens as text, so the export keeps
+transformers' default `split_special_tokens: false`, as Meta's own Hugging Face tokenizers
+do: text that spells a special token (say "<|eot_id|>") becomes that token, where Meta's
+and our `encode` keep it plain text; `tokenizer(text, split_special_tokens=True)` gives ours.
 """
 from __future__ import annotations
 
@@ -136,9 +140,11 @@ def write_tokenizer_files(tok: Tokenizer | Llama3Tokenizer, out_dir: str | Path,
     out = Path(out_dir)
     hf.save(str(out / "tokenizer.json"))
     names = _token_names(tok)
+    from llama_jax.inference.chat import hf_chat_template
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": True, "add_eos_token": False,
-              "split_special_tokens": True, "clean_up_tokenization_spaces": False,
-              "model_max_length": max_seq_len, "model_input_names": ["input_ids", "attention_mask"]}
+              "split_special_tokens": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": max_seq_len, "model_input_names": ["input_ids", "attention_mask"],
+              "chat_template": hf_chat_template(tok)}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False))
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

@@ -1,4 +1,4 @@
-"""Meta's params.json on export: the source's own file when it still describes the model.
+"""Meta's params.json: read (`config_from_meta`) and written (`meta_params_of`, `write`).
 
 Meta's loaders build `ModelArgs(**params)`, and LLaMA 1/2/3 define ModelArgs as plain
 dataclasses: a key their generation did not have is a TypeError there. So a Meta export
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-
 from typing import Any
 
 from llama_jax import generations
@@ -88,6 +87,7 @@ def config_from_meta(params: dict, vocab_size: int | None = None, source: str = 
     p.pop("max_batch_size", None)
     kw = {"max_seq_len": generations.CONTEXT[gen], **p, **execution}
     return ModelConfig.from_dict(dict(vocab_size=v, generation=gen, tie_word_embeddings=tied, **kw), source)
+
 
 def meta_params_of(config: ModelConfig) -> dict:
     """params.json with exactly the keys Meta shipped for `generation` (generations.META_KEYS)."""

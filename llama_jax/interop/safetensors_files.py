@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from llama_jax.errors import input_error
-from llama_jax.interop.torch_files import PreallocatedWriter, pread_exact
+from llama_jax.interop.file_io import PreallocatedWriter, pread_exact, read_at
 
 ST_TO_NUMPY = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -110,11 +110,7 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         shape, dtype, begin, end = self.entries[name]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            raw = pread_exact(fd, end - begin, self._data_start + begin, f"{self.path}: tensor {name}")
-        finally:
-            os.close(fd)
+        raw = read_at(self.path, end - begin, self._data_start + begin, f"{self.path}: tensor {name}")
         return raw.view(dtype).reshape(shape)
 
 

@@ -1,6 +1,6 @@
 """PyTorch checkpoint folders (Meta or Hugging Face) opened for tensor-by-tensor reading.
 
-`open_source(fmt, dir)` reads the config file and every weight file's header, checks the
+`open_source(fmt, dir)` (fmt a `Format`) reads the config file and every weight file's header, checks the
 tensor names against the config, and returns a source whose `read(name)` gives one full
 (merged, torch-layout) tensor as numpy.
 """
@@ -9,13 +9,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from llama_jax.interop import mapping as weights
-from llama_jax.config import ModelConfig
+from llama_jax.interop import mapping
 from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
+from llama_jax.interop.formats import WEIGHT_DTYPES, Format
 from llama_jax.interop.safetensors_files import SafetensorsFile
 from llama_jax.interop.torch_files import TorchFile
 from llama_jax.interop.meta_params import config_from_meta
@@ -25,7 +24,7 @@ from llama_jax.interop.hf_config import config_from_hf
 class MetaSource:
     """params.json + consolidated.NN.pth (any number of model-parallel shards)."""
 
-    fmt = "meta"
+    fmt = Format.META
 
     def __init__(self, directory: str | Path, generation=None):
         d = Path(directory)
@@ -52,7 +51,7 @@ class MetaSource:
         self.config = config_from_meta(**args)
         if self._tied(keys0, explicit=generation is not None):
             self.config = config_from_meta(**args, tied=True)
-        weights.check_names(keys0, self.config, "meta", source=str(self.shards[0].path))
+        mapping.check_names(keys0, self.config, Format.META, source=str(self.shards[0].path))
         for s in self.shards:
             check_float_weights({n: s for n in keys0})
 
@@ -61,7 +60,7 @@ class MetaSource:
         strictly), so Llama 3.2 files carry the embedding twice. Tied (Llama 3 on): output.weight
         equal to tok_embeddings.weight; a differing one is an error for a model said to be 3.2."""
         g = self.config.generation
-        out, emb = weights.rule_for(("output",)).meta, weights.rule_for(("tok_embeddings",)).meta
+        out, emb = mapping.OUTPUT.meta, mapping.EMBEDDING.meta
         if not g.llama3_family or out not in keys or emb not in keys:
             return False  # a missing tensor: check_names says so
         if self.shards[0].shape(out) != self.shards[0].shape(emb) and not (explicit and g is Generation.LLAMA3_2):
@@ -72,7 +71,7 @@ class MetaSource:
         return same
 
     def _vocab_size(self, params: dict) -> int:
-        name = "tok_embeddings.weight"
+        name = mapping.EMBEDDING.meta
         if name not in self.shards[0].entries:
             raise ValueError(f"{self.shards[0].path}: missing tensor {name}")
         shapes = [s.shape(name) for s in self.shards]
@@ -84,10 +83,10 @@ class MetaSource:
         return self.shards[0].dtype(name)
 
     def read(self, name: str) -> np.ndarray:
-        rule = rule_of(name, self.config, "meta")
-        if weights.meta_merge_axis(rule, [s.shape(name) for s in self.shards], self.config) is None:
+        rule = mapping.rule_of(name, self.config, Format.META)
+        if mapping.meta_merge_axis(rule, [s.shape(name) for s in self.shards], self.config) is None:
             return self.shards[0].read(name)  # replicated: shard 0 holds it whole
-        return weights.merge_meta_shards(rule, [s.read(name) for s in self.shards], self.config,
+        return mapping.merge_meta_shards(rule, [s.read(name) for s in self.shards], self.config,
                                          f"{name} in {[Path(s.path).name for s in self.shards]}")
 
     def file_of(self, name: str) -> str:
@@ -97,7 +96,7 @@ class MetaSource:
 class HFSource:
     """config.json + model.safetensors / model-*.safetensors + index / pytorch_model*.bin."""
 
-    fmt = "hf"
+    fmt = Format.HF
 
     def __init__(self, directory: str | Path, generation=None):
         d = Path(directory)
@@ -112,9 +111,9 @@ class HFSource:
                 if name in self.files:
                     raise ValueError(f"{path}: tensor {name} also in {self.files[name].path}")
                 self.files[name] = f
-        weights.check_names(self.files.keys(), self.config, "hf", source=str(d))
+        mapping.check_names(self.files.keys(), self.config, Format.HF, source=str(d))
         check_float_weights(self.files)
-        copy, emb = weights.tied_copy_name(self.config, "hf"), weights.rule_for(("tok_embeddings",)).hf
+        copy, emb = mapping.tied_copy_name(self.config, Format.HF), mapping.EMBEDDING.hf
         if copy in self.files and not np.array_equal(self.read(copy), self.read(emb)):
             raise input_error(self.file_of(copy), f"config.json has tie_word_embeddings true but {copy} "
                                                   f"differs from {emb}")
@@ -159,28 +158,19 @@ def confined(folder: Path, name: str, source) -> Path:
     return folder / p
 
 
-_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
-
-
 def check_float_weights(files: dict) -> None:
     """Every LLaMA weight is floating point: an integer tensor is refused (its bytes would be
     read as numbers of another kind, or it is a quantised format we do not read)."""
     for name, f in files.items():
-        if f.dtype(name) not in _FLOAT_DTYPES:
+        if f.dtype(name) not in WEIGHT_DTYPES:
             raise input_error(f"{f.path}: tensor {name}", "integer or bool dtype for a float weight",
                               "float16, bfloat16, float32 or float64", str(f.dtype(name)))
 
 
-def rule_of(name: str, config: ModelConfig, fmt: str) -> weights.Rule:
-    for rule in weights.file_rules(config, fmt):
-        if name in weights.names(rule, config, fmt):
-            return rule
-    raise KeyError(name)
+_SOURCES = {Format.META: MetaSource, Format.HF: HFSource}
 
 
-def open_source(fmt: str, directory: str | Path, generation=None):
-    """A MetaSource ("meta") or HFSource ("hf") over `directory`; `generation` overrides the
-    LLaMA generation the files say."""
-    if fmt not in ("meta", "hf"):
-        raise ValueError(f"unknown source format {fmt!r}; known: 'meta', 'hf'")
-    return (MetaSource if fmt == "meta" else HFSource)(directory, generation=generation)
+def open_source(fmt: Format, directory: str | Path, generation=None):
+    """A MetaSource or HFSource over `directory`; `generation` overrides the LLaMA generation
+    the files say."""
+    return _SOURCES[fmt](directory, generation=generation)

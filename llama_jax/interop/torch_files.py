@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import zlib
 
 import ml_dtypes
 import numpy as np
 
 from llama_jax.errors import input_error
+from llama_jax.interop.file_io import PreallocatedWriter, read_at
 from llama_jax.interop.zip_crc import set_crc32
 
 
@@ -41,7 +41,7 @@ def import_torch(path: str):
 
 @functools.cache
 def _torch_dtypes() -> dict:
-    torch = import_torch("torch_io")
+    torch = import_torch("torch_files")
     return {
         torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
         torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float64: np.dtype(np.float64),
@@ -56,30 +56,6 @@ class TensorEntry:
     dtype: np.dtype
     offset: int                   # byte offset of element 0 in the file
     strides: tuple[int, ...]      # in elements
-
-
-def pread_exact(fd: int, nbytes: int, offset: int, what: str) -> np.ndarray:
-    """Read exactly `nbytes` at `offset` into a fresh uint8 array (pread caps one call at ~2 GB)."""
-    buf = np.empty(nbytes, np.uint8)
-    view, pos = memoryview(buf), 0
-    while pos < nbytes:
-        n = os.preadv(fd, [view[pos:pos + (1 << 30)]], offset + pos)
-        if n == 0:
-            raise ValueError(f"{what}: file ends at byte {offset + pos}, expected {nbytes - pos} more bytes (truncated?)")
-        pos += n
-    return buf
-
-
-def pwrite_all(fd: int, data: np.ndarray, offset: int, crc32: bool = False) -> int:
-    """Write `data`'s bytes at `offset`; returns their CRC-32 (computed on the bytes as
-    they are written) when `crc32`, else 0."""
-    view, pos, crc = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)), 0, 0
-    while pos < len(view):
-        n = os.pwrite(fd, view[pos:pos + (1 << 30)], offset + pos)
-        if crc32:
-            crc = zlib.crc32(view[pos:pos + n], crc)
-        pos += n
-    return crc
 
 
 class TorchFile:
@@ -124,11 +100,7 @@ class TorchFile:
     def read(self, name: str) -> np.ndarray:
         """The tensor `name` as a fresh contiguous numpy array (bfloat16 via ml_dtypes)."""
         e = self.entries[name]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            raw = pread_exact(fd, _span(e), e.offset, f"{self.path}: tensor {name}").view(e.dtype)
-        finally:
-            os.close(fd)
+        raw = read_at(self.path, _span(e), e.offset, f"{self.path}: tensor {name}").view(e.dtype)
         if _is_contiguous(e):
             return raw.reshape(e.shape)
         strided = np.lib.stride_tricks.as_strided(raw, e.shape, [s * e.dtype.itemsize for s in e.strides])
@@ -148,34 +120,6 @@ def _is_contiguous(e: TensorEntry) -> bool:
         expected.append(stride)
         stride *= n
     return tuple(reversed(expected)) == e.strides or int(np.prod(e.shape)) <= 1
-
-
-class PreallocatedWriter:
-    """Fills a file laid out up front (`_fd`, absolute `_offsets` by name), tensor by tensor.
-
-    `close()` fails unless every tensor in `specs` was written.
-    """
-    path: str
-    specs: dict[str, tuple[tuple[int, ...], np.dtype]]
-    _fd: int
-    _offsets: dict[str, int]
-    _pending: set[str]
-    _crcs: dict[str, int] | None = None  # CRC-32 per name, for formats that record one
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        shape, dtype = self.specs[name]
-        if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-            raise ValueError(f"{self.path}: tensor {name}: got {array.shape} {array.dtype}, "
-                             f"expected {tuple(shape)} {np.dtype(dtype)}")
-        crc = pwrite_all(self._fd, array, self._offsets[name], crc32=self._crcs is not None)
-        if self._crcs is not None:
-            self._crcs[name] = crc
-        self._pending.discard(name)
-
-    def close(self) -> None:
-        os.close(self._fd)
-        if self._pending:
-            raise ValueError(f"{self.path}: tensors never written: {sorted(self._pending)[:8]}")
 
 
 class TorchFileWriter(PreallocatedWriter):

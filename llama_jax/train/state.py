@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax import sharding
+from llama_jax import losses, sharding
 from llama_jax.model import Llama
 
 BATCH_AXES = ("batch", "seq")
@@ -72,21 +72,7 @@ def token_losses(model: Llama, params, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of masked next-token cross-entropies, number of counted tokens), float32."""
     logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"])
-    ce = cross_entropy(logits, batch["targets"])  # float32 [B,T]
-    mask = batch["loss_mask"]
-    return jnp.sum(ce * mask), jnp.sum(mask)
-
-
-def cross_entropy(logits, targets):
-    """-log softmax(logits)[target], float32 [B,T], from float32 logits [B,T,V].
-
-    The target logit is picked by a one-hot mask, not a gather: a gather's gradient is a
-    scatter, which splits the backward pass over the [B,T,V] logits into three passes
-    (softmax, scatter, cast); this way it is one elementwise pass.
-    """
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    return lse - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
 def _micro_batches(batch, n: int):

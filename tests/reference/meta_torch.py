@@ -1,4 +1,4 @@
-"""A small PyTorch LLaMA in Meta's conventions, written for the tests from REFERENCE.md.
+"""A small PyTorch LLaMA in Meta's conventions, written for the tests from docs/rotary_and_layouts.md.
 
 Independent of llama_jax: complex-number rotary over interleaved pairs (Meta's
 `view_as_complex`), Meta's parameter names, repeat-kv grouped-query attention, float32
