@@ -105,7 +105,7 @@ def run_tasks(args, scorer, tokenizer, names) -> dict:
 
 def open_perplexity_source(args):
     """The --perplexity source, parsed and opened (paths checked) before the checkpoint loads."""
-    from llama_jax.data.sources import open_source
+    from llama_jax.data.source_kinds import open_source
     from llama_jax.data.spec import check_paths
     from llama_jax.evaluation import parse_source
     cfg = parse_source(args.perplexity, args.tfds_data_dir)
