@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import kernels
 from llama_jax.attention import attend
+from llama_jax import lora as lora_lib
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.runtime import AttentionImpl, LayerLoop, RematPolicy, RunOptions
 
@@ -133,11 +134,12 @@ def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
     return qkv[..., :g, :].reshape(*qkv.shape[:2], n_heads, qkv.shape[-1]), qkv[..., g, :], qkv[..., g + 1, :]
 
 
-def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None):
+def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None, wo_extra=None):
     """Rotary, attention and the output projection -> (y [B,T,D], new (k, v) cache or None).
 
     With `cache` ((k, v) [B,S,K,H]), this block's k, v are written at slot
-    inputs.cache_index and the queries attend to every slot (XLA path).
+    inputs.cache_index and the queries attend to every slot (XLA path). `wo_extra`: a
+    function of the attention output [B,T,N,H] added to y (a LoRA adapter's term on wo).
     """
     dt = q.dtype
     q = nn.with_logical_constraint(apply_rope(q, inputs.sin, inputs.cos), ("batch", "seq", "heads", "head_dim"))
@@ -155,6 +157,8 @@ def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None)
         cache = (ck, cv)
     out = checkpoint_name(out, "attention_out")
     y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    if wo_extra is not None:
+        y = y + wo_extra(out)
     return checkpoint_name(y, "attention_proj"), cache
 
 
@@ -169,23 +173,47 @@ def _down(hidden: Array, w2: Array) -> Array:
     return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(hidden.dtype)), "mlp_out")
 
 
+def _plus_adapter(module: nn.Module, lora, name: str, x: Array, y: Array) -> Array:
+    """y + the LoRA adapter's term on input x when `name` is adapted, else y.
+
+    The adapters are the "lora" collection (`lora.init_adapters`' tree: the params' paths,
+    sliced per layer like them); they are not created at init, so the base schema stays one.
+    Dropout on x (peft's lora_dropout, one mask per target) when a "dropout" rng is given.
+    """
+    if lora is None or name not in lora.targets or module.is_initializing():
+        return y
+    f = module.get_variable("lora", name)
+    if f is None:
+        raise ValueError(f"Llama(lora=...) needs the adapters: apply({{'params': p, 'lora': adapters}}) "
+                         f"(missing {module.scope.path_text}/{name})")
+    if lora.dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / jnp.asarray(1.0 - lora.dropout, x.dtype), jnp.zeros_like(x))
+    return y + lora_lib.forward(name, x, f["a"], f["b"], lora.scale)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     run: RunOptions
+    lora: lora_lib.LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, inputs: LayerInputs):
-        c, r = self.config, self.run
+        c, r, lo = self.config, self.run, self.lora
         d, n, kh, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
         dt = r.dtype
         wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), r.param_dtype)
         wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), r.param_dtype)
-        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "query_proj")
-        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
-        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
-        return attention(q, k, v, wo, inputs, r.attention_impl)[0]
+        q = _plus_adapter(self, lo, "wq", x, jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)))
+        k = _plus_adapter(self, lo, "wk", x, jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)))
+        v = _plus_adapter(self, lo, "wv", x, jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)))
+        q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
+        wo_extra = None
+        if lo is not None and "wo" in lo.targets:
+            wo_extra = lambda out: _plus_adapter(self, lo, "wo", out, 0)  # noqa: E731
+        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra)[0]
 
 
 class FeedForward(nn.Module):
@@ -193,38 +221,48 @@ class FeedForward(nn.Module):
 
     `run.fuse_gate_up`: w1 and w3 stacked at run time (`stack_gate_up`), so both run as one
     matmul and SwiGLU's backward pass is one kernel on GPUs (`kernels.swiglu`); the
-    parameters stay w1 and w3.
+    parameters stay w1 and w3 (LoRA terms are added to the stacked projection).
     """
     config: ModelConfig
     run: RunOptions
+    lora: lora_lib.LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x):
-        c, r = self.config, self.run
+        c, r, lo = self.config, self.run, self.lora
         d, f = c.dim, c.ffn_hidden_dim
         dt = r.dtype
         w1 = _param(self, "w1", (d, f), ("embed", "mlp"), r.param_dtype)
         w3 = _param(self, "w3", (d, f), ("embed", "mlp"), r.param_dtype)
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), r.param_dtype)
+        down = lambda hidden: _plus_adapter(self, lo, "w2", hidden, _down(hidden, w2))  # noqa: E731
         if r.fuse_gate_up:
             gate_up = jnp.einsum("BTD,DJF->BTJF", x, stack_gate_up(w1, w3).astype(dt))
-            return swiglu_gate_up(checkpoint_name(gate_up, "mlp_gate_up"), w2, r.interpret_kernels)
-        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
-        up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
-        return _down(nn.silu(gate) * up, w2)
+            if lo is not None and ({"w1", "w3"} & set(lo.targets)):
+                zero = jnp.zeros(gate_up.shape[:2] + gate_up.shape[3:], gate_up.dtype)
+                gate_up = gate_up + jnp.stack([_plus_adapter(self, lo, "w1", x, zero),
+                                               _plus_adapter(self, lo, "w3", x, zero)], axis=2)
+            gate_up = nn.with_logical_constraint(checkpoint_name(gate_up, "mlp_gate_up"), kernels.GATE_UP_AXES)
+            return down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, r.interpret_kernels))
+        gate = checkpoint_name(_plus_adapter(self, lo, "w1", x, jnp.einsum("BTD,DF->BTF", x, w1.astype(dt))),
+                               "mlp_gate")
+        up = checkpoint_name(_plus_adapter(self, lo, "w3", x, jnp.einsum("BTD,DF->BTF", x, w3.astype(dt))), "mlp_up")
+        return down(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
     """Pre-norm decoder layer, shaped for nn.scan: (x, inputs) -> (x, None)."""
     config: ModelConfig
     run: RunOptions
+    lora: lora_lib.LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, inputs: LayerInputs):
-        c, r = self.config, self.run
-        x = x + Attention(c, r, name="attention")(RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="attention_norm")(x),
-                                                  inputs)
-        x = x + FeedForward(c, r, name="feed_forward")(RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="ffn_norm")(x))
+        c, r, lo = self.config, self.run, self.lora
+        x = x + Attention(c, r, lora=lo, name="attention")(
+            RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="attention_norm")(x), inputs)
+        x = x + FeedForward(c, r, lora=lo, name="feed_forward")(
+            RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="ffn_norm")(x))
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), None
 
 
@@ -250,12 +288,12 @@ def _stacked_blocks(config: ModelConfig, run: RunOptions):
     block = Block
     if run.remat_policy is not RematPolicy.NONE:
         block = nn.remat(Block, policy=_REMAT_POLICIES[run.remat_policy], prevent_cse=False)
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,), length=config.n_layers, unroll=run.scan_unroll,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def _unrolled_blocks(config: ModelConfig, run: RunOptions, layers, x, inputs: LayerInputs):
+def _unrolled_blocks(config: ModelConfig, run: RunOptions, lora, layers, x, inputs: LayerInputs, dropout_rng=None):
     """The scan's computation with the loop unrolled: layer l reads slice l of the stacked params.
 
     Under nn.scan, every activation the backward pass keeps is copied into an [L, ...]
@@ -266,9 +304,12 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, layers, x, inputs: La
     Remat: XLA may merge a recomputation with the forward value it repeats (no
     `prevent_cse`), trading some memory for time (on an H200, 7B FSDP: +6 GB, 1% faster),
     except under remat "full", whose point is memory.
+
+    `layers`: {"params": ..., "lora": ...} (the adapters only with `lora`), each stacked.
     """
-    def block(p, x, inputs):
-        return Block(config, run, parent=None).apply({"params": p}, x, inputs)[0]
+    def block(p, x, inputs, rng):
+        rngs = {} if rng is None else {"dropout": rng}
+        return Block(config, run, lora=lora, parent=None).apply(p, x, inputs, rngs=rngs)[0]
     policy = run.remat_policy
     if policy is not RematPolicy.NONE:
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[policy], prevent_cse=policy is RematPolicy.FULL)
@@ -276,7 +317,8 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, layers, x, inputs: La
     leaves, treedef = jax.tree.flatten(layers)
     pieces = [jax.lax.split(a, (1,) * n, axis=0) for a in leaves]
     for i in range(n):
-        x = block(treedef.unflatten([p[i][0] for p in pieces]), x, inputs)
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        x = block(treedef.unflatten([p[i][0] for p in pieces]), x, inputs, rng)
     return x
 
 
@@ -285,9 +327,14 @@ class Llama(nn.Module):
 
     Optional `positions` and `segment_ids` ([B,T] int) describe packed rows. `run`: how to
     execute it (dtypes, kernels, remat, layer loop). Cached decoding: `inference.decode`.
+
+    `lora`: LoRA adapters on the targeted projections, unmerged: `apply({"params": p,
+    "lora": adapters}, tokens)` with `lora.init_adapters`' tree; a "dropout" rng turns on
+    the adapters' dropout. Not created by `init`: the params are the base's schema.
     """
     config: ModelConfig
     run: RunOptions = RunOptions()
+    lora: lora_lib.LoraConfig | None = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None):
@@ -299,9 +346,11 @@ class Llama(nn.Module):
         x = embed(emb, tokens, r.dtype)
         inputs = LayerInputs(*rope_tables(positions, c), segment_ids=segment_ids)
         if r.layer_loop is LayerLoop.UNROLLED and not self.is_initializing():
-            x = _unrolled_blocks(c, r, nn.unbox(self.variables["params"]["layers"]), x, inputs)
+            layers = {k: nn.unbox(v["layers"]) for k, v in self.variables.items() if k in ("params", "lora")}
+            rng = self.make_rng("dropout") if self.lora is not None and self.has_rng("dropout") else None
+            x = _unrolled_blocks(c, r, self.lora, layers, x, inputs, rng)
         else:
-            x, _ = _stacked_blocks(c, r)(c, r, name="layers")(x, inputs)
+            x, _ = _stacked_blocks(c, r)(c, r, lora=self.lora, name="layers")(x, inputs)
         x = RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="norm")(x)
         if c.tie_word_embeddings:  # Llama 3.2: one stored matrix, read twice, no logit scaling
             out = emb.T  # [D,V], sharded (embed, vocab) like an untied output

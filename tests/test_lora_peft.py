@@ -145,6 +145,19 @@ def test_peft_loads_our_adapters_and_merges_like_us(base, tmp_path):
         np.testing.assert_array_equal(w, merged_sd[name], err_msg=name)
 
 
+def test_peft_parity_on_the_unmerged_forward(base, tmp_path):
+    """Llama(lora=...) with the adapters apart == peft on our HF base, float32, 600 tokens."""
+    params, hf_dir = base
+    lora = L.LoraConfig(rank=4, alpha=8, targets=ALL)
+    adapters = _random_adapters(lora, seed=7)
+    P.save_peft(adapters, lora, CFG, tmp_path / "adapter", base_model_name_or_path=str(hf_dir))
+    tokens = _tokens(seed=4)
+    ours = np.asarray(jax.jit(Llama(CFG, lora=lora).apply)({"params": params, "lora": adapters}, tokens))
+    assert rel_err(ours, _ours(params, tokens)) > 1e-2  # the adapters matter
+    theirs = hf_logits(peft.PeftModel.from_pretrained(_hf_base(hf_dir), tmp_path / "adapter").eval(), tokens)
+    assert rel_err(ours, theirs) < TOL and rel_err(ours[:, -64:], theirs[:, -64:]) < TOL
+
+
 def test_adapters_trained_elsewhere_load_onto_our_model(base, tmp_path):
     params, hf_dir = base
     torch.manual_seed(0)
