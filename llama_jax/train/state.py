@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax import losses, sharding
+from llama_jax import lora as lora_lib, losses, sharding
 from llama_jax.model import Llama
 
 BATCH_AXES = ("batch", "seq")
@@ -26,16 +26,35 @@ BATCH_AXES = ("batch", "seq")
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array      # int32 scalar: optimizer updates applied so far
-    params: Any          # float32 master parameters
+    params: Any          # float32 master parameters: the trainable ones (with LoRA: the adapters)
     opt_state: Any       # optax state (float32)
 
 
 def _init_fn(model: Llama, tx: optax.GradientTransformation) -> Callable:
     def init(rng):
-        # Batch 1: the forward pass init traces is dead code for the outputs (params only).
-        params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        if model.lora is not None:  # only the adapters train: the base is an input of the step
+            params = jax.tree.map(nn.LogicallyPartitioned, lora_lib.init_adapters(model.config, model.lora, rng),
+                                  lora_lib.adapter_axes(model.lora))
+        else:
+            # Batch 1: the forward pass init traces is dead code for the outputs (params only).
+            params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     return init
+
+
+def base_shardings(model: Llama, mesh: Mesh, dtype="float32"):
+    """(abstract base params, their NamedShardings) for a LoRA run's frozen base."""
+    shapes = Llama(model.config, model.run.replace(param_dtype=jnp.dtype(dtype))).init
+    abstract = jax.eval_shape(shapes, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return abstract, sharding.logical_to_shardings(abstract, mesh)
+
+
+def init_base(model: Llama, mesh: Mesh, rng, dtype="float32"):
+    """A random base for a LoRA run without `init_from` (tests, benchmarks), in its shards."""
+    abstract, shardings = base_shardings(model, mesh, dtype)
+    base = Llama(model.config, model.run.replace(param_dtype=jnp.dtype(dtype)))
+    return jax.jit(lambda r: nn.unbox(base.init(r, jnp.zeros((1, 1), jnp.int32))["params"]),
+                   out_shardings=shardings)(rng)
 
 
 def abstract_state(model: Llama, tx: optax.GradientTransformation) -> TrainState:
@@ -68,10 +87,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return sharding.logical_sharding(mesh, BATCH_AXES)
 
 
-def token_losses(model: Llama, params, batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked next-token cross-entropies, number of counted tokens), float32."""
-    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                                 segment_ids=batch["segment_ids"])
+def token_losses(model: Llama, params, batch, base=None, rng=None) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked next-token cross-entropies, number of counted tokens), float32.
+
+    With LoRA (`model.lora`), `params` are the adapters and `base` the frozen params; `rng`
+    drives the adapters' dropout (None: none)."""
+    variables = {"params": params} if model.lora is None else {"params": base, "lora": params}
+    rngs = {} if rng is None or model.lora is None or model.lora.dropout == 0 else {"dropout": rng}
+    logits = model.apply(variables, batch["tokens"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], rngs=rngs)
     return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -86,36 +110,44 @@ def _micro_batches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
-def _gradients(model: Llama, params, batch, micro_batches: int):
+def _gradients(model: Llama, params, batch, micro_batches: int, base=None, rng=None):
     """Mean loss and its gradient over the whole batch, by token count of the loss mask.
 
     Micro-batch m contributes grad(sum_m / N) with N the whole batch's token count, so
     the sum over micro-batches is exactly the gradient of the global mean.
     """
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    def part(p, mb):
-        s, _ = token_losses(model, p, mb)
+    def part(p, mb, r):
+        s, _ = token_losses(model, p, mb, base, r)  # (base: closed over, so never differentiated)
         return s / total
     grad_fn = jax.value_and_grad(part)
     if micro_batches == 1:
-        return (*grad_fn(params, batch), total)
-    def body(acc, mb):
-        loss, g = grad_fn(params, mb)
+        return (*grad_fn(params, batch, rng), total)
+    def body(acc, i_mb):
+        i, mb = i_mb
+        loss, g = grad_fn(params, mb, None if rng is None else jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, acc, (loss, g)), None
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zeros, _micro_batches(batch, micro_batches))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)))
     return loss, grads, total
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh, shardings: TrainState, micro_batches: int = 1) -> Callable:
+                    mesh: Mesh, shardings: TrainState, micro_batches: int = 1, base=None,
+                    seed: int = 0) -> Callable:
     """jitted `(state, batch) -> (state, metrics)`; the state is donated.
 
     metrics: loss (mean over counted tokens), tokens (counted), grad_norm (before
-    clipping), lr (the rate this update used).
+    clipping), lr (the rate this update used). With LoRA, `base` (sharded frozen params)
+    is an argument of every call, not donated, never differentiated; dropout's rng is
+    (seed, step), so a resumed run draws the same masks.
     """
-    def step(state: TrainState, batch):
-        loss, grads, total = _gradients(model, state.params, batch, micro_batches)
+    if (model.lora is None) != (base is None):
+        raise ValueError("make_train_step: a LoRA model needs `base` params, and only a LoRA model takes them")
+
+    def step(state: TrainState, batch, base):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+        loss, grads, total = _gradients(model, state.params, batch, micro_batches, base, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "tokens": total, "grad_norm": optax.global_norm(grads),
@@ -124,18 +156,31 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
 
     bs = batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    jitted = jax.jit(step, in_shardings=(shardings, bs), out_shardings=(shardings, rep), donate_argnums=0)
-    return _traced_under(mesh, jitted)
+    base_sh = None if base is None else jax.tree.map(lambda x: x.sharding, base)
+    jitted = jax.jit(step, in_shardings=(shardings, bs, base_sh), out_shardings=(shardings, rep),
+                     donate_argnums=0)
+    return _traced_under(mesh, _bound(jitted, base))
 
 
-def make_eval_step(model: Llama, mesh: Mesh, param_shardings) -> Callable:
-    """jitted `(params, batch) -> {"loss_sum", "tokens"}` (sum, so batches can be pooled)."""
-    def step(params, batch):
-        s, n = token_losses(model, params, batch)
+def make_eval_step(model: Llama, mesh: Mesh, param_shardings, base=None) -> Callable:
+    """jitted `(params, batch) -> {"loss_sum", "tokens"}` (sum, so batches can be pooled);
+    with LoRA, `params` are the adapters and `base` the frozen params."""
+    def step(params, batch, base):
+        s, n = token_losses(model, params, batch, base)
         return {"loss_sum": s, "tokens": n}
-    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
+    base_sh = None if base is None else jax.tree.map(lambda x: x.sharding, base)
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh), base_sh),
                      out_shardings=sharding.replicated(mesh))
-    return _traced_under(mesh, jitted)
+    return _traced_under(mesh, _bound(jitted, base))
+
+
+def _bound(jitted, base) -> Callable:
+    """`(x, batch) -> jitted(x, batch, base)`: the frozen base travels as an argument (a
+    closed-over array would be baked into the executable as a constant)."""
+    def call(x, batch):
+        return jitted(x, batch, base)
+    call.lower = lambda x, batch: jitted.lower(x, batch, base)
+    return call
 
 
 def _traced_under(mesh: Mesh, fn: Callable) -> Callable:
