@@ -10,6 +10,7 @@ import pytest
 from llama_jax import Llama, ModelConfig, lora as L, sharding as S
 from llama_jax.train import state as TS
 from llama_jax.train.optim import OptimizerConfig, make_optimizer
+from train_helpers import tokenizer_path  # noqa: F401  (fixture)
 
 CFG = ModelConfig.preset("tiny")
 LORA = L.LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
@@ -89,3 +90,33 @@ def test_step_refuses_a_missing_base():
     sh = TS.state_shardings(TS.abstract_state(model, tx), mesh)
     with pytest.raises(ValueError, match="needs `base`"):
         TS.make_train_step(model, tx, optax.constant_schedule(0.1), mesh, sh)
+
+
+def test_train_loop_lora_from_init_from_resumes_exactly(tmp_path, tokenizer_path):
+    """train(): adapters on the init_from base; a step holds the adapters + lora.json naming
+    the base; stop after 3 steps and resume on another mesh: the same losses."""
+    import json
+    import os
+
+    from llama_jax import checkpoint
+    from llama_jax.train import checkpoint as train_checkpoint, config as train_config, loop as trainer
+    from train_helpers import STEPS, assert_same_losses, losses, tiny_config
+
+    lora = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "wq,wv,w2", "data.tokenizer": tokenizer_path,
+            "init_from": str(tmp_path / "base"), "optimizer.peak_lr": 1e-2}
+    cfg = tiny_config(**lora)
+    params = TS.init_base(Llama(train_config.model_config(cfg)), S.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                          jax.random.PRNGKey(5))
+    checkpoint.save_params(tmp_path / "base", jax.device_get(params), train_config.model_config(cfg))
+    trainer.train(tiny_config(**lora, mesh=(1, 8, 1)), str(tmp_path / "full"))
+    want = losses(str(tmp_path / "full"))
+    step_dir = tmp_path / "full" / "checkpoints" / str(STEPS)
+    record = json.loads((step_dir / train_checkpoint.LORA_FILE).read_text())
+    assert record == {"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq", "wv", "w2"]},
+                      "base": str(tmp_path / "base")}
+    assert want[STEPS] < want[1] - 0.05  # the adapters learn
+    part = str(tmp_path / "part")
+    trainer.train(tiny_config(**lora, mesh=(2, 2, 2), steps=3, **{"optimizer.total_steps": STEPS}), part)
+    assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["3"]
+    trainer.train(tiny_config(**{**lora, "init_from": ""}, mesh=(1, 2, 4)), part)  # the base from lora.json
+    assert_same_losses(losses(part), want)

@@ -10,6 +10,9 @@ Layout of one step (`WORKDIR/checkpoints/<step>/`), item names in STEP_ITEMS:
                      `llama_jax.load_checkpoint(step_dir)` reads a training step directly.
                      The checksums cover params/ and opt_state/ and are verified on restore;
                      a step is saved only when its state is finite.
+  lora.json          LoRA runs only (LORA_FILE): {"lora": LoraConfig's fields, "base": the
+                     base checkpoint's absolute path ("" = random init from the seed)}; then
+                     params/ and opt_state/ hold the adapters only, not a params-only checkpoint
   files/             (empty: the item whose handler writes the files above)
 Orbax writes a step into a temporary directory and renames it when complete, so a kill
 -9 at any moment leaves the previous steps intact; leftovers are cleaned on the next start.
@@ -35,6 +38,7 @@ DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
 # Orbax items of a step (each its own directory); params/ is the params-only format's.
 PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM = ckpt_format.PARAMS_DIR, "opt_state", "data", "meta"
 FILES_ITEM = "files"
+LORA_FILE = "lora.json"
 ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's own file in each step (no public name for it)
 # What a complete step holds (the files item writes nothing in its own directory).
 STEP_ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM, ckpt_format.CONFIG_FILE, ORBAX_STEP_METADATA)
@@ -123,9 +127,10 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
 
 
 def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], shard_count: int,
-         config: ModelConfig, tokenizer_model: str | None = None) -> None:
+         config: ModelConfig, tokenizer_model: str | None = None, lora: dict | None = None) -> None:
     """Starts an (async) save of `state` at its step; every process must call it.
     `tokenizer_model`: the run's tokenizer file, kept in the step as tokenizer.model.
+    `lora`: LORA_FILE's content (the state then holds adapters).
 
     Raises `integrity.NonFiniteState` (saving nothing) if any array holds NaN or inf."""
     step = int(state.step)
@@ -135,6 +140,8 @@ def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], sha
                                        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     tokenizers = {ckpt_format.TOKENIZER_MODEL: tokenizer_model} if tokenizer_model else None
     files = ckpt_format.files_beside_params(config, sums, tokenizers)
+    if lora is not None:
+        files[LORA_FILE] = json.dumps(lora, indent=1).encode()
     manager.save(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardSave(state.params),
         OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
@@ -142,6 +149,15 @@ def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], sha
         META_ITEM: ocp.args.JsonSave({"step": step}),
         FILES_ITEM: StepFilesSave(files),
     }), force=True)
+
+
+def lora_record(step_dir: str | os.PathLike) -> dict | None:
+    """LORA_FILE of a step directory, None when the step is not a LoRA run's."""
+    path = os.path.join(step_dir, LORA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings, shards: tuple[int, ...],

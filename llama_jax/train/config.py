@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from llama_jax.config import ModelConfig
+from llama_jax.lora import LoraConfig
 from llama_jax.runtime import RunOptions
 from llama_jax.train.optim import OptimizerConfig
 
@@ -51,6 +52,27 @@ def run_dict(**overrides) -> ml_collections.ConfigDict:
 def run_options(cfg: ml_collections.ConfigDict) -> RunOptions:
     """The RunOptions a training config describes."""
     return RunOptions.from_dict(cfg.run, source="config.run")
+
+
+def lora_dict(rank: int = 0, **overrides) -> ml_collections.ConfigDict:
+    """`lora`: LoraConfig's fields (rank 0: off, full fine-tuning) plus `base_dtype`, the
+    dtype the frozen base params are held in (bfloat16 halves their memory). `targets` is
+    one comma-separated string (`--config.lora.targets=wq,wk,wv,wo,w1,w2,w3`)."""
+    d = dataclasses.asdict(LoraConfig())
+    d.update(rank=rank, base_dtype="float32", targets=",".join(LoraConfig().targets))
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def lora_config(cfg: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The LoraConfig a training config describes, None when `lora.rank` is 0."""
+    d = cfg.lora.to_dict()
+    d.pop("base_dtype")
+    if d["rank"] == 0:
+        return None
+    if isinstance(d["targets"], str):
+        d["targets"] = tuple(t.strip() for t in d["targets"].split(",") if t.strip())
+    return LoraConfig(**d)
 
 
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
@@ -92,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_data = ml_collections.ConfigDict({"sources": [{"kind": "stdlib", "split": "eval"}]})
     c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
     c.init_from = ""             # params-only checkpoint directory to fine-tune from
+    c.lora = lora_dict()         # rank > 0: train LoRA adapters on the frozen init_from params
     c.peak_tflops = 0.0          # per device, for MFU; 0: look up the device kind
     c.sample = ml_collections.ConfigDict({"prompt": "def ", "max_new_tokens": 0, "temperature": 0.0})
     return c

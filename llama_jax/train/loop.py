@@ -65,6 +65,8 @@ class Run:
     train_step: Callable
     eval_step: Callable
     start_step: int
+    base: Any = None        # LoRA: the frozen base params (state.params are the adapters)
+    lora_record: dict | None = None  # LoRA: what each step's lora.json says
 
 
 def _with_architecture(model: ModelConfig, checkpoint_dir: str) -> ModelConfig:
@@ -100,7 +102,12 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         model = _with_architecture(model, str(resolve_checkpoint(cfg.init_from)))
     opt_cfg = train_config.optimizer_config(cfg)
     tx, schedule = optim.make_optimizer(opt_cfg, cfg.steps), optim.lr_schedule(opt_cfg, cfg.steps)
-    net = Llama(model, train_config.run_options(cfg))
+    lora = train_config.lora_config(cfg)
+    net = Llama(model, train_config.run_options(cfg), lora=lora)
+    base, record = None, None
+    if lora is not None:
+        step_dir = None if latest is None else str(checkpoints_dir(workdir) / str(latest))
+        base, record = _lora_base(cfg, net, mesh, step_dir)
     boxed = train_state.abstract_state(net, tx)
     shardings = train_state.state_shardings(boxed, mesh)
     abstract = nn.unbox(boxed)
@@ -119,7 +126,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         latest, state, data_states = train_recovery.restore_intact(manager, abstract, shardings, inp.shards,
                                                                    shard_count)
         inp.set_states(data_states)
-    elif cfg.init_from:
+    elif cfg.init_from and lora is None:
         from llama_jax import load_checkpoint
         log.info("loading the params of %s", cfg.init_from)
         _, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
@@ -132,9 +139,28 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
                abstract=abstract, state=state, input=inp, manager=manager,
                writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0 and not complete,
                                                 from_step=0 if latest is None else latest),
-               train_step=train_state.make_train_step(net, tx, schedule, mesh, shardings, cfg.micro_batches),
-               eval_step=train_state.make_eval_step(net, mesh, shardings.params),
-               start_step=0 if latest is None else latest)
+               train_step=train_state.make_train_step(net, tx, schedule, mesh, shardings, cfg.micro_batches,
+                                                      base=base, seed=cfg.seed),
+               eval_step=train_state.make_eval_step(net, mesh, shardings.params, base=base),
+               start_step=0 if latest is None else latest, base=base, lora_record=record)
+
+
+def _lora_base(cfg, net: Llama, mesh, step_dir: str | None) -> tuple[Any, dict]:
+    """(frozen base params, the lora.json record): the base a resumed step names, else
+    `init_from`, else a random one from the seed (tests, benchmarks)."""
+    import dataclasses as dc
+    from llama_jax import load_checkpoint
+    from llama_jax.checkpoint import resolve_checkpoint
+    recorded = None if step_dir is None else train_checkpoint.lora_record(step_dir)
+    path = recorded["base"] if recorded is not None else (str(resolve_checkpoint(cfg.init_from)) if cfg.init_from else "")
+    dtype = cfg.lora.base_dtype
+    if path:
+        log.info("loading the frozen base params of %s (%s)", path, dtype)
+        base = load_checkpoint(path, dtype=dtype, mesh=mesh)[1]
+        base = jax.device_put(base, train_state.base_shardings(net, mesh, dtype)[1])
+    else:
+        base = train_state.init_base(net, mesh, jax.random.PRNGKey(cfg.seed), dtype)
+    return base, {"lora": dc.asdict(net.lora), "base": path}
 
 
 def save(run: Run) -> None:
@@ -143,7 +169,7 @@ def save(run: Run) -> None:
     try:
         tok_path = getattr(run.tokenizer, "path", "")  # kept in each step as its tokenizer.model
         train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count, run.model,
-                              tok_path if os.path.isfile(tok_path) else None)
+                              tok_path if os.path.isfile(tok_path) else None, lora=run.lora_record)
     except integrity.NonFiniteState as e:
         run.manager.wait_until_finished()
         raise NonFiniteLoss(f"{e}. Stopped without saving it; the last good checkpoint in "
@@ -325,7 +351,11 @@ def sample(run: Run) -> str:
     from llama_jax.inference.text import generate_text
     s = run.cfg.sample
     log.info("generating a %d-token sample", s.max_new_tokens)
-    params = jax.device_get(run.state.params)
+    params = run.state.params
+    if run.base is not None:  # LoRA: the merged weights
+        from llama_jax import lora as lora_lib
+        params = lora_lib.merge(run.base, params, train_config.lora_config(run.cfg))
+    params = jax.device_get(params)
     new = generate_text(run.model, params, run.tokenizer, [s.prompt], s.max_new_tokens,
                         temperature=s.temperature, seed=run.cfg.seed)
     return s.prompt + new[0]
