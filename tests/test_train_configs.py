@@ -23,7 +23,7 @@ from llama_jax.data import DataConfig
 from train_helpers import REPO
 
 sys.path.insert(0, REPO)
-CONFIGS = ["tiny", "demo", "llama_7b", "llama_13b", "llama_33b", "llama_65b", "mixture"]
+CONFIGS = ["tiny", "demo", "llama_7b", "llama_13b", "llama_33b", "llama_65b", "mixture", "sft", "lora"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -37,6 +37,10 @@ def test_config_builds_every_part(name):
     assert DataConfig.from_dict(data).sources
     assert c.batch_size % c.micro_batches == 0 and c.seq_len <= model.max_seq_len
     assert float(optim.lr_schedule(opt, c.steps)(opt.warmup_steps)) == pytest.approx(opt.peak_lr)
+    lora = train_config.lora_config(c)
+    assert (lora is None) == (name != "lora")
+    if lora is not None:
+        lora.check(model)
 
 
 def _rule_and_fitted_specs(boxed, mesh):

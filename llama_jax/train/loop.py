@@ -265,6 +265,10 @@ def preflight(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     one InputError and leaves nothing behind."""
     train_checks.check_config(cfg, train_config.model_config(cfg))
     train_config.run_options(cfg)  # a bad run option fails here, naming its key
+    lora = train_config.lora_config(cfg)  # (a bad lora key too; the rank is checked on the base's shapes)
+    if lora is not None and cfg.lora.base_dtype not in ("float32", "bfloat16"):
+        raise input_error("config.lora.base_dtype", "is the frozen base's dtype", "float32 or bfloat16",
+                          cfg.lora.base_dtype)
     try:
         opt_cfg = train_config.optimizer_config(cfg)
     except ValueError as e:
