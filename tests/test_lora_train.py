@@ -115,6 +115,11 @@ def test_train_loop_lora_from_init_from_resumes_exactly(tmp_path, tokenizer_path
     assert record == {"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq", "wv", "w2"]},
                       "base": str(tmp_path / "base")}
     assert want[STEPS] < want[1] - 0.05  # the adapters learn
+    adapters, got_lora, base_path = train_checkpoint.load_lora_step(step_dir)  # -> save_peft / merge
+    assert got_lora == L.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w2"))
+    assert base_path == str(tmp_path / "base") and np.any(adapters["layers"]["attention"]["wq"]["b"])
+    assert jax.tree.structure(adapters) == jax.tree.structure(L.init_adapters(
+        train_config.model_config(cfg), got_lora, jax.random.PRNGKey(0)))
     part = str(tmp_path / "part")
     trainer.train(tiny_config(**lora, mesh=(2, 2, 2), steps=3, **{"optimizer.total_steps": STEPS}), part)
     assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["3"]

@@ -160,6 +160,18 @@ def lora_record(step_dir: str | os.PathLike) -> dict | None:
         return json.load(f)
 
 
+def load_lora_step(step_dir: str | os.PathLike):
+    """(adapters, LoraConfig, base checkpoint path) of a LoRA run's step directory, on the
+    host: for `interop.peft.save_peft` or `lora.merge` with the base's params."""
+    from llama_jax.errors import input_error
+    from llama_jax.lora import LoraConfig
+    record = lora_record(step_dir)
+    if record is None:
+        raise input_error(str(step_dir), f"is not a LoRA run's step (no {LORA_FILE})")
+    adapters = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(step_dir, PARAMS_ITEM)))
+    return jax.device_get(adapters), LoraConfig(**record["lora"]), record["base"]
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings, shards: tuple[int, ...],
             shard_count: int):
     """(state, data states) of `step`, each array restored directly onto `shardings`
