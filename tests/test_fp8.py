@@ -1,0 +1,155 @@
+"""FP8 matmul numerics (llama_jax/fp8.py) on the CPU: quantisation, fp8_dot and its gradients.
+
+Expected errors. A format with p significand bits (e4m3: 4, e5m2: 3) rounds a normal value
+to nearest with relative error at most 2^-p (half its relative spacing 2^(1-p)); below the
+smallest normal the absolute error is at most half the subnormal spacing. For random normal
+data (mantissas about log-uniform) the RMS relative error of one rounding is
+2^(1-p) / sqrt(12) * sqrt(E[1/m^2]) = 2^(1-p) * 0.2125: 0.0266 for e4m3, 0.0531 for e5m2.
+A dot of two independently rounded operands then has relative Frobenius error
+sqrt(e_a^2 + e_b^2): 0.0376 for e4m3 x e4m3, 0.0594 for e5m2 x e4m3. The tests hold the
+measured error within 15% of that prediction: a wrong scale (a missing inverse scale, a
+scale off by 2) or a missing quantisation fails them.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llama_jax import fp8
+
+E4, E5 = fp8.E4M3, fp8.E5M2
+RMS = {E4: 2.0 ** -3 * 0.2125, E5: 2.0 ** -2 * 0.2125}  # RMS relative error of one rounding
+
+
+def _normal(seed, shape, std=1.0):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32) * std
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _near(err, predicted):
+    assert 0.85 * predicted < err < 1.15 * predicted, (err, predicted)
+
+
+@pytest.mark.parametrize("dtype,p,min_normal_exp,sub_exp", [(E4, 4, -6, -9), (E5, 3, -14, -16)])
+def test_round_trip_within_format_precision(dtype, p, min_normal_exp, sub_exp):
+    x = _normal(0, (4096,), 3e-3).at[0].set(-0.05)  # amax known: 0.05
+    q, inv = fp8.quantize_current(x, dtype)
+    assert q.dtype == dtype and float(inv) == pytest.approx(0.05 / fp8.fp8_max(dtype))
+    back = np.asarray(fp8.dequantize(q, inv), np.float64)
+    xs = np.asarray(x, np.float64)
+    # Per element: relative 2^-p above the smallest normal, half a subnormal step below (scaled).
+    bound = np.maximum(2.0 ** -p * np.abs(xs), 2.0 ** (sub_exp - 1) * float(inv))
+    assert np.all(np.abs(back - xs) <= bound * (1 + 1e-6))
+    assert float(q[0]) == -fp8.fp8_max(dtype) and back[0] == pytest.approx(xs[0], rel=1e-6)  # amax -> -fmax
+    _near(_rel(back[np.abs(xs) > 2.0 ** min_normal_exp * float(inv)],
+               xs[np.abs(xs) > 2.0 ** min_normal_exp * float(inv)]), RMS[dtype])
+
+
+def test_scale_edge_cases():
+    assert float(fp8.scale_from_amax(jnp.float32(0.0), E4)) == 1.0  # all-zero tensor
+    assert float(fp8.scale_from_amax(jnp.float32(jnp.inf), E4)) == 1.0
+    assert float(fp8.scale_from_amax(jnp.float32(2.0), E4, margin=1)) == 112.0
+    s = float(fp8.scale_from_amax(jnp.float32(3.0), E4, power_of_two=True))
+    assert s == 128.0 and 3.0 * s <= 448  # rounded down to a power of two
+    q, inv = fp8.quantize_current(jnp.zeros((8,)), E4)
+    assert np.all(np.asarray(q, np.float32) == 0)
+
+
+def test_saturation_no_inf_nan():
+    # A stale (too large) scale: values past fmax saturate to +-fmax instead of nan / inf.
+    x = jnp.array([1e6, -1e6, 1.0, 0.0, 1e-30])
+    for dtype in (E4, E5):
+        q = np.asarray(fp8.quantize(x, dtype, jnp.float32(1.0)), np.float32)
+        assert np.all(np.isfinite(q)) and q[0] == fp8.fp8_max(dtype) and q[1] == -fp8.fp8_max(dtype)
+    # Outliers under current scaling: finite, the outlier exact, the bulk coarser but finite.
+    x = _normal(1, (64, 32)).at[3, 5].set(1e5)
+    y = fp8.fp8_dot(x, _normal(2, (32, 16)))
+    assert np.all(np.isfinite(np.asarray(y)))
+
+
+def _emulated(x, w):
+    """The same quantised operands dequantised and multiplied in float32."""
+    xq, ix = fp8.quantize_current(x, E4)
+    wq, iw = fp8.quantize_current(w, E4)
+    return fp8.dequantize(xq, ix) @ fp8.dequantize(wq, iw)
+
+
+def test_fp8_dot_forward():
+    x, w = _normal(3, (512, 256)), _normal(4, (256, 128), 0.02)
+    y = fp8.fp8_dot(x, w)
+    assert y.shape == (512, 128) and y.dtype == jnp.float32
+    _near(_rel(y, x @ w), math.hypot(RMS[E4], RMS[E4]))
+    # Against the same FP8 operands in float32: only the bf16 output rounding (2^-9) differs.
+    assert _rel(y, _emulated(x, w)) < 2.0 ** -8
+    # The bound catches a wrong scale: a missing inverse scale is off by ~1e4, a 2x slip by 100%.
+    xq, ix = fp8.quantize_current(x, E4)
+    wq, iw = fp8.quantize_current(w, E4)
+    raw = jax.lax.dot_general(xq, wq.T, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    assert _rel(raw * ix, x @ w) > 1.0 and _rel(raw * ix * iw * 2, x @ w) > 0.9
+    # bf16 activations come back bf16.
+    assert fp8.fp8_dot(x.astype(jnp.bfloat16), w).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("grad_dtype", [E5, E4])
+def test_fp8_dot_gradients(grad_dtype):
+    recipe = fp8.Fp8Recipe(grad_dtype=grad_dtype)
+    x, w, g = _normal(5, (512, 256)), _normal(6, (256, 128), 0.02), _normal(7, (512, 128), 1e-4)
+    dx, dw = jax.vjp(lambda x, w: fp8.fp8_dot(x, w, recipe), x, w)[1](g)
+    rx, rw = jax.vjp(lambda x, w: x @ w, x, w)[1](g)
+    expected = math.hypot(RMS[grad_dtype], RMS[E4])
+    _near(_rel(dx, rx), expected)
+    _near(_rel(dw, rw), expected)
+    # Master weights float32, activations bf16: each gradient in its primal's dtype.
+    xb = x.astype(jnp.bfloat16)
+    dxb, dwb = jax.vjp(lambda x, w: fp8.fp8_dot(x, w, recipe), xb, w)[1](g.astype(jnp.bfloat16))
+    assert dxb.dtype == jnp.bfloat16 and dwb.dtype == jnp.float32
+
+
+def test_jit_grad_and_einsum_shapes():
+    x, wq, wo = _normal(8, (2, 64, 32)), _normal(9, (32, 4, 8), 0.1), _normal(10, (4, 8, 32), 0.1)
+
+    def loss(x, wq, wo, f):
+        h = f("BTD,DNH->BTNH", x, wq)
+        return jnp.sum(jnp.tanh(f("BTNH,NHD->BTD", h, wo)) ** 2)
+
+    ref = jax.grad(loss, argnums=(0, 1, 2))(x, wq, wo, jnp.einsum)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(x, wq, wo, fp8.fp8_einsum)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert _rel(a, b) < 0.15  # two FP8 layers deep, e5m2 gradients: a few times one dot's error
+    assert fp8.fp8_einsum("BTD,DNH->BTNH", x, wq).shape == (2, 64, 4, 8)
+    with pytest.raises(ValueError, match="projection"):
+        fp8.fp8_einsum("BTD,NDH->BTNH", x, wq)
+    with pytest.raises(ValueError, match="do not match"):
+        fp8.fp8_einsum("BTD,DNH->BTNH", x, wo)
+
+
+def test_sharded_equals_unsharded():
+    """A (1, 2, 4) mesh: the amax is the whole tensor's (jnp.max under jit is global)."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 4), ("data", "fsdp", "tensor"))
+    x, w, g = _normal(11, (4, 32, 64)), _normal(12, (64, 8, 16), 0.05), _normal(13, (4, 32, 8, 16))
+    x = x.at[3, 31, 63].set(9.0)  # the amax on one shard only
+    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+    ws = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor", None)))
+    gs = jax.device_put(g, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
+
+    def run(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: fp8.fp8_einsum("BTD,DNH->BTNH", x, w), x, w)
+        return (y, *vjp(g), *fp8.quantize_current(x, E4))
+
+    ref = jax.jit(run)(x, w, g)
+    got = jax.jit(run)(xs, ws, gs)
+    assert got[1].sharding.is_equivalent_to(xs.sharding, 3)
+    # The quantised operand and its scale: bit for bit.
+    assert np.array_equal(np.asarray(got[3], np.float32), np.asarray(ref[3], np.float32))
+    assert float(got[4]) == float(ref[4])
+    # Products: the same FP8 operands, summed in another order (partial sums over fsdp).
+    for a, b in zip(got[:3], ref[:3]):
+        assert _rel(a, b) < 2.0 ** -7
