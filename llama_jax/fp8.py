@@ -131,6 +131,65 @@ def _fp8_dot_bwd(recipe, res, g):
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
+# --- delayed scaling ---------------------------------------------------------------------
+
+class Fp8State(NamedTuple):
+    """Delayed-scaling state of one projection call site: amax histories, newest first.
+
+    Rows: 0 the input x, 1 the weight w, 2 the output gradient. A pytree of one float32
+    array, so it lives in the train state and is checkpointed and restored like any leaf.
+    """
+    amax_history: jax.Array  # float32 [3, history_len]
+
+
+def init_fp8_state(history_len: int = 16) -> Fp8State:
+    """An empty history: all zeros, which scales by 1 until the first step records amaxes."""
+    return Fp8State(jnp.zeros((3, history_len), _F32))
+
+
+def _push(history: jax.Array, amax: jax.Array) -> jax.Array:
+    return jnp.roll(history, 1).at[0].set(amax)
+
+
+def _delayed(x, row, dtype, recipe):
+    """(q, inv_scale, amax now): the scale from the history's max, not from this tensor."""
+    scale = scale_from_amax(jnp.max(row), dtype, recipe.margin, recipe.power_of_two)
+    return quantize(x, dtype, scale), 1.0 / scale, amax_of(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fp8_dot_delayed(x: jax.Array, w: jax.Array, state: Fp8State, recipe: Fp8Recipe = CURRENT) -> jax.Array:
+    """`fp8_dot` with delayed scaling: scales from `state`'s amax histories.
+
+    The updated state comes back as the cotangent of `state` (the "overwrite with gradient"
+    convention): `jax.grad` with respect to the state returns the NEW state (histories
+    pushed with this step's amaxes of x, w and the gradient); the train step stores it in
+    place of the old one and keeps it away from the optimizer. Hence one state per call
+    site (a state used twice would get the sum of two); per-layer states stacked under
+    nn.scan are separate call sites. Values past a stale scale saturate at fmax.
+    """
+    return _delayed_fwd(x, w, state, recipe)[0]
+
+
+def _delayed_fwd(x, w, state, recipe):
+    h = state.amax_history
+    xq, ix, ax = _delayed(x, h[0], E4M3, recipe)
+    wq, iw, aw = _delayed(w, h[1], E4M3, recipe)
+    y = _nt_dot(xq, wq.T, ix, iw, x.dtype)  # layouts as in _fp8_dot_fwd
+    return y, (xq, ix, wq, iw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype), h, ax, aw)
+
+
+def _delayed_bwd(recipe, res, g):
+    xq, ix, wq, iw, x0, w0, h, ax, aw = res
+    gq, ig, ag = _delayed(g, h[2], recipe.grad_dtype, recipe)
+    dx, dw = _dx_dw(xq, ix, wq, iw, gq, ig, x0.dtype, w0.dtype)
+    new = jnp.stack([_push(h[0], ax), _push(h[1], aw), _push(h[2], ag)])
+    return dx, dw, Fp8State(new)
+
+
+fp8_dot_delayed.defvjp(_delayed_fwd, _delayed_bwd)
+
+
 # --- einsum-shaped projections -----------------------------------------------------------
 
 def _einsum_groups(spec: str) -> tuple[str, str, str]:
@@ -145,16 +204,19 @@ def _einsum_groups(spec: str) -> tuple[str, str, str]:
     return batch, contract, free
 
 
-def fp8_einsum(spec: str, x: jax.Array, w: jax.Array, recipe: Fp8Recipe = CURRENT) -> jax.Array:
+def fp8_einsum(spec: str, x: jax.Array, w: jax.Array, recipe: Fp8Recipe = CURRENT,
+               state: Fp8State | None = None) -> jax.Array:
     """A weight projection as `jnp.einsum(spec, x, w)` would compute it, run by `fp8_dot`.
 
     x's trailing dims contract with w's leading ones, e.g. 'BTD,DNH->BTNH', 'BTNH,NHD->BTD'.
     Both are viewed as matrices ([B*T, D] and [D, N*H]: merging adjacent dims, no copy).
+    With `state`, delayed scaling (`fp8_dot_delayed`); without, current scaling.
     """
     batch, contract, free = _einsum_groups(spec)
     nb, nc = len(batch), len(contract)
     if x.ndim != nb + nc or w.ndim != nc + len(free) or x.shape[nb:] != w.shape[:nc]:
         raise ValueError(f"fp8_einsum({spec!r}): shapes {x.shape} and {w.shape} do not match")
     k = math.prod(w.shape[:nc])
-    y = fp8_dot(x.reshape(-1, k), w.reshape(k, -1), recipe)  # [B*T, K] @ [K, N*H]
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)  # [B*T, K], [K, N*H]
+    y = fp8_dot(x2, w2, recipe) if state is None else fp8_dot_delayed(x2, w2, state, recipe)
     return y.reshape(x.shape[:nb] + w.shape[nc:])
