@@ -8,7 +8,8 @@ the shapes of gemm_ceiling.py), times, best of 3 rounds of `--reps` queued calls
 and forward + backward (dX and dW, with a random output gradient) for bf16, fp8 (e5m2
 gradients), fp8_e4m3g (e4m3 gradients) and fp8_delayed (delayed scaling, e5m2 gradients): the
 measurements the recipe is chosen by. Each result is checked against float32 (relative
-Frobenius error). The per-step sums weight each layer shape by how often one step runs it
+Frobenius error), and the compiled program's cuBLASLt FP8 GEMM calls are counted (`*_f8_gemms`,
+3 expected for the FP8 variants on a GPU: fewer means XLA fell back). The per-step sums weight each layer shape by how often one step runs it
 (the output projection, a row of its own, stays bf16 in the step). Writes $OUT/fp8_gemm.json.
 
     python benchmarks/fp8_gemm.py [--dim 2048 --ffn 5632 --layers 22 --vocab 32000 --tokens 16384]
@@ -96,6 +97,8 @@ def row(name, m, k, n, count, reps):
     err = {}
     for key, f in fns.items():
         t[f"{key}_fwd_bwd"] = best_time(fwd_bwd(f), (x, w, g), reps)
+        # cuBLASLt FP8 GEMMs XLA:GPU compiled the forward + backward into (3 expected for fp8*).
+        err[f"{key}_f8_gemms"] = fwd_bwd(f).lower(x, w, g).compile().as_text().count("__cublas$lt$matmul$f8")
         got = fwd_bwd(f)(x, w, g)
         err.update({f"{key}_err_{part}": round(rel_err(a, b), 5) for part, a, b in zip(("y", "dx", "dw"), got, ref)})
     flop = 2.0 * m * k * n
