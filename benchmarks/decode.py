@@ -3,9 +3,9 @@
 LLaMA-7B-shaped random bf16 weights, batch 1 and 16, greedy, 128 new tokens after a
 16-token prompt (no early stop). Timing copies /work/shared/peers/hf_torch_h200.py: two
 warm-up calls, then one timed call of the whole generate (prefill included). Ours runs
-twice: `jax_b*` with the stored (stacked) params, which generate splits per layer on each
-call (one copy of the weights), and `jax_split_b*` with `split_layers(params)` made once
-beforehand (the serving setup; the same compiled loop). The HBM
+twice: `jax_b*` with the stored (stacked) params, which generate prepares (per layer,
+fused) on each call (one copy of the weights), and `jax_split_b*` with `decode.prepare(params)`
+made once beforehand (the serving setup; the same compiled loop). The HBM
 roofline: bytes that must be read per step (every weight but the embedding table, plus
 the live KV cache, averaged over the steps) / copy bandwidth measured here with a large
 device-to-device copy. The peer (transformers, static and dynamic cache) runs first, in a
@@ -120,19 +120,20 @@ def ours(args) -> dict:
     import jax.numpy as jnp
     import flax.linen as nn
     import numpy as np
-    from llama_jax import Llama, ModelConfig, generate
-    from llama_jax.inference.decode import split_layers
+    from llama_jax import Llama, ModelConfig, RunOptions, generate
+    from llama_jax.inference.decode import prepare
     out = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
     bw = copy_bandwidth(jax, jnp, (64 << 20) if args.cpu_smoke else (4 << 30))
     out["copy_bandwidth_TBps"] = bw / 1e12
-    cfg = ModelConfig.preset(args.preset, dtype="bfloat16", param_dtype="bfloat16")
-    init = jax.jit(lambda k: nn.unbox(Llama(cfg).init(k, jnp.ones((1, 8), jnp.int32))["params"]))
+    cfg = ModelConfig.preset(args.preset)
+    run = RunOptions(dtype="bfloat16", param_dtype="bfloat16")
+    init = jax.jit(lambda k: nn.unbox(Llama(cfg, run).init(k, jnp.ones((1, 8), jnp.int32))["params"]))
     params = init(jax.random.PRNGKey(0))
-    split = jax.jit(split_layers)(params)
+    split = jax.jit(prepare)(params)
     for b in map(int, args.batches.split(",")):
         prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()
         for name, p in ((f"jax_b{b}", params), (f"jax_split_b{b}", split)):
-            call = lambda: generate(cfg, p, prompts, args.new_tokens, stop_ids=())  # noqa: E731
+            call = lambda: generate(cfg, p, prompts, args.new_tokens, stop_ids=(), run=run)  # noqa: E731
             t0 = time.time()
             first = call(); call()
             warm = time.time() - t0

@@ -87,17 +87,20 @@ def ours(name: str, args, param_dtype: str = "float32") -> dict:
     from llama_jax.train import metrics
     from llama_jax.train import optim
     from llama_jax.train import state as train_state
+    from llama_jax import Llama, RunOptions
     n_dev = jax.device_count()
-    cfg = shape(name).replace(dtype="bfloat16", param_dtype=param_dtype,
-                              remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
-                              layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up))
+    cfg = shape(name)
+    run = RunOptions(dtype="bfloat16", param_dtype=param_dtype,
+                     remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
+                     layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up))
+    model = Llama(cfg, run)
     mesh = sharding.make_mesh((1, -1, 1))
     tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
     schedule = optim.lr_schedule(optim.OptimizerConfig(warmup_steps=10), 1000)
-    abstract = train_state.abstract_state(cfg, tx)
+    abstract = train_state.abstract_state(model, tx)
     shardings = train_state.state_shardings(abstract, mesh)
-    state = train_state.init_state(cfg, tx, mesh, jax.random.PRNGKey(0))
-    step = train_state.make_train_step(cfg, tx, schedule, mesh, shardings)
+    state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(0))
+    step = train_state.make_train_step(model, tx, schedule, mesh, shardings)
     b, t = args.batch * n_dev, args.seq
     batch = random_batch(cfg, mesh, b, t)
     t0 = time.time()
@@ -119,9 +122,9 @@ def ours(name: str, args, param_dtype: str = "float32") -> dict:
             state, m = step(state, batch)
             jax.block_until_ready(m)
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
-    return {**prof, "devices": n_dev, "param_dtype": cfg.param_dtype, "remat": cfg.remat_policy.value,
-            "layer_loop": cfg.layer_loop.value, "fuse_gate_up": cfg.fuse_gate_up,
-            "attention": cfg.attention_impl.value,
+    return {**prof, "devices": n_dev, "param_dtype": run.param_dtype.name, "remat": run.remat_policy.value,
+            "layer_loop": run.layer_loop.value, "fuse_gate_up": run.fuse_gate_up,
+            "attention": run.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
             "tflops_per_device": round(tps * fpt / n_dev / 1e12, 1),
             "mfu": round(tps * fpt / n_dev / (args.peak * 1e12), 3), "compile_s": round(compile_s, 1),
@@ -167,9 +170,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--remat", default="", help="override the per-shape remat policy")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--layer-loop", default="unrolled", help="unrolled or scan (ModelConfig.layer_loop)")
+    ap.add_argument("--layer-loop", default="unrolled", help="unrolled or scan (RunOptions.layer_loop)")
     ap.add_argument("--fuse-gate-up", type=int, default=1, help="1: w1|w3 as one matmul, Pallas SwiGLU "
-                    "backward on GPUs (ModelConfig.fuse_gate_up); 0: two matmuls")
+                    "backward on GPUs (RunOptions.fuse_gate_up); 0: two matmuls")
     ap.add_argument("--param-dtypes", default="float32",
                     help="comma-separated: float32 (master params and AdamW state, the paper's chain) and/or "
                          "bfloat16 (pure bf16 params and AdamW state, as the peer trains); each its own run")

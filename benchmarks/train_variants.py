@@ -1,6 +1,6 @@
 """Train-step variants compared in one process: interleaved timing on one shared state.
 
-Each variant is ModelConfig overrides on the train_step.py shape (dtype bf16, float32
+Each variant is RunOptions overrides on the train_step.py shape (dtype bf16, float32
 masters, remat dots_flash, unrolled loop, w1|w3 fused: train_step.py's defaults), e.g.
 `fuse_gate_up=False,remat_policy=minimal`.
 All variants step the same (donated) TrainState in turn, round after round (variants with
@@ -29,15 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_variant(spec: str, base):
-    """"name:field=value,field=value" -> (name, ModelConfig)."""
+    """"name:field=value,field=value" -> (name, RunOptions)."""
     name, _, overrides = spec.partition(":")
-    cfg = base
+    run = base
     for kv in filter(None, overrides.split(",")):
         key, sep, value = kv.partition("=")
         if not sep:
             raise SystemExit(f"variant {spec!r}: {kv!r} is not field=value")
-        cfg = cfg.replace(**{key: {"True": True, "False": False}.get(value, value)})
-    return name, cfg
+        value = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
+        run = run.replace(**{key: value})
+    return name, run
 
 
 def trace(step, state, batch, n=4, top=40):
@@ -84,35 +85,36 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import jax
     import train_step as TS
-    from llama_jax import sharding
+    from llama_jax import Llama, RunOptions, sharding
     from llama_jax.train import metrics
     from llama_jax.train import optim
     from llama_jax.train import state as train_state
     n_dev = jax.device_count()
-    base = TS.shape(args.shape).replace(dtype="bfloat16", param_dtype="float32", remat_policy="dots_flash",
-                                        layer_loop="unrolled", fuse_gate_up=True)
+    cfg = TS.shape(args.shape)
+    base = RunOptions(dtype="bfloat16", param_dtype="float32", remat_policy="dots_flash", layer_loop="unrolled",
+                      fuse_gate_up=True)
     variants = [parse_variant(v, base) for v in args.variants.split()]
     mesh = sharding.make_mesh((1, -1, 1))
     ocfg = optim.OptimizerConfig(warmup_steps=10)
     tx, schedule = optim.make_optimizer(ocfg, total_steps=1000), optim.lr_schedule(ocfg, 1000)
     shardings, states = {}, {}  # one state per parameter dtype, shared by the variants with it
-    for _, cfg in variants:
-        if cfg.param_dtype not in states:
-            abstract = train_state.abstract_state(cfg, tx)
-            shardings[cfg.param_dtype] = train_state.state_shardings(abstract, mesh)
-            states[cfg.param_dtype] = train_state.init_state(cfg, tx, mesh, jax.random.PRNGKey(0))
+    for _, run in variants:
+        if run.param_dtype not in states:
+            abstract = train_state.abstract_state(Llama(cfg, run), tx)
+            shardings[run.param_dtype] = train_state.state_shardings(abstract, mesh)
+            states[run.param_dtype] = train_state.init_state(Llama(cfg, run), tx, mesh, jax.random.PRNGKey(0))
     b, t = 8 * n_dev, 2048
-    batch = TS.random_batch(base, mesh, b, t)
-    flop = b * t * metrics.flops_per_token(base, t) / n_dev
+    batch = TS.random_batch(cfg, mesh, b, t)
+    flop = b * t * metrics.flops_per_token(cfg, t) / n_dev
     steps, out = {}, {"args": vars(args), "device": jax.devices()[0].device_kind, "variants": {}}
-    for name, cfg in variants:  # every variant must keep the parameter tree: they share the state
-        key = cfg.param_dtype
-        step = train_state.make_train_step(cfg, tx, schedule, mesh, shardings[key])
+    for name, run in variants:  # every variant must keep the parameter tree: they share the state
+        key = run.param_dtype
+        step = train_state.make_train_step(Llama(cfg, run), tx, schedule, mesh, shardings[key])
         t0 = time.time()
         states[key], m = step(states[key], batch)
         jax.block_until_ready(m)
         steps[name] = (step, key)
-        out["variants"][name] = {"config": cfg.to_dict(), "compile_s": round(time.time() - t0, 1), "step_s": []}
+        out["variants"][name] = {"config": {**cfg.to_dict(), **run.to_dict()}, "compile_s": round(time.time() - t0, 1), "step_s": []}
         print(name, "compiled in", out["variants"][name]["compile_s"], "s", flush=True)
     for r in range(args.rounds):
         for name, (step, key) in steps.items():

@@ -12,7 +12,7 @@ with Python's look (def, docstrings, indentation) if not its sense.
 Resume: run the same command again with a larger --config.steps (and the same
 --config.optimizer.total_steps, so the schedule is unchanged).
 """
-from llama_jax.train.config import base_config, model_dict
+from llama_jax.train.config import base_config, model_dict, run_dict
 
 
 def get_config():
@@ -25,7 +25,8 @@ def get_config():
     c.batch_size = 16
     c.seq_len = 128
     c.model = model_dict("tiny", dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024,
-                         max_seq_len=512, dtype="float32")
+                         max_seq_len=512)
+    c.run = run_dict(dtype="float32")
     c.data.read_threads = 1  # 8k tokens/s is all the model eats: leave the cores to it
     c.optimizer.peak_lr = 3e-3
     c.optimizer.warmup_steps = 100

@@ -6,7 +6,7 @@ Trains a 512-piece tokenizer on the stdlib corpus, then 40 steps of a 2-layer, 6
 model in float32 on 8 x 64 tokens a step. Expected: loss from ~6.2 (ln 512) to ~4 in
 well under a minute on a 2-core CPU.
 """
-from llama_jax.train.config import base_config, model_dict
+from llama_jax.train.config import base_config, model_dict, run_dict
 
 
 def get_config():
@@ -18,7 +18,8 @@ def get_config():
     c.checkpoint_every = 20
     c.batch_size = 8
     c.seq_len = 64
-    c.model = model_dict("tiny", dtype="float32")
+    c.model = model_dict("tiny")
+    c.run = run_dict(dtype="float32")
     c.optimizer.peak_lr = 3e-3
     c.optimizer.warmup_steps = 5
     c.data.read_threads = 1

@@ -49,7 +49,7 @@ def main(argv=None):
     finally:
         bar.close()  # before an error line, not after it
     print(f"wrote {args.output}: Llama {config.generation.value}, {config.n_layers} layers, dim {config.dim}, "
-          f"{config.param_dtype}")
+          f"{args.dtype or 'as stored'}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ The public names load on first use (PEP 562), so that `import llama_jax.errors` 
 import importlib
 
 _EXPORTS = {
-    "AttentionImpl": "llama_jax.config", "ModelConfig": "llama_jax.config", "RematPolicy": "llama_jax.config",
-    "RopeScaling": "llama_jax.config", "Llama": "llama_jax.model", "init_cache": "llama_jax.model",
+    "ModelConfig": "llama_jax.config", "RopeScaling": "llama_jax.config", "RunOptions": "llama_jax.runtime",
+    "AttentionImpl": "llama_jax.runtime", "RematPolicy": "llama_jax.runtime", "Llama": "llama_jax.model",
+    "init_cache": "llama_jax.inference.decode",
     "load_checkpoint": "llama_jax.checkpoint", "generate": "llama_jax.inference.generate",
 }
 __all__ = list(_EXPORTS)

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import AttentionImpl
+from llama_jax.runtime import AttentionImpl
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 

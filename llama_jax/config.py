@@ -1,9 +1,7 @@
-"""ModelConfig: the LLaMA architecture under Meta's names, plus how to run it.
+"""ModelConfig: the LLaMA architecture under Meta's names (what a checkpoint is).
 
-Architecture fields carry Meta's `params.json` names. The execution fields (dtypes,
-attention kernel, remat policy) are separate: they never reach a checkpoint's
-params.json or config.json, and two configs that differ only in them describe the
-same weights.
+How a run executes it (dtypes, attention kernel, remat, layer loop) is `runtime.RunOptions`,
+never part of this config nor of the model_config.json written from it.
 """
 from __future__ import annotations
 
@@ -18,31 +16,6 @@ import numpy as np
 from llama_jax import generations
 from llama_jax.errors import input_error, read_json
 from llama_jax.generations import Generation
-
-
-class AttentionImpl(enum.Enum):
-    AUTO = "auto"      # cudnn on NVIDIA GPUs, splash on TPU, xla elsewhere
-    XLA = "xla"        # plain einsums + softmax, any platform
-    CUDNN = "cudnn"    # jax.nn.dot_product_attention(implementation="cudnn")
-    SPLASH = "splash"  # Pallas splash attention (TPU; interpret mode on CPU)
-
-
-class RematPolicy(enum.Enum):
-    NONE = "none"          # keep every activation
-    FULL = "full"          # keep only the layer input, recompute the rest
-    DOTS = "dots"          # keep matmul outputs (the paper's recipe), recompute the rest
-    DOTS_NO_BATCH = "dots_no_batch"  # keep weight matmuls only (not attention's batched dots)
-    MINIMAL = "minimal"    # keep the named projections (q, k, v, attention out, w1, w3)
-    DOTS_FLASH = "dots_flash"  # dots_no_batch + the fused attention kernel's outputs (no re-run)
-
-
-class LayerLoop(enum.Enum):
-    SCAN = "scan"          # nn.scan over the stacked layers: compile time independent of depth
-    UNROLLED = "unrolled"  # the same stacked params, one layer after another in the program:
-    #                        no per-layer stacking of saved activations (faster on GPUs)
-
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive_number(v) -> bool:
@@ -84,21 +57,12 @@ class ModelConfig:
     # None: read off rope_theta/rope_scaling (configs written before the field existed).
     generation: Generation | None = None
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B: the output projection is tok_embeddings.T
-    # Execution: not part of the architecture.
-    dtype: str = "float32"          # compute dtype of activations
-    param_dtype: str = "float32"    # dtype parameters are created in
-    attention_impl: AttentionImpl = AttentionImpl.AUTO
-    remat_policy: RematPolicy = RematPolicy.NONE
-    scan_unroll: int = 1            # layers per nn.scan iteration
-    layer_loop: LayerLoop = LayerLoop.SCAN  # how training/eval forward passes run the layers
-    fuse_gate_up: bool = False      # w1 and w3 as one matmul (stacked at run time), SwiGLU's
-    #                                 backward as one kernel on GPUs (model.FeedForward)
 
     def __post_init__(self):
         def bad(field, msg):
             raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {msg}")
 
-        for f in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "scan_unroll"):
+        for f in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             v = getattr(self, f)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 bad(f, "must be a positive integer")
@@ -129,19 +93,6 @@ class ModelConfig:
             object.__setattr__(self, "generation", generations.parse(self.generation))
         except ValueError as e:
             bad("generation", str(e))
-        if not isinstance(self.fuse_gate_up, (bool, np.bool_)):
-            bad("fuse_gate_up", "must be True or False")
-        for f in ("dtype", "param_dtype"):
-            if getattr(self, f) not in _DTYPES:
-                bad(f, f"must be one of {_DTYPES}")
-        for f, enum_cls in (("attention_impl", AttentionImpl), ("remat_policy", RematPolicy),
-                            ("layer_loop", LayerLoop)):
-            v = getattr(self, f)
-            if not isinstance(v, enum_cls):
-                try:
-                    object.__setattr__(self, f, enum_cls(v))
-                except ValueError:
-                    bad(f, f"must be one of {[e.value for e in enum_cls]}")
 
     # Derived sizes.
     @property
@@ -170,28 +121,31 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Our own JSON (model_config.json): every field, enums by value, rope_scaling as a dict."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.value
+            elif dataclasses.is_dataclass(v):
+                v = dataclasses.asdict(v)
+            elif isinstance(v, np.generic):
+                v = v.item()
+            out[f.name] = v
+        return out
+
     @property
     def architecture(self) -> dict:
-        """The fields that define the weights (what a checkpoint stores)."""
-        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _ARCH_FIELDS}
-        if self.rope_scaling is not None:
-            arch["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
-        arch["generation"] = self.generation.value
-        arch["tie_word_embeddings"] = bool(self.tie_word_embeddings)
-        return arch
-
-    # Our own JSON (stored beside checkpoints): architecture + execution fields.
-    def to_dict(self) -> dict:
-        d = self.architecture
-        d.update(dtype=self.dtype, param_dtype=self.param_dtype,
-                 attention_impl=self.attention_impl.value, remat_policy=self.remat_policy.value,
-                 scan_unroll=self.scan_unroll, layer_loop=self.layer_loop.value,
-                 fuse_gate_up=bool(self.fuse_gate_up))
-        return d
+        """The same as `to_dict()`: every field is architecture."""
+        return self.to_dict()
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        # model_config.json files written before run options left ModelConfig carry them:
+        # they said how that run executed, not what the weights are, and are ignored.
+        d = {k: v for k, v in d.items() if k not in _OLD_RUN_KEYS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown ModelConfig keys {unknown}; known: {sorted(known)}")
@@ -223,9 +177,8 @@ def _named(source: str, cls, kwargs: dict) -> "ModelConfig":
         raise input_error(source, str(e)) from None
 
 
-_ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling", "max_seq_len",
-                "generation", "tie_word_embeddings")
+_OLD_RUN_KEYS = frozenset({"dtype", "param_dtype", "attention_impl", "remat_policy", "scan_unroll",
+                           "layer_loop", "fuse_gate_up"})
 
 _G = Generation
 _llama1 = dict(multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000, max_seq_len=2048,

@@ -1,7 +1,7 @@
 """A Pallas kernel for the memory-bound part of the feed-forward layer's backward pass.
 
 `swiglu(gate_up)` is silu(gate) * up for gate_up [..., 2, F]: the outputs of w1 and w3
-from one product (`ModelConfig.fuse_gate_up`). Forward: the XLA expression, which XLA
+from one product (`RunOptions.fuse_gate_up`). Forward: the XLA expression, which XLA
 fuses into its neighbours. Backward: one Pallas (Triton) kernel that reads gate_up and
 the incoming gradient once and writes both input gradients into one [..., 2, F] array.
 XLA writes that stacked gradient through a concatenate: on an H200, [16384, 2, 5632] bf16
@@ -10,8 +10,8 @@ took it 356 us against the kernel's 235 (3.9 TB/s; a plain copy of gate_up runs 
 When: on GPUs, with 16-bit activations and (per device) F a multiple of 32. Elsewhere (CPU, TPU, float32)
 the backward pass is XLA's gradient of the same expression. Under a device mesh the
 kernel runs once per shard (`shard_map` over the activations' logical sharding), since it
-is elementwise over tokens and F. `INTERPRET = True` runs the kernel in Pallas's
-interpret mode on any backend (the tests do, on CPU).
+is elementwise over tokens and F. `interpret=True` (`RunOptions.interpret_kernels`) runs
+the kernel in Pallas's interpret mode on any backend (the tests do, on CPU).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec
 
 from llama_jax import sharding
 
-INTERPRET = False  # tests: route through the Pallas kernel in interpret mode on any backend
 GATE_UP_AXES = ("batch", "seq", None, "mlp")  # logical axes of gate_up [B,T,2,F] in the model
 _F32 = jnp.float32
 _BLOCK_F, _BLOCK_ELEMS, _WARPS = 256, 4096, 4  # fastest of 11 configurations on an H200
@@ -39,9 +38,9 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def _mode(x) -> str | None:
+def _mode(x, interpret: bool) -> str | None:
     """"gpu" or "interpret" where the Pallas kernel runs for x [..., 2, F]; None: XLA."""
-    if INTERPRET:
+    if interpret:
         return "interpret"
     if jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16):
         return "gpu"
@@ -80,18 +79,19 @@ def _bwd_local(gate_up, g, interpret: bool):
     return dh.reshape(gate_up.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def swiglu(gate_up, axes=GATE_UP_AXES):
-    """silu(gate_up[..., 0, :]) * gate_up[..., 1, :]; `axes`: gate_up's logical axis names."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def swiglu(gate_up, axes=GATE_UP_AXES, interpret: bool = False):
+    """silu(gate_up[..., 0, :]) * gate_up[..., 1, :]; `axes`: gate_up's logical axis names;
+    `interpret`: the backward kernel in Pallas's interpret mode, on any backend."""
     return _reference(gate_up)
 
 
-def _swiglu_fwd(gate_up, axes):
+def _swiglu_fwd(gate_up, axes, interpret):
     return _reference(gate_up), gate_up
 
 
-def _swiglu_bwd(axes, gate_up, g):
-    mode = _mode(gate_up)
+def _swiglu_bwd(axes, interpret, gate_up, g):
+    mode = _mode(gate_up, interpret)
     mesh = jax.sharding.get_abstract_mesh()
     per_shard = not mesh.empty and mesh.size > 1
     spec = nn.logical_to_mesh_axes(axes) if per_shard else None

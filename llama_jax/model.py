@@ -4,21 +4,22 @@ Einsum letters: B batch, T query length, S key length, D model dim, N query head
 K kv heads, G = N // K, H head dim, F ffn hidden, V vocab, L layers.
 
 Rotary convention: Meta's interleaved pairs (x[2i], x[2i+1]). Meta's weights load as they
-are; Hugging Face's q/k rows are permuted to rotate halves, and weights.py undoes that
+are; Hugging Face's q/k rows are permuted to rotate halves, and interop/mapping.py undoes that
 permutation. Nothing in this file knows about Hugging Face.
 
-Parameters (layers stacked on a leading L axis by nn.scan; `ModelConfig.layer_loop="unrolled"`
-runs the same stacked parameters one layer after another instead of through the scan):
+Parameters, the one schema (layers stacked on a leading L axis by nn.scan;
+`RunOptions.layer_loop=UNROLLED` runs the same stacked parameters one layer after another):
   tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
   [L,D]; norm/weight [D]; output [D,V] (none when `tie_word_embeddings`: tok_embeddings.T).
 
-Decoding runs the same `Block`s in a per-layer runtime form: see decode.py.
+The layer math (`attention`, `swiglu_gate_up`, `rms_norm`) is shared by these modules and
+by cached decoding, which runs it on a per-layer fused runtime form: see inference/decode.py.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import attention, kernels
-from llama_jax.config import LayerLoop, ModelConfig, RematPolicy, RopeScaling
+from llama_jax import kernels
+from llama_jax.attention import attend
+from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.runtime import AttentionImpl, LayerLoop, RematPolicy, RunOptions
 
 Array = Any
 _init = nn.initializers.normal(stddev=0.02)
@@ -40,14 +43,18 @@ def _param(module: nn.Module, name: str, shape, axes, param_dtype, init=_init):
 class RMSNorm(nn.Module):
     dim: int
     eps: float
-    param_dtype: str = "float32"
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         w = _param(self, "weight", (self.dim,), ("embed",), self.param_dtype, nn.initializers.ones)
-        x32 = x.astype(jnp.float32)  # statistics in float32, as Meta's reference does
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * w.astype(x.dtype)
+        return rms_norm(x, w, self.eps)
+
+
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)  # statistics in float32, as Meta's reference does
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * w.astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -91,103 +98,134 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+class LayerInputs(NamedTuple):
+    """What every layer reads besides its activations: rotary tables and attention masks.
+
+    sin, cos: [B,T,H/2] float32. segment_ids: [B,T] (None: one document per row).
+    Cached decoding only: kv_segment_ids [B,S] (the key slots' ids) and cache_index (the
+    slot of the block's first token).
+    """
+    sin: Array
+    cos: Array
+    segment_ids: Array | None = None
+    kv_segment_ids: Array | None = None
+    cache_index: Any = None
+
+
+def stack_gate_up(w1: Array, w3: Array) -> Array:
+    """w1 | w3 as one [..., D, 2, F] weight: the gate and up projections as one matmul."""
+    xp = np if isinstance(w1, np.ndarray) else jnp
+    return xp.stack([w1, w3], axis=-2)
+
+
+def stack_qkv(wq: Array, wk: Array, wv: Array) -> Array:
+    """wq | wk | wv [D,N,H], [D,K,H] as one [D,K,G+2,H] weight: per kv head its G query heads,
+    then its key and value head (`split_qkv` undoes it on the projection)."""
+    xp = np if isinstance(wq, np.ndarray) else jnp
+    d, n, h = wq.shape
+    kh = wk.shape[1]
+    return xp.concatenate([wq.reshape(d, kh, n // kh, h), wk[:, :, None], wv[:, :, None]], axis=2)
+
+
+def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
+    """q [B,T,N,H], k, v [B,T,K,H] from the projection [B,T,K,G+2,H] by `stack_qkv`'s weight."""
+    g = qkv.shape[-2] - 2
+    return qkv[..., :g, :].reshape(*qkv.shape[:2], n_heads, qkv.shape[-1]), qkv[..., g, :], qkv[..., g + 1, :]
+
+
+def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None):
+    """Rotary, attention and the output projection -> (y [B,T,D], new (k, v) cache or None).
+
+    With `cache` ((k, v) [B,S,K,H]), this block's k, v are written at slot
+    inputs.cache_index and the queries attend to every slot (XLA path).
+    """
+    dt = q.dtype
+    q = nn.with_logical_constraint(apply_rope(q, inputs.sin, inputs.cos), ("batch", "seq", "heads", "head_dim"))
+    k = nn.with_logical_constraint(apply_rope(k, inputs.sin, inputs.cos), ("batch", "seq", "kv_heads", "head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
+    if cache is None:
+        out = attend(q, k, v, q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids, impl=impl)
+    else:
+        i = inputs.cache_index
+        ck, cv = cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, i, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, i, 0, 0))
+        out = attend(q, ck.astype(dt), cv.astype(dt), q_segment_ids=inputs.segment_ids,
+                     kv_segment_ids=inputs.kv_segment_ids, q_offset=i)
+        cache = (ck, cv)
+    out = checkpoint_name(out, "attention_out")
+    y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    return checkpoint_name(y, "attention_proj"), cache
+
+
+def swiglu_gate_up(gate_up: Array, w2: Array, interpret: bool) -> Array:
+    """w2(silu(gate) * up) from the stacked projection gate_up [B,T,2,F] (one-kernel backward)."""
+    gate_up = nn.with_logical_constraint(gate_up, kernels.GATE_UP_AXES)
+    return _down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, interpret), w2)
+
+
+def _down(hidden: Array, w2: Array) -> Array:
+    hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "mlp"))
+    return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(hidden.dtype)), "mlp_out")
+
+
 class Attention(nn.Module):
-    """`fused`: the decode runtime form (see `decode.split_layers`), one projection wqkv [D,K,G+2,H]."""
     config: ModelConfig
-    fused: bool = False
+    run: RunOptions
 
     @nn.compact
-    def __call__(self, x, sin, cos, segment_ids, cache=None, cache_index=None, kv_segment_ids=None):
-        c = self.config
+    def __call__(self, x, inputs: LayerInputs):
+        c, r = self.config, self.run
         d, n, kh, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
-        dt = jnp.dtype(c.dtype)
-        if self.fused:
-            g = n // kh
-            wqkv = _param(self, "wqkv", (d, kh, g + 2, h), ("embed", "kv_heads", None, "head_dim"), c.param_dtype)
-            qkv = jnp.einsum("BTD,DKJH->BTKJH", x, wqkv.astype(dt))
-            q = qkv[..., :g, :].reshape(*x.shape[:2], n, h)
-            k, v = qkv[..., g, :], qkv[..., g + 1, :]
-        else:
-            wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), c.param_dtype)
-            wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
-            wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), c.param_dtype)
-            q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "query_proj")
-            k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
-            v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
-        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), c.param_dtype)
-        q = nn.with_logical_constraint(apply_rope(q, sin, cos), ("batch", "seq", "heads", "head_dim"))
-        k = nn.with_logical_constraint(apply_rope(k, sin, cos), ("batch", "seq", "kv_heads", "head_dim"))
-        v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if cache is None:
-            out = attention.attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                   impl=c.attention_impl)
-            new_cache = None
-        else:
-            ck, cv = cache  # [B,S,K,H] each: write this block at slot cache_index, attend to all
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            out = attention.attend(q, ck.astype(dt), cv.astype(dt), q_segment_ids=segment_ids,
-                                   kv_segment_ids=kv_segment_ids, q_offset=cache_index)
-            new_cache = (ck, cv)
-        out = checkpoint_name(out, "attention_out")
-        y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
-        return checkpoint_name(y, "attention_proj"), new_cache
+        dt = r.dtype
+        wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), r.param_dtype)
+        wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
+        wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
+        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), r.param_dtype)
+        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "query_proj")
+        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "key_proj")
+        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "value_proj")
+        return attention(q, k, v, wo, inputs, r.attention_impl)[0]
 
 
 class FeedForward(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
 
-    `fused`: the decode runtime form (see `decode.split_layers`), one projection w13 [D,2,F].
-    `config.fuse_gate_up`: w1 and w3 stacked at run time into that [D,2,F] form, so both
-    run as one matmul, and SwiGLU's backward pass is one kernel on GPUs (`kernels.swiglu`);
-    the parameters stay w1 and w3.
+    `run.fuse_gate_up`: w1 and w3 stacked at run time (`stack_gate_up`), so both run as one
+    matmul and SwiGLU's backward pass is one kernel on GPUs (`kernels.swiglu`); the
+    parameters stay w1 and w3.
     """
     config: ModelConfig
-    fused: bool = False
+    run: RunOptions
 
     @nn.compact
     def __call__(self, x):
-        c = self.config
+        c, r = self.config, self.run
         d, f = c.dim, c.ffn_hidden_dim
-        dt = jnp.dtype(c.dtype)
-        if self.fused:
-            w13 = _param(self, "w13", (d, 2, f), ("embed", None, "mlp"), c.param_dtype)
-        else:
-            w1 = _param(self, "w1", (d, f), ("embed", "mlp"), c.param_dtype)
-            w3 = _param(self, "w3", (d, f), ("embed", "mlp"), c.param_dtype)
-        w2 = _param(self, "w2", (f, d), ("mlp", "embed"), c.param_dtype)
-        if self.fused or c.fuse_gate_up:
-            if not self.fused:
-                w13 = jnp.stack([w1, w3], axis=1)
-            gate_up = checkpoint_name(jnp.einsum("BTD,DJF->BTJF", x, w13.astype(dt)), "mlp_gate_up")
-            gate_up = nn.with_logical_constraint(gate_up, kernels.GATE_UP_AXES)
-            hidden = kernels.swiglu(gate_up, kernels.GATE_UP_AXES)
-        else:
-            gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
-            up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
-            hidden = nn.silu(gate) * up
-        hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "mlp"))
-        return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(dt)), "mlp_out")
+        dt = r.dtype
+        w1 = _param(self, "w1", (d, f), ("embed", "mlp"), r.param_dtype)
+        w3 = _param(self, "w3", (d, f), ("embed", "mlp"), r.param_dtype)
+        w2 = _param(self, "w2", (f, d), ("mlp", "embed"), r.param_dtype)
+        if r.fuse_gate_up:
+            gate_up = jnp.einsum("BTD,DJF->BTJF", x, stack_gate_up(w1, w3).astype(dt))
+            return swiglu_gate_up(checkpoint_name(gate_up, "mlp_gate_up"), w2, r.interpret_kernels)
+        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
+        up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
+        return _down(nn.silu(gate) * up, w2)
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer, shaped for nn.scan: (x, layer_cache) -> (x, new_layer_cache).
-
-    `fused`: the per-layer decode form's parameters (`decode.split_layers`), same math.
-    """
+    """Pre-norm decoder layer, shaped for nn.scan: (x, inputs) -> (x, None)."""
     config: ModelConfig
-    fused: bool = False
+    run: RunOptions
 
     @nn.compact
-    def __call__(self, x, cache, sin, cos, segment_ids, cache_index, kv_segment_ids):
-        c = self.config
-        h, new_cache = Attention(c, self.fused, name="attention")(
-            RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="attention_norm")(x),
-            sin, cos, segment_ids, cache, cache_index, kv_segment_ids)
-        x = x + h
-        x = x + FeedForward(c, self.fused, name="feed_forward")(
-            RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="ffn_norm")(x))
-        return nn.with_logical_constraint(x, ("batch", "seq", "embed")), new_cache
+    def __call__(self, x, inputs: LayerInputs):
+        c, r = self.config, self.run
+        x = x + Attention(c, r, name="attention")(RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="attention_norm")(x),
+                                                  inputs)
+        x = x + FeedForward(c, r, name="feed_forward")(RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="ffn_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed")), None
 
 
 def _dots_and_flash_saveable(prim, *args, **params) -> bool:
@@ -208,17 +246,16 @@ _REMAT_POLICIES = {
 }
 
 
-def _stacked_blocks(config: ModelConfig):
+def _stacked_blocks(config: ModelConfig, run: RunOptions):
     block = Block
-    if config.remat_policy is not RematPolicy.NONE:
-        block = nn.remat(Block, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    if run.remat_policy is not RematPolicy.NONE:
+        block = nn.remat(Block, policy=_REMAT_POLICIES[run.remat_policy], prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                   length=config.n_layers, unroll=config.scan_unroll,
+                   in_axes=(nn.broadcast,), length=config.n_layers, unroll=run.scan_unroll,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def _unrolled_blocks(config: ModelConfig, layers, x, sin, cos, segment_ids):
+def _unrolled_blocks(config: ModelConfig, run: RunOptions, layers, x, inputs: LayerInputs):
     """The scan's computation with the loop unrolled: layer l reads slice l of the stacked params.
 
     Under nn.scan, every activation the backward pass keeps is copied into an [L, ...]
@@ -230,56 +267,47 @@ def _unrolled_blocks(config: ModelConfig, layers, x, sin, cos, segment_ids):
     `prevent_cse`), trading some memory for time (on an H200, 7B FSDP: +6 GB, 1% faster),
     except under remat "full", whose point is memory.
     """
-    def block(p, x, sin, cos, segment_ids):
-        return Block(config, parent=None).apply({"params": p}, x, None, sin, cos, segment_ids, None, None)[0]
-    policy = config.remat_policy
+    def block(p, x, inputs):
+        return Block(config, run, parent=None).apply({"params": p}, x, inputs)[0]
+    policy = run.remat_policy
     if policy is not RematPolicy.NONE:
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[policy], prevent_cse=policy is RematPolicy.FULL)
     n = config.n_layers
     leaves, treedef = jax.tree.flatten(layers)
     pieces = [jax.lax.split(a, (1,) * n, axis=0) for a in leaves]
     for i in range(n):
-        x = block(treedef.unflatten([p[i][0] for p in pieces]), x, sin, cos, segment_ids)
+        x = block(treedef.unflatten([p[i][0] for p in pieces]), x, inputs)
     return x
 
 
 class Llama(nn.Module):
     """LLaMA: `apply({"params": p}, tokens)` -> float32 logits [B,T,V].
 
-    Optional `positions` and `segment_ids` ([B,T] int) describe packed rows; with
-    `cache` (from `init_cache`) and `cache_index` (the slot of tokens[:, 0]) it decodes
-    and returns (logits, new_cache).
+    Optional `positions` and `segment_ids` ([B,T] int) describe packed rows. `run`: how to
+    execute it (dtypes, kernels, remat, layer loop). Cached decoding: `inference.decode`.
     """
     config: ModelConfig
+    run: RunOptions = RunOptions()
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
-        c = self.config
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        c, r = self.config, self.run
         b, t = tokens.shape
         if positions is None:
-            positions = default_positions(b, t, 0 if cache_index is None else cache_index)
-        emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c.param_dtype)
-        x = embed(emb, tokens, c)
-        sin, cos = rope_tables(positions, c)
-        layer_cache, kv_segment_ids = None, None
-        if cache is not None:
-            segment_ids, kv_segment_ids = cache_segment_ids(cache["segment_ids"], segment_ids, cache_index, b, t)
-            layer_cache = (cache["k"], cache["v"])
-        if c.layer_loop is LayerLoop.UNROLLED and cache is None and not self.is_initializing():
-            x = _unrolled_blocks(c, nn.unbox(self.variables["params"]["layers"]), x, sin, cos, segment_ids)
+            positions = default_positions(b, t, 0)
+        emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), r.param_dtype)
+        x = embed(emb, tokens, r.dtype)
+        inputs = LayerInputs(*rope_tables(positions, c), segment_ids=segment_ids)
+        if r.layer_loop is LayerLoop.UNROLLED and not self.is_initializing():
+            x = _unrolled_blocks(c, r, nn.unbox(self.variables["params"]["layers"]), x, inputs)
         else:
-            x, new_layer_cache = _stacked_blocks(c)(c, name="layers")(
-                x, layer_cache, sin, cos, segment_ids, cache_index, kv_segment_ids)
-        x = RMSNorm(c.dim, c.norm_eps, c.param_dtype, name="norm")(x)
+            x, _ = _stacked_blocks(c, r)(c, r, name="layers")(x, inputs)
+        x = RMSNorm(c.dim, c.norm_eps, r.param_dtype, name="norm")(x)
         if c.tie_word_embeddings:  # Llama 3.2: one stored matrix, read twice, no logit scaling
             out = emb.T  # [D,V], sharded (embed, vocab) like an untied output
         else:
-            out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
-        logits = project_logits(x, out)
-        if cache is None:
-            return logits
-        k, v = new_layer_cache
-        return logits, {"k": k, "v": v, "segment_ids": kv_segment_ids}
+            out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), r.param_dtype)
+        return project_logits(x, out)
 
 
 def default_positions(batch: int, length: int, start) -> Array:
@@ -287,16 +315,9 @@ def default_positions(batch: int, length: int, start) -> Array:
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-def cache_segment_ids(cached, segment_ids, cache_index, batch: int, length: int):
-    """(query segment ids [B,T], key segment ids [B,S] with the new block written at cache_index)."""
-    if segment_ids is None:
-        segment_ids = jnp.ones((batch, length), jnp.int32)
-    return segment_ids, jax.lax.dynamic_update_slice(cached, segment_ids, (0, cache_index))
-
-
-def embed(table: Array, tokens: Array, config: ModelConfig) -> Array:
+def embed(table: Array, tokens: Array, dtype) -> Array:
     """Token embeddings [B,T,D] in the compute dtype, from the table [V,D]."""
-    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(config.dtype))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
     return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
 
 
@@ -335,15 +356,8 @@ def _output_logits_bwd(res, g):
 output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache: k, v [L,B,S,K,H] and the key slots' segment ids [B,S] (0: empty)."""
-    shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
-    dt = jnp.dtype(dtype or config.dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
-
-
-def param_shapes(config: ModelConfig):
+def param_shapes(config: ModelConfig, param_dtype=jnp.float32):
     """Abstract params (ShapeDtypeStructs, with logical partitioning boxes) without allocating."""
+    model = Llama(config, RunOptions(param_dtype=param_dtype))
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return jax.eval_shape(lambda r, t: Llama(config).init(r, t), jax.random.PRNGKey(0), tokens)["params"]
+    return jax.eval_shape(lambda r, t: model.init(r, t), jax.random.PRNGKey(0), tokens)["params"]

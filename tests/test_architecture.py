@@ -173,8 +173,6 @@ def _model_config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-# The "core" helper is moving these to runtime.py in parallel; fails on a branch without that.
-@pytest.mark.xfail(strict=False, reason="run options still in ModelConfig until runtime.py lands")
 def test_model_config_holds_no_run_options():
     # What a checkpoint is, not how a run executes it (DESIGN.md: runtime.py has those).
     stray = sorted(_model_config_fields() & RUN_OPTION_FIELDS)

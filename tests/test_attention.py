@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llama_jax import attention as A
-from llama_jax.config import AttentionImpl
+from llama_jax.runtime import AttentionImpl
 
 
 def _reference(q, k, v, seg=None, q_offset=0):

@@ -71,7 +71,7 @@ def bad_inputs(d: dict) -> dict[str, list[list[str]]]:
             "--config.steps=abc", "--config.optimizer.peak_lr=nan", "--config.model.dim=-3",
             "--config.keep_checkpoints=0", "--config.micro_batches=3", "--config.batch_size=0", "--bogus=1",
             "--config.model.n_heads=3", "--config.seq_len=0", "--config.eval_batches=-1",
-            "--config.model.dtype=int8", "--config.optimizer.warmup_steps=-1", "--config.sample.temperature=-1",
+            "--config.run.dtype=int8", "--config.optimizer.warmup_steps=-1", "--config.sample.temperature=-1",
             "--config.model.norm_eps=0", "--config.modle.dim=8", "--config.optimizer.peak_lr=inf",
             f"--config.data.sources=text:{d['missing']}", "--config.eval_data.sources=bogus:x")] + [
             ["--workdir", d["workdir"]], ["--config", "configs/tiny.py"], ["--config", d["missing"] + ".py",

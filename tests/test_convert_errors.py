@@ -3,10 +3,13 @@ import json
 import os
 import shutil
 
+import jax
+import numpy as np
 import pytest
 import torch
 
 from test_convert_common import CASES, tiny_model, write_hf, write_meta
+from llama_jax import load_checkpoint
 from llama_jax.interop import convert as conversion
 
 CFG = CASES["gqa"]
@@ -138,7 +141,8 @@ def test_refuses_to_overwrite_and_leaves_nothing_on_failure(hf_dir, meta_dir, tm
     with pytest.raises(FileExistsError, match="overwrite"):
         conversion.from_orbax("hf", out, hf_dir)
     conversion.to_orbax("meta", meta_dir, out, overwrite=True)
-    assert json.loads((out / "model_config.json").read_text())["param_dtype"] == "float16"
+    assert "param_dtype" not in json.loads((out / "model_config.json").read_text())  # a run option, not stored
+    assert {x.dtype for x in jax.tree.leaves(load_checkpoint(out)[1])} == {np.dtype("float16")}
     src = _copy(meta_dir, tmp_path)
     _edit_shard(src / "consolidated.00.pth", lambda sd: sd.update({"output.weight": sd["output.weight"][:, :-1]}))
     with pytest.raises(ValueError):

@@ -16,7 +16,7 @@ def test_meta_two_shards_float16_round_trip(tmp_path):
     write_meta(tiny_model("gqa"), cfg, str(tmp_path / "meta"), shards=2, dtype=torch.float16, vocab_in_params=False)
     conversion.to_orbax("meta", tmp_path / "meta", tmp_path / "orbax")
     loaded_cfg, params = load_checkpoint(tmp_path / "orbax")
-    assert loaded_cfg.param_dtype == "float16" and loaded_cfg.vocab_size == cfg.vocab_size
+    assert loaded_cfg.vocab_size == cfg.vocab_size
     assert {np.dtype(x.dtype) for x in __import__("jax").tree.leaves(params)} == {np.dtype(np.float16)}
     assert (tmp_path / "orbax" / "tokenizer.model").is_file()
     conversion.from_orbax("meta", tmp_path / "orbax", tmp_path / "back", shards=2)
@@ -99,7 +99,7 @@ def test_dtype_option_casts(tmp_path):
     model = write_hf(tiny_model("mha"), str(tmp_path / "hf"), torch.float32, kind="single")
     conversion.to_orbax("hf", tmp_path / "hf", tmp_path / "orbax", dtype="bfloat16")
     cfg, params = load_checkpoint(tmp_path / "orbax")
-    assert cfg.param_dtype == "bfloat16" and params["output"].dtype == np.dtype("bfloat16")
+    assert params["output"].dtype == np.dtype("bfloat16")
     conversion.from_orbax("hf", tmp_path / "orbax", tmp_path / "back", dtype="float32")
     back = read_hf(str(tmp_path / "back"))
     want = model.state_dict()["lm_head.weight"].to(torch.bfloat16).float()

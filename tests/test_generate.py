@@ -7,7 +7,7 @@ import torch
 from hf_utils import hf_model, params_from_hf
 from llama_jax import ModelConfig, generate
 from llama_jax.inference.generate import bucket_cache, bucket_pow2
-from llama_jax.inference.decode import split_layers
+from llama_jax.inference.decode import prepare
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256)
 LENGTHS = (5, 13, 30)
@@ -87,15 +87,15 @@ def test_tensor_parallel_mesh_gives_the_same_tokens(setup):
     mesh = sharding.make_mesh((1, 1, 2), devices=jax.devices()[:2])
     ref = generate(CFG, params, prompts, 12, stop_ids=())
     assert generate(CFG, params, prompts, 12, stop_ids=(), mesh=mesh) == ref
-    assert generate(CFG, split_layers(params), prompts, 12, stop_ids=(), mesh=mesh) == ref
+    assert generate(CFG, prepare(params), prompts, 12, stop_ids=(), mesh=mesh) == ref
 
 
-def test_pre_split_params_give_the_same_tokens(setup):
+def test_prepared_params_give_the_same_tokens(setup):
     _, params, prompts = setup
-    split = split_layers(params)
-    assert generate(CFG, split, prompts, 12, stop_ids=()) == generate(CFG, params, prompts, 12, stop_ids=())
+    weights = prepare(params)
+    assert generate(CFG, weights, prompts, 12, stop_ids=()) == generate(CFG, params, prompts, 12, stop_ids=())
     with pytest.raises(ValueError, match="params do not match"):
-        generate(CFG, {**split, "layers": split["layers"][:1]}, [[1, 2]], 4)
+        generate(CFG, weights._replace(layers=weights.layers[:1]), [[1, 2]], 4)
 
 
 @pytest.mark.parametrize("prompts, new, match", [

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import Llama, ModelConfig, kernels, sharding
+import functools
+
+from llama_jax import Llama, ModelConfig, RunOptions, kernels, sharding
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", True)
+# The kernel in Pallas's interpret mode, on any backend.
+swiglu_interpreted = functools.partial(kernels.swiglu, axes=kernels.GATE_UP_AXES, interpret=True)
 
 
 def _reference(h):
@@ -27,10 +28,10 @@ def _exact_grad(h, g):
 
 @pytest.mark.parametrize("shape", [(2, 16, 2, 512), (3, 5, 2, 96), (4, 2, 40)])  # last: F=40 falls back
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_swiglu_kernel_matches_xla_gradient(interpret, shape, dtype):
+def test_swiglu_kernel_matches_xla_gradient(shape, dtype):
     h = (2 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)
     g = jax.random.normal(jax.random.PRNGKey(1), shape[:-2] + shape[-1:]).astype(dtype)
-    y, vjp = jax.vjp(kernels.swiglu, h)
+    y, vjp = jax.vjp(swiglu_interpreted, h)
     y_ref, vjp_ref = jax.vjp(_reference, h)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
     d, d_ref = np.asarray(vjp(g)[0], np.float32), np.asarray(vjp_ref(g)[0], np.float32)
@@ -49,44 +50,42 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=64,
 
 
 def _grad_fn():
-    """A fresh jitted (loss, grads): jit caches traces per function, and kernels.INTERPRET
-    is read while tracing."""
-    def grads(cfg, params, tokens, probe):
+    """jitted (loss, grads) of the model run with the given RunOptions."""
+    def grads(run, params, tokens, probe):
         def loss(p):
-            return jnp.sum(Llama(cfg).apply({"params": p}, tokens) * probe)
+            return jnp.sum(Llama(CFG, run).apply({"params": p}, tokens) * probe)
         return jax.value_and_grad(loss)(params)
     return jax.jit(grads, static_argnums=0)
 
 
 @pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("loop,remat", [("scan", "none"), ("unrolled", "dots_flash"), ("unrolled", "minimal")])
-def test_fused_gate_up_equals_the_unfused_model(monkeypatch, kernel, loop, remat):
-    monkeypatch.setattr(kernels, "INTERPRET", kernel)
-    cfg = CFG.replace(layer_loop=loop, remat_policy=remat)
-    params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 520)).astype(np.int32)
-    probe = np.random.default_rng(1).standard_normal((2, 520, cfg.vocab_size)).astype(np.float32)
-    ref_loss, ref = _grad_fn()(cfg, params, tokens, probe)
-    loss, got = _grad_fn()(cfg.replace(fuse_gate_up=True), params, tokens, probe)
+def test_fused_gate_up_equals_the_unfused_model(kernel, loop, remat):
+    run = RunOptions(layer_loop=loop, remat_policy=remat, interpret_kernels=kernel)
+    params = nn.unbox(Llama(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 520)).astype(np.int32)
+    probe = np.random.default_rng(1).standard_normal((2, 520, CFG.vocab_size)).astype(np.float32)
+    ref_loss, ref = _grad_fn()(run, params, tokens, probe)
+    loss, got = _grad_fn()(run.replace(fuse_gate_up=True), params, tokens, probe)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
         err = np.abs(a - b).max() / np.abs(b).max()
         assert err < 1e-5, (jax.tree_util.keystr(path), err)
 
 
-def test_fused_gate_up_kernel_runs_per_shard_on_a_mesh(interpret):
+def test_fused_gate_up_kernel_runs_per_shard_on_a_mesh():
     """On a (2, 2, 2) mesh the kernel runs under shard_map (F split over "tensor"): same gradients."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (the CPU suite has 8 virtual ones)")
-    cfg = CFG.replace(layer_loop="unrolled", remat_policy="dots_flash")
-    params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 256)).astype(np.int32)
-    probe = np.random.default_rng(1).standard_normal((4, 256, cfg.vocab_size)).astype(np.float32)
-    _, ref = _grad_fn()(cfg, params, tokens, probe)
+    run = RunOptions(layer_loop="unrolled", remat_policy="dots_flash", interpret_kernels=True)
+    params = nn.unbox(Llama(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 256)).astype(np.int32)
+    probe = np.random.default_rng(1).standard_normal((4, 256, CFG.vocab_size)).astype(np.float32)
+    _, ref = _grad_fn()(run, params, tokens, probe)
     mesh = sharding.make_mesh((2, 2, 2))
-    shapes = Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    shapes = Llama(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     placed = jax.device_put(params, sharding.logical_to_shardings(shapes, mesh))
-    fused = cfg.replace(fuse_gate_up=True)
+    fused = run.replace(fuse_gate_up=True)
     step = _grad_fn()
     with sharding.activate(mesh):
         lowered = step.lower(fused, placed, tokens, probe).as_text()
@@ -97,26 +96,26 @@ def test_fused_gate_up_kernel_runs_per_shard_on_a_mesh(interpret):
         assert err < 1e-5, (jax.tree_util.keystr(path), err)
 
 
-def _backend_kernel_case(monkeypatch):
-    """bf16 through the real kernel on a GPU; float32 through interpret mode elsewhere."""
+def _backend_kernel_case():
+    """(dtype, interpret): bf16 through the real kernel on a GPU; float32 through interpret mode elsewhere."""
     if jax.default_backend() == "gpu":
-        return jnp.bfloat16
-    monkeypatch.setattr(kernels, "INTERPRET", True)
-    return jnp.float32
+        return jnp.bfloat16, False
+    return jnp.float32, True
 
 
-def test_swiglu_kernel_per_shard_equals_whole(monkeypatch):
+def test_swiglu_kernel_per_shard_equals_whole():
     """Under a mesh (rows over data x fsdp, F over tensor) every shard runs the same
     elementwise kernel: bit-equal to one call over the whole array, and within one
     rounding of the output dtype of the float64 derivative."""
-    dtype = _backend_kernel_case(monkeypatch)
+    dtype, interpret = _backend_kernel_case()
     n = jax.device_count()
     if n < 2:
         pytest.skip("needs several devices")
     mesh = sharding.make_mesh((2, 2, 2) if n >= 8 else (1, n, 1))
     h = (2 * jax.random.normal(jax.random.PRNGKey(0), (8, 128, 2, 512))).astype(dtype)
     g = jax.random.normal(jax.random.PRNGKey(1), (8, 128, 512)).astype(dtype)
-    grad = jax.jit(lambda h, g: jax.vjp(kernels.swiglu, h)[1](g)[0])
+    swiglu = functools.partial(kernels.swiglu, axes=kernels.GATE_UP_AXES, interpret=interpret)
+    grad = jax.jit(lambda h, g: jax.vjp(swiglu, h)[1](g)[0])
     whole = np.asarray(grad(h, g), np.float32)
     spec = sharding.logical_sharding(mesh, kernels.GATE_UP_AXES)
     with sharding.activate(mesh):

@@ -70,7 +70,7 @@ def test_training_and_evaluation_both_give_the_float64_log_probs(tiny):
     mask[1, :20] = 1.0
     batch = {"tokens": tokens, "targets": targets, "loss_mask": mask,
              "positions": np.tile(np.arange(32, dtype=np.int32), (2, 1)), "segment_ids": np.ones((2, 32), np.int32)}
-    s, n = token_losses(cfg, params, batch)
+    s, n = token_losses(Llama(cfg), params, batch)
     assert float(n) == mask.sum()
     np.testing.assert_allclose(float(s), -(ref * mask).sum(), rtol=1e-5)
     # Evaluation: row 0's continuation is its last 29 targets, row 1's its first 20 (context: 1 token).

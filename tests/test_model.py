@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import Llama, ModelConfig, RopeScaling, init_cache
+from llama_jax import Llama, ModelConfig, RopeScaling, RunOptions, init_cache
 from llama_jax.inference import decode as D
 from llama_jax import model as M
 from llama_jax.interop.meta_params import meta_params_of
@@ -31,29 +31,16 @@ def _tokens(b, t, seed=0):
     return np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t)).astype(np.int32)
 
 
-def test_cached_decoding_equals_full_forward(params):
-    tokens = _tokens(2, 560)
-    full = np.asarray(jax.jit(Llama(CFG).apply)({"params": params}, tokens))
-    prefill = 520
-    cache = init_cache(CFG, 2, 600)
-    step = jax.jit(lambda c, tok, i: Llama(CFG).apply({"params": params}, tok, cache=c, cache_index=i))
-    logits, cache = step(cache, tokens[:, :prefill], 0)
-    np.testing.assert_allclose(logits, full[:, :prefill], rtol=1e-5, atol=1e-5)
-    for i in range(prefill, tokens.shape[1]):  # then one token at a time
-        logits, cache = step(cache, tokens[:, i:i + 1], i)
-        np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5, err_msg=f"position {i}")
-
-
-def test_decode_forward_equals_full_forward(params):
-    """The per-layer decode path (what generate runs) against the stacked full forward."""
+def test_cached_forward_equals_full_forward(params):
+    """The one cached path (what generate runs), on the prepared form, against the full forward."""
     tokens = _tokens(2, 560, seed=3)
     full = np.asarray(jax.jit(Llama(CFG).apply)({"params": params}, tokens))
-    split = D.split_layers(params)
-    assert len(split["layers"]) == CFG.n_layers
-    step = jax.jit(lambda c, tok, i, last: D.decode_forward(CFG, split, tok, c, i, last_only=last),
+    weights = D.prepare(params)
+    assert len(weights.layers) == CFG.n_layers
+    step = jax.jit(lambda c, tok, i, last: D.forward(CFG, RunOptions(), weights, tok, c, i, last_only=last),
                    static_argnums=3)
     prefill = 520
-    cache = D.init_decode_cache(CFG, 2, 600)
+    cache = init_cache(CFG, 2, 600)
     logits, _ = step(cache, tokens[:, :prefill], 0, False)
     np.testing.assert_allclose(logits, full[:, :prefill], rtol=1e-5, atol=1e-5)
     logits, cache = step(cache, tokens[:, :prefill], 0, True)
@@ -62,7 +49,7 @@ def test_decode_forward_equals_full_forward(params):
     for i in range(prefill, tokens.shape[1]):  # then one token at a time
         logits, cache = step(cache, tokens[:, i:i + 1], i, True)
         np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5, err_msg=f"position {i}")
-    np.testing.assert_array_equal(cache["segment_ids"], np.arange(600)[None].repeat(2, 0) < 560)
+    np.testing.assert_array_equal(cache.segment_ids, np.arange(600)[None].repeat(2, 0) < 560)
 
 
 def test_packed_row_gives_each_document_its_own_logits(params):
@@ -88,13 +75,13 @@ def test_unrolled_layer_loop_equals_the_scan(params, remat):
     pos = np.concatenate([np.arange(200), np.arange(320)])[None].repeat(2, 0).astype(np.int32)
     probe = np.random.default_rng(3).standard_normal((2, 520, CFG.vocab_size)).astype(np.float32)
 
-    def loss_and_logits(p, cfg):
-        logits = Llama(cfg).apply({"params": p}, tokens, positions=pos, segment_ids=segs)
+    def loss_and_logits(p, run):
+        logits = Llama(CFG, run).apply({"params": p}, tokens, positions=pos, segment_ids=segs)
         return jnp.sum(logits * probe), logits
 
     grad = jax.jit(jax.grad(loss_and_logits, has_aux=True), static_argnums=1)
-    scan_g, scan_l = grad(params, CFG.replace(remat_policy=remat))
-    unrolled_g, unrolled_l = grad(params, CFG.replace(remat_policy=remat, layer_loop="unrolled"))
+    scan_g, scan_l = grad(params, RunOptions(remat_policy=remat))
+    unrolled_g, unrolled_l = grad(params, RunOptions(remat_policy=remat, layer_loop="unrolled"))
     np.testing.assert_allclose(unrolled_l, scan_l, rtol=1e-5, atol=1e-5 * np.abs(scan_l).max())
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(unrolled_g), jax.tree.leaves(scan_g)):
         assert a.shape == b.shape, jax.tree_util.keystr(path)
@@ -145,13 +132,20 @@ def test_logical_axes_on_every_parameter():
 @pytest.mark.parametrize("field,value,needle", [
     ("dim", 130, "divisible by n_heads"), ("n_kv_heads", 3, "multiple of n_kv_heads"),
     ("dim", 4 * 15, "odd head_dim"), ("norm_eps", 0.0, "norm_eps"), ("vocab_size", 0, "vocab_size"),
-    ("dtype", "float8", "dtype"), ("attention_impl", "flash9", "attention_impl"),
-    ("layer_loop", "while", "layer_loop"), ("fuse_gate_up", "yes", "fuse_gate_up"),
 ])
 def test_invalid_configs_fail_naming_field_and_value(field, value, needle):
     with pytest.raises(ValueError, match=needle) as e:
         CFG.replace(**{field: value})
     assert field in str(e.value) and repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [("dtype", "float8"), ("param_dtype", "int8"),
+                                         ("attention_impl", "flash9"), ("layer_loop", "while"),
+                                         ("fuse_gate_up", "yes"), ("scan_unroll", 0)])
+def test_invalid_run_options_fail_naming_field_and_value(field, value):
+    with pytest.raises(ValueError, match=field) as e:
+        RunOptions(**{field: value})
+    assert repr(value) in str(e.value)
 
 
 def test_unknown_rope_type_fails():
@@ -202,10 +196,16 @@ def test_hf_config_v4_style_with_rope_scaling():
     assert tied.tie_word_embeddings and tied.generation.value == "3.2"
 
 
-def test_execution_fields_stay_out_of_the_architecture():
-    a = CFG.replace(dtype="bfloat16", remat_policy="full", attention_impl="xla")
-    assert a.architecture == CFG.architecture and meta_params_of(a) == meta_params_of(CFG)
-    assert a.remat_policy.value == "full"  # strings are converted to enums once, at construction
-    assert dataclasses.replace(a, dtype="float32", remat_policy="none", attention_impl="auto") == CFG
-    u = CFG.replace(layer_loop="unrolled", fuse_gate_up=True)
-    assert u.architecture == CFG.architecture and ModelConfig.from_dict(u.to_dict()) == u
+def test_run_options_stay_out_of_the_model_config(tmp_path):
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not fields & {f.name for f in dataclasses.fields(RunOptions)}
+    assert CFG.architecture == CFG.to_dict() and ModelConfig.from_dict(CFG.to_dict()) == CFG
+    # model_config.json files written while run options lived in ModelConfig still load.
+    old = {**CFG.to_dict(), "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
+           "remat_policy": "dots", "scan_unroll": 1, "layer_loop": "scan", "fuse_gate_up": False}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ModelConfig.load(tmp_path / "old.json") == CFG
+    run = RunOptions(dtype="bfloat16", remat_policy="full", attention_impl="xla", layer_loop="unrolled")
+    assert run.dtype == jnp.bfloat16 and run.remat_policy.value == "full"  # converted once, at construction
+    assert RunOptions.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+    assert RunOptions(dtype=jnp.bfloat16) == RunOptions(dtype="bfloat16")

@@ -11,7 +11,7 @@ import torch
 
 from hf_utils import hf_logits, hf_model, params_from_hf, rel_err, state_dict_np
 from reference import meta_torch
-from llama_jax import Llama, ModelConfig, RopeScaling
+from llama_jax import Llama, ModelConfig, RopeScaling, RunOptions
 from llama_jax import model as M
 from llama_jax.interop.formats import Format
 from llama_jax.interop.meta_params import meta_params_of
@@ -46,7 +46,7 @@ def case(request):
 def test_logits_match_transformers(case, layer_loop):
     cfg, model, params = case
     tokens = _tokens(cfg)
-    ours = np.asarray(jax.jit(Llama(cfg.replace(layer_loop=layer_loop)).apply)({"params": params}, tokens))
+    ours = np.asarray(jax.jit(Llama(cfg, RunOptions(layer_loop=layer_loop)).apply)({"params": params}, tokens))
     theirs = hf_logits(model, tokens)
     assert ours.dtype == np.float32 and ours.shape == (2, T, cfg.vocab_size)
     err = rel_err(ours, theirs)
@@ -130,11 +130,12 @@ def test_modules_match_transformers(case):
         # Attention (causal), then the whole pre-norm block.
         mask = _hf_causal_mask(T)
         attn_hf = layer.self_attn(xt, position_embeddings=(cos_t, sin_t), attention_mask=mask)[0].numpy()
-        attn, _ = M.Attention(cfg).apply({"params": lp["attention"]}, x, sin, cos, None)
+        inputs = M.LayerInputs(sin, cos)
+        attn = M.Attention(cfg, RunOptions()).apply({"params": lp["attention"]}, x, inputs)
         assert rel_err(attn, attn_hf) < TOL
         block_hf = layer(xt, position_embeddings=(cos_t, sin_t), attention_mask=mask)
         block_hf = (block_hf[0] if isinstance(block_hf, tuple) else block_hf).numpy()
-        block, _ = M.Block(cfg).apply({"params": lp}, x, None, sin, cos, None, None, None)
+        block, _ = M.Block(cfg, RunOptions()).apply({"params": lp}, x, inputs)
         assert rel_err(block, block_hf) < TOL
 
 
@@ -151,14 +152,14 @@ def test_gradients_match_transformers(case, layer_loop, remat, fuse):
     """Backward pass too (our output projection has a custom VJP): grads of one loss."""
     from llama_jax.interop import mapping as weights
     cfg, model, params = case
-    cfg = cfg.replace(layer_loop=layer_loop, remat_policy=remat, fuse_gate_up=fuse)
+    run = RunOptions(layer_loop=layer_loop, remat_policy=remat, fuse_gate_up=fuse)
     tokens = _tokens(cfg, b=1, t=520, seed=4)
     probe = np.random.default_rng(5).standard_normal((1, 520, cfg.vocab_size)).astype(np.float32)
     model.zero_grad()
     logits = model(torch.as_tensor(tokens).long()).logits
     (logits * torch.as_tensor(probe)).sum().backward()
     theirs = weights.from_state_dict({k: p.grad.numpy() for k, p in model.named_parameters()}, cfg, Format.HF)
-    ours = jax.grad(lambda p: jnp.sum(Llama(cfg).apply({"params": p}, tokens) * probe))(params)
+    ours = jax.grad(lambda p: jnp.sum(Llama(cfg, run).apply({"params": p}, tokens) * probe))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(ours):
         ref = theirs
         for k in path:

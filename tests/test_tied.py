@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 
-from llama_jax import ModelConfig, generate, sharding as S
+from llama_jax import Llama, ModelConfig, generate, sharding as S
 from llama_jax.train import state as TS
 from llama_jax.checkpoint import abstract_params
 
@@ -40,7 +40,7 @@ def test_tied_gradient_is_the_sum_of_both_uses():
     batch = _batch(TIED)
 
     def loss(cfg, p):
-        s, n = TS.token_losses(cfg, p, batch)
+        s, n = TS.token_losses(Llama(cfg), p, batch)
         return s / n
     lt, gt = jax.jit(jax.value_and_grad(lambda p: loss(TIED, p)))(tied)
     lu, gu = jax.jit(jax.value_and_grad(lambda p: loss(UNTIED, p)))(untied)
@@ -52,13 +52,13 @@ def test_tied_gradient_is_the_sum_of_both_uses():
 
 def _train_and_eval(mesh):
     tx = optax.sgd(0.5)
-    shardings = TS.state_shardings(TS.abstract_state(TIED, tx), mesh)
+    shardings = TS.state_shardings(TS.abstract_state(Llama(TIED), tx), mesh)
     params = jax.device_put(_params(TIED), shardings.params)
     state = TS.state_from_params(params, tx, shardings)
-    step = TS.make_train_step(TIED, tx, optax.constant_schedule(0.5), mesh, shardings)
+    step = TS.make_train_step(Llama(TIED), tx, optax.constant_schedule(0.5), mesh, shardings)
     batch = jax.device_put(_batch(TIED), TS.batch_sharding(mesh))
     state, metrics = step(state, batch)
-    evaluated = TS.make_eval_step(TIED, mesh, shardings.params)(state.params, batch)
+    evaluated = TS.make_eval_step(Llama(TIED), mesh, shardings.params)(state.params, batch)
     return state, metrics, evaluated
 
 

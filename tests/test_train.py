@@ -44,9 +44,9 @@ def test_same_losses_on_every_mesh(tmp_path, tokenizer_path, reference, mesh):
     assert_same_losses(losses(run(tmp_path, "m", tokenizer_path, mesh=mesh)), reference)
 
 
-@pytest.mark.parametrize("overrides", [{"micro_batches": 2}, {"model.remat_policy": "full"},
-                                       {"model.layer_loop": "unrolled", "model.remat_policy": "dots_flash",
-                                        "model.fuse_gate_up": True, "micro_batches": 2}])
+@pytest.mark.parametrize("overrides", [{"micro_batches": 2}, {"run.remat_policy": "full"},
+                                       {"run.layer_loop": "unrolled", "run.remat_policy": "dots_flash",
+                                        "run.fuse_gate_up": True, "micro_batches": 2}])
 def test_gradient_accumulation_and_remat_match_the_plain_step(tmp_path, tokenizer_path, reference, overrides):
     got = losses(run(tmp_path, "acc", tokenizer_path, mesh=(1, 8, 1), **overrides))
     assert_same_losses(got, reference)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from llama_jax import ModelConfig, sharding
+from llama_jax import Llama, ModelConfig, sharding
 
 from llama_jax.train import metrics
 
@@ -30,6 +30,7 @@ CONFIGS = ["tiny", "demo", "llama_7b", "llama_13b", "llama_33b", "llama_65b", "m
 def test_config_builds_every_part(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     model = train_config.model_config(c)
+    assert train_config.run_options(c).param_dtype == np.float32  # float32 master weights everywhere
     opt = train_config.optimizer_config(c)
     data = c.data.to_dict()
     data.pop("tokenizer"), data.pop("shards")
@@ -53,7 +54,8 @@ def test_paper_configs_follow_table_2_and_shard_evenly_at_full_size(name, lr, st
     assert (c.batch_size * c.seq_len, c.optimizer.peak_lr, c.steps) == (4 * 2**20, lr, steps)
     model = train_config.model_config(c)
     tx = optim.make_optimizer(train_config.optimizer_config(c), c.steps)
-    boxed = train_state.abstract_state(model, tx)              # shapes only: 65B costs nothing
+    net = Llama(model, train_config.run_options(c))
+    boxed = train_state.abstract_state(net, tx)                # shapes only: 65B costs nothing
     abstract = nn.unbox(boxed)
     n_params = sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))
     assert n_params == model.num_params()
@@ -75,7 +77,7 @@ def test_an_axis_that_does_not_divide_is_reported():
     """65 heads over tensor=8: the head axis cannot split, and the warning says so."""
     model = ModelConfig.preset("llama-65b", dim=65 * 128, n_heads=65, n_kv_heads=65)
     tx = optim.make_optimizer(train_config.optimizer_config(importlib.import_module("configs.llama_65b").get_config()), 10**5)
-    boxed = train_state.abstract_state(model, tx)
+    boxed = train_state.abstract_state(Llama(model), tx)
     with pytest.warns(sharding.ShardingWarning) as record:
         shardings = train_state.state_shardings(boxed, sharding.make_mesh((1, 1, 8)))
     assert len(record) == 1  # one warning, every array listed in it

@@ -158,7 +158,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh
     `path` may name a training workdir or its checkpoints/ folder (the latest step).
     With `mesh`, each array is restored straight onto its sharding from the logical axis
     rules (no host ever holds the full params); else onto the first local device.
-    `dtype` casts on restore; the returned config's `param_dtype` is the params' dtype.
+    `dtype` casts on restore.
     """
     from llama_jax import sharding as sharding_lib  # jax mesh helpers; only needed here
 
@@ -180,7 +180,4 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh
     if sums is not None:
         integrity.compare(d, sums, integrity.summarize({PARAMS_DIR: params})[0])
         params = integrity.cast_leaves(params, cast)
-    dtypes = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
-    if len(dtypes) == 1 and dtypes <= {"float32", "bfloat16", "float16"}:
-        config = config.replace(param_dtype=dtypes.pop())
     return config, params

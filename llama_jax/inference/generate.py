@@ -5,23 +5,18 @@ tokens 1, positions count from 0 at each row's first real token, and all rows de
 lockstep (the model masks keys by segment id). Shapes are bucketed (batch and prompt
 length to powers of two, cache length to quarter-octave steps) and every sampling knob
 that is not a shape is a traced argument, so new lengths, temperatures, top-p values,
-seeds and stop ids reuse the compiled loop.
+seeds, stop ids and stream callbacks reuse the compiled loop (`Programs` holds them).
 
-Sampling follows Meta's reference `sample_top_p`: softmax(logits / temperature), sort
-descending, drop tokens whose cumulative probability *before* them exceeds top_p (the
-top token always stays), renormalise, draw. `top_k` (not in Meta's code) keeps the k
-most likely tokens first. temperature 0 is greedy.
-
-The loop runs `decode.decode_forward` on the per-layer runtime form of the params
-(`decode.split_layers`: q/k/v and w1/w3 projections fused) with per-layer KV caches in
-the loop state. `generate` splits stacked params once per call, outside the loop (a copy
-of the weights held for the call); pass `split_layers(params)` instead, and drop the
-stacked tree, to hold one copy and skip it.
+The loop runs `decode.forward` on the decode runtime form of the params
+(`decode.prepare`: q/k/v and w1/w3 projections fused, one tree per layer) with per-layer
+KV caches in the loop state. `generate` prepares stored params once per call, outside the
+loop (a copy of the weights held for the call); pass `prepare(params)` instead, and drop
+the stored tree, to hold one copy and skip it.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, NamedTuple, Sequence
+import itertools
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,54 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import generations
+from llama_jax.checkpoint import check_params
 from llama_jax.config import ModelConfig
-from llama_jax.inference.decode import decode_forward, decode_layer_shapes, init_decode_cache, is_split, split_layers
+from llama_jax.inference.decode import DecodeWeights, KVCache, forward, init_cache, prepare, weight_axes, weight_shapes
+from llama_jax.inference.sampling import Sampling, filtered_probs, sample  # noqa: F401 (re-exported)
 from llama_jax.model import param_shapes
+from llama_jax.runtime import RunOptions
 
 _PAD = -1  # written into the output after a row has stopped
 _KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
-
-class Sampling(NamedTuple):
-    """The static part of a sampler (it changes the compiled program)."""
-    greedy: bool
-    top_p: bool                 # apply Meta's nucleus filter
-    top_k: int | None
-
-
-# ---------------------------------------------------------------- samplers (pure)
-
-def _sorted_filtered(logits, temperature, top_p, top_k):
-    """(probs sorted descending with Meta's top-p / top-k applied and renormalised, ids)."""
-    k = logits.shape[-1] if top_k is None else top_k
-    vals, ids = jax.lax.top_k(logits.astype(jnp.float32), k)  # k = V: a full descending sort
-    probs = jax.nn.softmax(vals / temperature, axis=-1)
-    if top_p is not None:
-        cum = jnp.cumsum(probs, axis=-1)
-        probs = jnp.where(cum - probs > top_p, 0.0, probs)  # Meta: mask = probs_sum - probs_sort > p
-    return probs / jnp.sum(probs, axis=-1, keepdims=True), ids
-
-
-def filtered_probs(logits, temperature: float, top_p: float = 1.0, top_k: int | None = None):
-    """The distribution sampling draws from, in vocabulary order ([..., V] float32)."""
-    probs, ids = _sorted_filtered(logits, temperature, None if top_p >= 1.0 else top_p, top_k)
-    out = jnp.zeros(logits.shape, jnp.float32)
-    return jnp.put_along_axis(out, ids, probs, axis=-1, inplace=False)
-
-
-def sample(logits, key, temperature, top_p, mode: Sampling):
-    """Next tokens [B] from float32 logits [B, V]."""
-    if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if not mode.top_p and mode.top_k is None:
-        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    probs, ids = _sorted_filtered(logits, temperature, top_p if mode.top_p else None, mode.top_k)
-    # Draw a rank in sorted space, as Meta does, then map it back to a token id.
-    rank = jax.random.categorical(key, jnp.log(probs), axis=-1)
-    return jnp.take_along_axis(ids, rank[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-# ---------------------------------------------------------------- shapes and checks
 
 def bucket_pow2(n: int, minimum: int = 8) -> int:
     """The next power of two >= max(n, minimum)."""
@@ -135,32 +92,41 @@ def _check_sampling(config, temperature, top_p, top_k) -> Sampling:
     return Sampling(greedy=False, top_p=top_p < 1.0, top_k=None if top_k is None else int(top_k))
 
 
-@functools.lru_cache(maxsize=16)
-def _expected_shapes(config: ModelConfig, split: bool):
-    shapes = nn.unbox(param_shapes(config))
-    if split:
-        shapes = jax.eval_shape(split_layers, shapes)
-    return jax.tree.map(lambda x: (tuple(x.shape)), shapes)
-
-
-def check_params(config: ModelConfig, params) -> None:
-    """Raise if `params` is not a parameter tree of this config (names and shapes), stacked or split."""
-    params = nn.unbox(params)
-    expected = _expected_shapes(config, is_split(params))
-    try:
-        got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-        bad = [(jax.tree_util.keystr(k), g, e) for (k, g), e in
-               zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)) if g != e]
-        same = jax.tree.structure(got) == jax.tree.structure(expected)
-    except Exception:  # not a dict of arrays at all
-        same, bad = False, []
-    if not same or bad:
-        raise ValueError(f"params do not match the config ({config.n_layers} layers, dim {config.dim}, "
-                         f"vocab {config.vocab_size}): {bad[:4] if bad else 'different parameter names'}; "
-                         "load params and config from the same checkpoint")
-
-
 # ---------------------------------------------------------------- the compiled loop
+
+class Inputs(NamedTuple):
+    """What one generation call feeds the compiled program besides the weights (all traced)."""
+    tokens: Any       # [B,P] int32, left-padded prompts
+    positions: Any    # [B,P] int32
+    segments: Any     # [B,P] int32, 0 on padding
+    lengths: Any      # [B] int32 prompt lengths
+    done: Any         # [B] bool, spare rows start done
+    max_new: Any      # int32
+    stop_ids: Any     # [bucket] int32, padded with _PAD
+    key: Any          # PRNG key
+    temperature: Any  # float32
+    top_p: Any        # float32
+    call: Any         # int32: which call's stream callback the loop reports to
+
+
+class LoopState(NamedTuple):
+    step: Any         # int32: the next output slot
+    cache: KVCache
+    out: Any          # [B, n_out] int32
+    token: Any        # [B] the last sampled ids
+    done: Any         # [B] bool
+
+
+class Key(NamedTuple):
+    """What changes a compiled generation program."""
+    config: ModelConfig
+    run: RunOptions
+    prompt_len: int
+    cache_len: int
+    mode: Sampling
+    streaming: bool
+    mesh: Any
+
 
 def _layout(rows: list[np.ndarray], batch: int, prompt_len: int):
     """Left-padded tokens, positions, segment ids [batch, prompt_len]; spare rows start done."""
@@ -177,97 +143,121 @@ def _layout(rows: list[np.ndarray], batch: int, prompt_len: int):
     return tokens, positions, segments, lengths, done
 
 
-def _decode_fn(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool):
+def _loop_fn(key: Key, report: Callable) -> Callable:
     """The traced body of one generation call: prefill, then the decode while_loop."""
-    n_out = cache_len - prompt_len
+    config, run, prompt_len, mode = key.config, key.run, key.prompt_len, key.mode
+    n_out = key.cache_len - prompt_len
 
-    def run(params, tokens, positions, segments, lengths, done, max_new, stop_ids, key, temperature, top_p):
-        batch = tokens.shape[0]
-        cache = init_decode_cache(config, batch, cache_len)
-        cache = {"kv": jax.tree.map(lambda a: nn.with_logical_constraint(a, _KV_AXES), cache["kv"]),
-                 "segment_ids": nn.with_logical_constraint(cache["segment_ids"], ("batch", "seq"))}
-        logits, cache = decode_forward(config, params, tokens, cache, 0, positions=positions,
-                                       segment_ids=segments, last_only=True)
+    def loop(weights: DecodeWeights, a: Inputs):
+        batch = a.tokens.shape[0]
+        cache = init_cache(config, batch, key.cache_len, run.dtype)
+        cache = KVCache(jax.tree.map(lambda x: nn.with_logical_constraint(x, _KV_AXES), cache.kv),
+                        nn.with_logical_constraint(cache.segment_ids, ("batch", "seq")))
+        logits, cache = forward(config, run, weights, a.tokens, cache, 0, positions=a.positions,
+                                segment_ids=a.segments, last_only=True)
 
         def pick(logits, i, done):
-            tok = sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p, mode)
+            tok = sample(logits[:, -1], jax.random.fold_in(a.key, i), a.temperature, a.top_p, mode)
             tok = jnp.where(done, _PAD, tok)
-            if streaming:
-                jax.debug.callback(_stream_sink, i, tok)
-            return tok, done | jnp.isin(tok, stop_ids)
+            if key.streaming:
+                jax.debug.callback(report, a.call, i, tok)
+            return tok, done | jnp.isin(tok, a.stop_ids)
 
-        first, done = pick(logits, 0, done)
+        first, done = pick(logits, 0, a.done)
         out = jnp.full((batch, n_out), _PAD, jnp.int32).at[:, 0].set(first)
         ones = jnp.ones((batch, 1), jnp.int32)
 
-        def cond(state):
-            i, _, _, _, done = state
-            return (i < max_new) & ~jnp.all(done)
+        def cond(s: LoopState):
+            return (s.step < a.max_new) & ~jnp.all(s.done)
 
-        def body(state):
-            i, cache, out, tok, done = state
-            pos = (lengths + i - 1)[:, None]
-            feed = jnp.maximum(tok, 0)[:, None]  # stopped rows carry _PAD; feed any valid id
-            logits, cache = decode_forward(config, params, feed, cache, prompt_len + i - 1, positions=pos,
-                                           segment_ids=ones)
-            tok, done = pick(logits, i, done)
-            out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-            return i + 1, cache, out, tok, done
+        def body(s: LoopState):
+            pos = (a.lengths + s.step - 1)[:, None]
+            feed = jnp.maximum(s.token, 0)[:, None]  # stopped rows carry _PAD; feed any valid id
+            logits, cache = forward(config, run, weights, feed, s.cache, prompt_len + s.step - 1, positions=pos,
+                                    segment_ids=ones)
+            tok, done = pick(logits, s.step, s.done)
+            out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step))
+            return LoopState(s.step + 1, cache, out, tok, done)
 
-        state = (jnp.int32(1), cache, out, first, done)
-        _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
-        return out
+        return jax.lax.while_loop(cond, body, LoopState(jnp.int32(1), cache, out, first, done)).out
 
-    return run
+    return loop
 
 
-# Streaming: the compiled loop calls this host function; the current call's callback is
-# looked up here, so one compiled program serves every callback.
-_sink: list[Callable | None] = [None]
+class Programs:
+    """Compiled generation programs, one per `Key`, and the stream callbacks of calls in flight.
+
+    A compiled loop reports each step to `_report` with its call's id (a traced argument),
+    so one program serves every callback. `generate` uses one shared instance by default.
+    """
+
+    def __init__(self):
+        self._loops: dict[Key, Callable] = {}
+        self._preparers: dict[tuple, Callable] = {}
+        self._shapes: dict[tuple, Any] = {}
+        self._streams: dict[int, Callable] = {}
+        self._ids = itertools.count()
+
+    def loop(self, key: Key) -> Callable:
+        if key not in self._loops:
+            fn = _loop_fn(key, self._report)
+            if key.mesh is None:
+                self._loops[key] = jax.jit(fn)
+            else:
+                from llama_jax import sharding
+                rep = sharding.replicated(key.mesh)
+                args = Inputs(*(rep,) * len(Inputs._fields))
+                self._loops[key] = jax.jit(fn, in_shardings=(self.weight_shardings(key.config, key.mesh), args),
+                                           out_shardings=rep)
+        return self._loops[key]
+
+    def weight_shardings(self, config: ModelConfig, mesh, prepared: bool = True):
+        """NamedShardings of the stored (prepared=False) or prepared params on `mesh`."""
+        from llama_jax import sharding
+        if not prepared:
+            return nn.unbox(sharding.logical_to_shardings(param_shapes(config), mesh))
+        boxed = jax.tree.map(lambda s, names: nn.LogicallyPartitioned(s, names), self.expected(config, True),
+                             weight_axes(config))
+        return nn.unbox(sharding.logical_to_shardings(boxed, mesh))
+
+    def expected(self, config: ModelConfig, prepared: bool):
+        """The abstract params (stored or prepared) of `config`, for validation and shardings."""
+        k = (config, prepared)
+        if k not in self._shapes:
+            self._shapes[k] = weight_shapes(config) if prepared else nn.unbox(param_shapes(config))
+        return self._shapes[k]
+
+    def prepare(self, config: ModelConfig, params, mesh) -> DecodeWeights:
+        """The params in the prepared form the compiled loop takes, placed on the mesh if any."""
+        prepared = isinstance(params, DecodeWeights)
+        if mesh is not None:
+            # A no-op for params already on these shardings (e.g. from load_checkpoint(mesh=...)).
+            params = jax.device_put(params, self.weight_shardings(config, mesh, prepared))
+        if prepared:
+            return params
+        k = (config, mesh)
+        if k not in self._preparers:
+            self._preparers[k] = jax.jit(prepare) if mesh is None else jax.jit(
+                prepare, in_shardings=(self.weight_shardings(config, mesh, False),),
+                out_shardings=self.weight_shardings(config, mesh, True))
+        return self._preparers[k](params)  # one copy of the weights per call
+
+    def open_stream(self, stream: Callable | None) -> int:
+        call = next(self._ids) % (1 << 31)
+        if stream is not None:
+            self._streams[call] = stream
+        return call
+
+    def close_stream(self, call: int) -> None:
+        self._streams.pop(call, None)
+
+    def _report(self, call, step, tokens):
+        stream = self._streams.get(int(call))
+        if stream is not None:
+            stream(int(step), np.asarray(tokens))
 
 
-def _stream_sink(step, tokens):
-    if _sink[0] is not None:
-        _sink[0](int(step), np.asarray(tokens))
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled(config: ModelConfig, prompt_len: int, cache_len: int, mode: Sampling, streaming: bool, mesh):
-    fn = _decode_fn(config, prompt_len, cache_len, mode, streaming)
-    if mesh is None:
-        return jax.jit(fn)
-    from llama_jax import sharding
-    rep = sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(_param_shardings(config, mesh, True),) + (rep,) * 10, out_shardings=rep)
-
-
-@functools.lru_cache(maxsize=16)
-def _param_shardings(config: ModelConfig, mesh, split: bool):
-    """The params' NamedShardings on `mesh`, stacked or in the split (per-layer, fused) form."""
-    from llama_jax import sharding
-    stacked = nn.unbox(sharding.logical_to_shardings(param_shapes(config), mesh))
-    if not split:
-        return stacked
-    one = nn.unbox(sharding.logical_to_shardings(decode_layer_shapes(config), mesh))
-    return {**stacked, "layers": (one,) * config.n_layers}
-
-
-@functools.lru_cache(maxsize=16)
-def _splitter(config: ModelConfig, mesh):
-    if mesh is None:
-        return jax.jit(split_layers)
-    return jax.jit(split_layers, in_shardings=(_param_shardings(config, mesh, False),),
-                   out_shardings=_param_shardings(config, mesh, True))
-
-
-def _decode_params(config: ModelConfig, params, mesh):
-    """The params in the split form the compiled loop takes, placed on the mesh if any."""
-    params = nn.unbox(params)
-    split = is_split(params)
-    if mesh is not None:
-        # A no-op for params already on these shardings (e.g. from load_checkpoint(mesh=...)).
-        params = jax.device_put(params, _param_shardings(config, mesh, split))
-    return params if split else _splitter(config, mesh)(params)  # one copy of the weights per call
+PROGRAMS = Programs()
 
 
 class _Reorder:
@@ -286,18 +276,22 @@ class _Reorder:
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, top_k: int | None = None,
              stop_ids: Sequence[int] | None = None, stream: Callable[[int, np.ndarray], None] | None = None,
-             mesh=None) -> list[list[int]]:
+             mesh=None, run: RunOptions | None = None, programs: Programs | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return per prompt the new ids only.
 
     A row stops after a stop id (default: the LLaMA eos, see `default_stop_ids`; pass () to
     never stop), which is included in its result. `stream(step, tokens)` is called on the
     host once per step with one id per prompt (-1 for rows that have stopped). With `mesh`,
     params are placed on the model's logical shardings (tensor-parallel over "tensor").
-    `params` may be stacked (as stored) or `decode.split_layers(params)`, which saves a copy.
+    `params` may be stored (stacked) or `decode.prepare(params)`, which saves a copy.
+    `run`: the compute dtype (default: the params' dtype); `programs`: where compiled loops are kept.
     """
+    run = RunOptions.like(params) if run is None else run
+    programs = PROGRAMS if programs is None else programs
     rows = _check_prompts(config, prompts, max_new_tokens)
     mode = _check_sampling(config, temperature, top_p, top_k)
-    check_params(config, params)
+    params = params if isinstance(params, DecodeWeights) else nn.unbox(params)
+    check_params(config, params, expected=programs.expected(config, isinstance(params, DecodeWeights)))
     stops = list(default_stop_ids(config) if stop_ids is None else stop_ids)
     if any(not 0 <= s < config.vocab_size for s in stops):
         raise ValueError(f"stop_ids {stops} must lie in the vocabulary [0, {config.vocab_size})")
@@ -310,22 +304,21 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     tokens, positions, segments, lengths, done = _layout(rows, batch, prompt_len)
     stop_arr = np.full(bucket_pow2(len(stops), minimum=4), _PAD, np.int32)  # bucketed: no recompile
     stop_arr[:len(stops)] = stops
-    fn = _compiled(config, prompt_len, cache_len, mode, stream is not None, mesh)
-    args = (tokens, positions, segments, lengths, done, np.int32(max_new_tokens), stop_arr,
-            jax.random.PRNGKey(seed), np.float32(max(temperature, 1e-6)), np.float32(top_p))
-    _sink[0] = None if stream is None else _Reorder(stream, len(rows))
+    loop = programs.loop(Key(config, run, prompt_len, cache_len, mode, stream is not None, mesh))
+    call = programs.open_stream(None if stream is None else _Reorder(stream, len(rows)))
+    inputs = Inputs(tokens, positions, segments, lengths, done, np.int32(max_new_tokens), stop_arr,
+                    jax.random.PRNGKey(seed), np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(call))
     try:
-        out = _run(fn, _decode_params(config, params, mesh), args, mesh)
+        out = _run(loop, programs.prepare(config, params, mesh), inputs, mesh)
     finally:
-        _sink[0] = None
+        programs.close_stream(call)
     return [[int(t) for t in row[:max_new_tokens] if t != _PAD] for row in out[:len(rows)]]
 
 
-def _run(fn, params, args, mesh) -> np.ndarray:
+def _run(fn, weights, inputs, mesh) -> np.ndarray:
     if mesh is None:
-        return np.asarray(fn(params, *args))
+        return np.asarray(fn(weights, inputs))
     from llama_jax import sharding
     with sharding.activate(mesh):  # the model's logical constraints resolve against this mesh
-        out = fn(params, *args)
+        out = fn(weights, inputs)
     return np.asarray(jax.device_get(out))
-

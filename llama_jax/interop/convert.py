@@ -47,9 +47,10 @@ def tensor_order(config: ModelConfig, fmt: Format, rules=None) -> Iterator[tuple
         yield rule, None, weights.names(rule, config, fmt)[0]
 
 
-def _with_param_dtype(config: ModelConfig, dtypes) -> ModelConfig:
+def _param_dtype(dtypes) -> str:
+    """The weights' one dtype name (HF config.json "dtype"); float32 when mixed."""
     names = {np.dtype(d).name for d in dtypes}
-    return config.replace(param_dtype=names.pop()) if len(names) == 1 and names <= set(PARAM_DTYPES) else config
+    return names.pop() if len(names) == 1 and names <= set(PARAM_DTYPES) else "float32"
 
 
 def to_orbax(source: Format | str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype=None,
@@ -69,7 +70,6 @@ def to_orbax(source: Format | str, input_dir: str | os.PathLike, output_dir: str
             raise ValueError(f"{input_dir}: {rule.name(source)} is stored in several "
                              f"dtypes {sorted(map(str, found))} across layers; pass dtype (--dtype) to pick one")
         leaf_dtypes[rule.path] = np.dtype(dtype) if dtype is not None else found.pop()
-    config = _with_param_dtype(config, leaf_dtypes.values())
     abstract = checkpoint.abstract_params(config)
     shapes = {r.path: (get_path(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
     total = sum(1 for _ in tensor_order(config, source, rules))
@@ -147,7 +147,7 @@ def _hf_writers(out: Path, config: ModelConfig, dtypes: dict, *, max_shard_size:
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: Path(v.path).name for k, v in writer_of.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf = hf_config_of(config)
+    hf = hf_config_of(config, _param_dtype(dtypes.values()))
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return writers, lambda rule, name, w: writer_of[name].write(name, w)
 
@@ -177,7 +177,6 @@ def from_orbax(target: Format | str, input_dir: str | os.PathLike, output_dir: s
     checkpoint.check_params(config, unflatten(reader.shapes), str(d / checkpoint.PARAMS_DIR))
     dtypes = {r.path: np.dtype(dtype) if dtype is not None else reader.shapes[weights.stored_rule(r, config).path][1]
               for r in weights.file_rules(config, target)}
-    config = _with_param_dtype(config, dtypes.values())
     total = sum(1 for _ in tensor_order(config, target))
     want, sums = integrity.stored(d), integrity.HostSums()
     with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir, d]) as tmp:

@@ -91,8 +91,8 @@ def config_from_hf(c: dict, source: str = "config.json", generation: Generation 
                max_seq_len=c.get("max_position_embeddings", 2048), **execution)
 
 
-def hf_config_of(config: ModelConfig) -> dict:
-    """`config` as transformers' LlamaConfig JSON."""
+def hf_config_of(config: ModelConfig, dtype: str = "float32") -> dict:
+    """`config` as transformers' LlamaConfig JSON; `dtype`: the stored weights' dtype name."""
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         rope = {"rope_theta": config.rope_theta, **dataclasses.asdict(config.rope_scaling)}
@@ -109,7 +109,7 @@ def hf_config_of(config: ModelConfig) -> dict:
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
         "bos_token_id": generations.special_ids(config.generation).bos,
         "eos_token_id": generations.special_ids(config.generation).eos,
-        "dtype": config.param_dtype,
+        "dtype": dtype,
     }
 
 

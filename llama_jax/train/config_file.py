@@ -68,11 +68,12 @@ def _comments(obj, pattern: str, prefix: str) -> dict[str, str]:
 
 def key_help() -> dict[str, str]:
     """The one-line help of each key: the comment beside its default in the library."""
-    from llama_jax import config
+    from llama_jax import config, runtime
     from llama_jax.train import optim
     from llama_jax.train import config as train_config
     assign, field = r"^\s*c\.([\w.]+)\s*=.*?#\s*(.+)$", r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$"
     out = _comments(config.ModelConfig, field, "model.")
+    out.update(_comments(runtime.RunOptions, field, "run."))
     out.update(_comments(optim.OptimizerConfig, field, "optimizer."))
     out.update(_comments(train_config.base_config, assign, ""))
     return out
@@ -130,7 +131,8 @@ def check_values(cfg) -> None:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
             raise input_error(f"config.{key}", "out of range", f"an integer >= {low}", v)
     from llama_jax.train import config as train_config
-    train_config.model_config(cfg)  # ModelConfig's and OptimizerConfig's own checks, before any work
+    train_config.model_config(cfg)  # ModelConfig's, RunOptions' and OptimizerConfig's own checks, before any work
+    train_config.run_options(cfg)
     train_config.optimizer_config(cfg)
     if flat["batch_size"] % flat["micro_batches"]:
         raise input_error("config.micro_batches", "must divide batch_size",

@@ -32,6 +32,7 @@ from llama_jax.train import recovery as train_recovery
 from llama_jax.train import state as train_state
 from llama_jax.train import workdir_lock
 from llama_jax.config import ModelConfig
+from llama_jax.model import Llama
 from llama_jax.data import DataConfig
 from llama_jax.errors import input_error
 from llama_jax.data.input import ShardedInput, tokenizer_for
@@ -67,10 +68,8 @@ class Run:
 
 
 def _with_architecture(model: ModelConfig, checkpoint_dir: str) -> ModelConfig:
-    """The architecture stored beside a checkpoint's params, with this run's execution fields."""
-    stored = ModelConfig.load(os.path.join(checkpoint_dir, "model_config.json"))
-    execution = {k: v for k, v in model.to_dict().items() if k not in stored.architecture}
-    return ModelConfig.from_dict({**stored.architecture, **execution})
+    """The architecture stored beside a checkpoint's params (this run's options stay in config.run)."""
+    return ModelConfig.load(os.path.join(checkpoint_dir, "model_config.json"))
 
 
 def _checkpoint_tokenizer(path: str) -> str:
@@ -101,7 +100,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         model = _with_architecture(model, str(resolve_checkpoint(cfg.init_from)))
     opt_cfg = train_config.optimizer_config(cfg)
     tx, schedule = optim.make_optimizer(opt_cfg, cfg.steps), optim.lr_schedule(opt_cfg, cfg.steps)
-    boxed = train_state.abstract_state(model, tx)
+    net = Llama(model, train_config.run_options(cfg))
+    boxed = train_state.abstract_state(net, tx)
     shardings = train_state.state_shardings(boxed, mesh)
     abstract = nn.unbox(boxed)
 
@@ -126,14 +126,14 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         state = train_state.state_from_params(params, tx, shardings)
     else:
         log.info("initialising the parameters")
-        state = train_state.init_state(model, tx, mesh, jax.random.PRNGKey(cfg.seed))
+        state = train_state.init_state(net, tx, mesh, jax.random.PRNGKey(cfg.seed))
     complete = latest is not None and latest >= cfg.steps  # train() returns at once: nothing to write
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
                writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0 and not complete,
                                                 from_step=0 if latest is None else latest),
-               train_step=train_state.make_train_step(model, tx, schedule, mesh, shardings, cfg.micro_batches),
-               eval_step=train_state.make_eval_step(model, mesh, shardings.params),
+               train_step=train_state.make_train_step(net, tx, schedule, mesh, shardings, cfg.micro_batches),
+               eval_step=train_state.make_eval_step(net, mesh, shardings.params),
                start_step=0 if latest is None else latest)
 
 
@@ -238,6 +238,7 @@ def preflight(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     created in `workdir` (lock, checkpoint manager, directories): a bad setting fails with
     one InputError and leaves nothing behind."""
     train_checks.check_config(cfg, train_config.model_config(cfg))
+    train_config.run_options(cfg)  # a bad run option fails here, naming its key
     try:
         opt_cfg = train_config.optimizer_config(cfg)
     except ValueError as e:

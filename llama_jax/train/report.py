@@ -82,7 +82,7 @@ def summary_lines(run) -> list[str]:
         f"run: {how}; steps {run.start_step} -> {cfg.steps}",
         f"model: {_count(m.num_params())} parameters ({_count(m.num_params(embeddings=False))} without the "
         f"embedding): {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads{kv}, vocab {m.vocab_size}; "
-        f"compute {m.dtype}, params {m.param_dtype}",
+        f"compute {cfg.run.dtype}, params {cfg.run.param_dtype}",
         f"tokens per step: {cfg.batch_size} x {cfg.seq_len} = {per_step:,}"
         + (f" in {cfg.micro_batches} micro-batches" if cfg.micro_batches > 1 else "")
         + f"; {_count(per_step * (cfg.steps - run.start_step))} tokens to go",

@@ -1,6 +1,7 @@
 """TrainState, sharded init from shapes, and the pure train/eval steps.
 
-Shapes first: `jax.eval_shape` gives the abstract state with its logical axis names,
+`model` is `Llama(config, run_options)`. Shapes first: `jax.eval_shape` gives the
+abstract state with its logical axis names,
 `sharding.logical_to_shardings` turns them into NamedShardings, and a jitted init with
 those `out_shardings` creates every parameter directly in its shard: no process ever
 holds the full unsharded parameters.
@@ -17,7 +18,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import losses, sharding
-from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
 
 BATCH_AXES = ("batch", "seq")
@@ -30,17 +30,17 @@ class TrainState:
     opt_state: Any       # optax state (float32)
 
 
-def _init_fn(config: ModelConfig, tx: optax.GradientTransformation) -> Callable:
+def _init_fn(model: Llama, tx: optax.GradientTransformation) -> Callable:
     def init(rng):
         # Batch 1: the forward pass init traces is dead code for the outputs (params only).
-        params = Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     return init
 
 
-def abstract_state(config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+def abstract_state(model: Llama, tx: optax.GradientTransformation) -> TrainState:
     """The state's shapes, boxed with logical axis names (optimizer moments mirror params)."""
-    return jax.eval_shape(_init_fn(config, tx), jax.random.PRNGKey(0))
+    return jax.eval_shape(_init_fn(model, tx), jax.random.PRNGKey(0))
 
 
 def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
@@ -48,10 +48,10 @@ def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
     return sharding.logical_to_shardings(abstract, mesh)
 
 
-def init_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng) -> TrainState:
+def init_state(model: Llama, tx: optax.GradientTransformation, mesh: Mesh, rng) -> TrainState:
     """A freshly initialised state, each array created directly in its shard."""
-    shardings = state_shardings(abstract_state(config, tx), mesh)
-    init = _init_fn(config, tx)
+    shardings = state_shardings(abstract_state(model, tx), mesh)
+    init = _init_fn(model, tx)
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
@@ -68,9 +68,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return sharding.logical_sharding(mesh, BATCH_AXES)
 
 
-def token_losses(config: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
+def token_losses(model: Llama, params, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of masked next-token cross-entropies, number of counted tokens), float32."""
-    logits = Llama(config).apply({"params": params}, batch["tokens"], positions=batch["positions"],
+    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"])
     return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
@@ -86,7 +86,7 @@ def _micro_batches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
-def _gradients(config: ModelConfig, params, batch, micro_batches: int):
+def _gradients(model: Llama, params, batch, micro_batches: int):
     """Mean loss and its gradient over the whole batch, by token count of the loss mask.
 
     Micro-batch m contributes grad(sum_m / N) with N the whole batch's token count, so
@@ -94,7 +94,7 @@ def _gradients(config: ModelConfig, params, batch, micro_batches: int):
     """
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     def part(p, mb):
-        s, _ = token_losses(config, p, mb)
+        s, _ = token_losses(model, p, mb)
         return s / total
     grad_fn = jax.value_and_grad(part)
     if micro_batches == 1:
@@ -107,7 +107,7 @@ def _gradients(config: ModelConfig, params, batch, micro_batches: int):
     return loss, grads, total
 
 
-def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, shardings: TrainState, micro_batches: int = 1) -> Callable:
     """jitted `(state, batch) -> (state, metrics)`; the state is donated.
 
@@ -115,7 +115,7 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
     clipping), lr (the rate this update used).
     """
     def step(state: TrainState, batch):
-        loss, grads, total = _gradients(config, state.params, batch, micro_batches)
+        loss, grads, total = _gradients(model, state.params, batch, micro_batches)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "tokens": total, "grad_norm": optax.global_norm(grads),
@@ -128,10 +128,10 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
     return _traced_under(mesh, jitted)
 
 
-def make_eval_step(config: ModelConfig, mesh: Mesh, param_shardings) -> Callable:
+def make_eval_step(model: Llama, mesh: Mesh, param_shardings) -> Callable:
     """jitted `(params, batch) -> {"loss_sum", "tokens"}` (sum, so batches can be pooled)."""
     def step(params, batch):
-        s, n = token_losses(config, params, batch)
+        s, n = token_losses(model, params, batch)
         return {"loss_sum": s, "tokens": n}
     jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
                      out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,134 @@
+"""Run options: how a run executes a model, as opposed to what the model is (config.py).
+
+Two runs of one checkpoint may differ in every field here; none of them is ever written
+into model_config.json. Strings (from config files and flags) become dtypes and enums
+once, at construction. (No jax import here: `train.py --help` reads config files cheaply.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from llama_jax.errors import input_error
+
+
+class AttentionImpl(enum.Enum):
+    AUTO = "auto"      # cudnn on NVIDIA GPUs, splash on TPU, xla elsewhere
+    XLA = "xla"        # plain einsums + softmax, any platform
+    CUDNN = "cudnn"    # jax.nn.dot_product_attention(implementation="cudnn")
+    SPLASH = "splash"  # Pallas splash attention (TPU; interpret mode on CPU)
+
+
+class RematPolicy(enum.Enum):
+    NONE = "none"          # keep every activation
+    FULL = "full"          # keep only the layer input, recompute the rest
+    DOTS = "dots"          # keep matmul outputs (the paper's recipe), recompute the rest
+    DOTS_NO_BATCH = "dots_no_batch"  # keep weight matmuls only (not attention's batched dots)
+    MINIMAL = "minimal"    # keep the named projections (q, k, v, attention out, w1, w3)
+    DOTS_FLASH = "dots_flash"  # dots_no_batch + the fused attention kernel's outputs (no re-run)
+
+
+class LayerLoop(enum.Enum):
+    SCAN = "scan"          # nn.scan over the stacked layers: compile time independent of depth
+    UNROLLED = "unrolled"  # the same stacked params, one layer after another in the program:
+    #                        no per-layer stacking of saved activations (faster on GPUs)
+
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+_ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run a model: dtypes, kernels, memory/speed trade-offs. Defaults: float32, plain."""
+    dtype: Any = DTYPES["float32"]        # compute dtype of activations
+    param_dtype: Any = DTYPES["float32"]  # dtype parameters are created in
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
+    remat_policy: RematPolicy = RematPolicy.NONE
+    layer_loop: LayerLoop = LayerLoop.SCAN  # how the uncached forward runs the stacked layers
+    scan_unroll: int = 1               # layers per nn.scan iteration
+    fuse_gate_up: bool = False         # w1|w3 as one matmul, SwiGLU's backward as one kernel (GPUs)
+    interpret_kernels: bool = False    # run Pallas kernels in interpret mode on any backend (tests)
+
+    def __post_init__(self):
+        def bad(field, expected):
+            raise ValueError(f"RunOptions.{field}={getattr(self, field)!r}: must be {expected}")
+
+        for f in ("dtype", "param_dtype"):
+            dt = _dtype(getattr(self, f))
+            if dt is None:
+                bad(f, f"one of {tuple(DTYPES)}")
+            object.__setattr__(self, f, dt)
+        for f, enum_cls in _ENUMS.items():
+            v = getattr(self, f)
+            if not isinstance(v, enum_cls):
+                try:
+                    object.__setattr__(self, f, enum_cls(v))
+                except ValueError:
+                    bad(f, f"one of {[e.value for e in enum_cls]}")
+        v = self.scan_unroll
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+            bad("scan_unroll", "a positive integer")
+        for f in ("fuse_gate_up", "interpret_kernels"):
+            if not isinstance(getattr(self, f), (bool, np.bool_)):
+                bad(f, "True or False")
+
+    @classmethod
+    def like(cls, params) -> "RunOptions":
+        """Compute in the dtype the params are held in (float32 params: float32, exact;
+        params loaded as bfloat16: bfloat16): what inference uses when given no run options."""
+        leaves = [x for x in _leaves(params) if _dtype(getattr(x, "dtype", None)) is not None]
+        dt = leaves[0].dtype if leaves else DTYPES["float32"]
+        return cls(dtype=dt, param_dtype=dt)
+
+    def replace(self, **changes: Any) -> "RunOptions":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-able: dtypes by name, enums by value."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else v.name if isinstance(v, np.dtype) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "run options") -> "RunOptions":
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise input_error(source, f"unknown RunOptions keys {unknown}", sorted(known))
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise input_error(source, str(e)) from None
+
+
+def _leaves(tree):
+    """The leaves of nested dicts / tuples / NamedTuples (no jax import: this module stays light)."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _leaves(v)
+    elif hasattr(tree, "value") and hasattr(tree, "names"):  # a flax Partitioned box
+        yield tree.value
+    else:
+        yield tree
+
+
+def _dtype(v) -> np.dtype | None:
+    """A dtype of DTYPES from its name, a numpy/ml_dtypes dtype or a jnp scalar type; None otherwise."""
+    if isinstance(v, str):
+        return DTYPES.get(v)
+    try:
+        dt = np.dtype(v)
+    except TypeError:
+        return None
+    return dt if dt in DTYPES.values() else None
