@@ -62,3 +62,13 @@ def test_fp8_gemm_smoke(tmp_path):
         assert r["fp8_delayed_err_dw"] == r["fp8_err_dw"] and r["fp8_delayed_fwd_bwd_us"] > 0
         assert r["bf16_err_y"] < 0.01
     assert all(res[f"layer_matmul_ms_per_step_{k}"] > 0 for k in ("bf16", "fp8", "fp8_e4m3g", "fp8_delayed"))
+
+
+def test_lora_step_smoke(tmp_path):
+    res = _run("lora_step", ["--cpu-smoke"], tmp_path)
+    assert res["device"] == "cpu"
+    lora, sft = res["lora_tiny"], res["sft_tiny"]
+    assert lora["tokens_per_s"] > 0 and sft["tokens_per_s"] > 0
+    assert 0 < lora["trainable"] < sft["trainable"] / 10  # adapters only
+    ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
+    assert abs(lora["loss"] - ln_vocab) < 0.05 and abs(sft["loss"] - ln_vocab) < 0.05
