@@ -15,12 +15,16 @@ temperature 0.6, top-p 0.9), then `[N tokens, X tok/s]`.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from llama_jax.cli.args import ArgumentParser, positive_int, quiet_logs
 from llama_jax.errors import InputError, input_error
 
 PROMPT = "> "
+# Control characters a model may sample (ESC, ^C, ^S, a bare CR ...) would act on the
+# terminal instead of showing: they are shown as U+FFFD.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _parser() -> ArgumentParser:
@@ -55,7 +59,7 @@ def _session(a):
 def _answer(session, text: str, verbose: bool) -> None:
     slot = session.filled
     try:
-        reply = session.send(text, stream=lambda piece: print(piece, end="", flush=True))
+        reply = session.send(text, stream=lambda piece: print(_CONTROL.sub("\ufffd", piece), end="", flush=True))
     except InputError as e:  # the conversation is full: say so, keep the session
         print(f"error: {e}", flush=True)
         return
