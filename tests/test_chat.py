@@ -176,3 +176,20 @@ def test_cache_grows_in_powers_of_two_and_programs_are_reused(models):
     session.reset()
     session.send(TURNS[1], max_new_tokens=20)
     assert session.cache_len == 256 and session_module._decode._cache_size() == compiled
+
+
+def test_chat_cache_benchmark_smoke(tmp_path):
+    """benchmarks/chat_cache.py's CPU run, small: a row per turn, the cached turn prefilling only the new ids."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, "benchmarks/chat_cache.py", "--turns", "2", "--user-tokens", "8",
+                           "--answer-tokens", "4", "--repeats", "1"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "chat_cache.json").read_text())
+    assert [(r["turn"], r["history"], r["new"]) for r in res["turns"]] == [(1, 0, 8), (2, 13, 8)]
+    assert all(r["cached_ms"] > 0 and r["recompute_ms"] > 0 and r["generate_ms"] > 0 for r in res["turns"])
+    assert "speedup" in proc.stdout
