@@ -105,7 +105,7 @@ def run_tasks(args, scorer, tokenizer, names) -> dict:
 
 def open_perplexity_source(args):
     """The --perplexity source, parsed and opened (paths checked) before the checkpoint loads."""
-    from llama_jax.data.sources import open_source
+    from llama_jax.data.source_kinds import open_source
     from llama_jax.data.spec import check_paths
     from llama_jax.evaluation import parse_source
     cfg = parse_source(args.perplexity, args.tfds_data_dir)
@@ -157,14 +157,15 @@ def main(argv=None) -> int:
     quiet_logs()
     from llama_jax.data import check_vocab
     from llama_jax.evaluation import TASKS, Scorer, get_task
-    from llama_jax.inference.text import find_tokenizer, load_for_generation
+    from llama_jax.checkpoint import load_checkpoint, tokenizer_file
+    from llama_jax.data import load_tokenizer
     names = list(TASKS) if args.tasks == "all" else [n.strip() for n in args.tasks.split(",") if n.strip()]
     names = [get_task(n).name for n in names]  # unknown names fail before the model loads
     if not names and not args.perplexity:
         raise input_error("eval.py", "nothing to do", "--tasks and/or --perplexity", "neither")
     src = open_perplexity_source(args) if args.perplexity else None  # a bad spec fails before loading
-    tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
-    config, params = load_for_generation(args.checkpoint, dtype=args.dtype)
+    tokenizer = load_tokenizer(str(tokenizer_file(args.checkpoint, args.tokenizer)))
+    config, params = load_checkpoint(args.checkpoint, dtype=args.dtype)
     check_vocab(tokenizer, config.vocab_size)
     check_lengths(args, config)
     scorer = Scorer(config, params, max_length=args.max_length, tokens_per_batch=args.tokens_per_batch)

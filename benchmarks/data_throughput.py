@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from llama_jax.data import DataConfig, SourceConfig, load_tokenizer, make_dataset, pretokenize, train_tokenizer  # noqa: E402
-from llama_jax.data.sources import open_source  # noqa: E402
+from llama_jax.data.source_kinds import open_source  # noqa: E402
 
 
 def time_pipeline(cfg, tok, seq_len, batch, seconds):

@@ -119,7 +119,7 @@ def _path(parents: dict[str, str], end: str) -> str:
 def test_the_import_reader_sees_lazy_and_relative_imports():
     # Guards the checks below against reading nothing: known arrows must be found.
     assert "llama_jax.model" in GRAPH["llama_jax.inference.generate"]
-    assert "llama_jax.data.tfds_source" in GRAPH["llama_jax.data.sources"]  # inside open_source
+    assert "llama_jax.data.tfds_source" in GRAPH["llama_jax.data.source_kinds"]  # inside open_source
     assert "llama_jax.cli.generate" not in GRAPH["llama_jax.__main__"]  # by string only: importlib
     assert len(MODULES) > 50 and sum(map(len, GRAPH.values())) > 100
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -7,7 +7,8 @@ import flax.linen as nn
 
 from llama_jax import Llama, ModelConfig, load_checkpoint, sharding
 from llama_jax import model as model_lib
-from llama_jax.checkpoint import save_params
+from llama_jax import checkpoint
+from llama_jax.checkpoint import check_params, save_params
 from llama_jax.checkpoint.streaming import ParamsReader
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
@@ -84,6 +85,52 @@ def test_clear_errors(tmp_path, params):
     with pytest.raises(ValueError, match=r"params do not match the model config"):
         save_params(tmp_path / "bad", params, CFG.replace(dim=128, n_heads=8))
     assert not (tmp_path / "bad").exists()
+
+
+def test_check_params_names_and_shapes(params):
+    """One validator for arrays, abstract leaves and stored (shape, dtype) metadata."""
+    check_params(CFG, params)
+    check_params(CFG, jax.eval_shape(lambda p: p, params))
+    check_params(CFG, checkpoint.abstract_params(CFG))
+    without = {k: v for k, v in params.items() if k != "output"}
+    with pytest.raises(ValueError, match=r"^here: params do not match the model config .*missing \['output'\]"):
+        check_params(CFG, without, "here")
+    with pytest.raises(ValueError, match=r"unknown \['extra/weight'\]"):
+        check_params(CFG, {**params, "extra": params["norm"]})
+    with pytest.raises(ValueError, match=r"shape \(found, expected\) \{'output': \(\(64, 256\), \(64, 128\)\)"):
+        check_params(CFG.replace(vocab_size=128), params)
+    with pytest.raises(ValueError, match="params do not match"):
+        check_params(CFG, "not a tree")
+    check_params(CFG, {"w": np.zeros(3)}, expected={"w": ((3,), np.float32)})  # another tree (a runtime form)
+
+
+def test_one_writer_lays_out_every_checkpoint(tmp_path, params):
+    """save_params (from memory) and a streamed write (writing + ParamsWriter, as the
+    converters do) lay out the same checkpoint: same model_config.json and checksums."""
+    import json
+    from llama_jax.checkpoint import integrity
+    from llama_jax.checkpoint.streaming import ParamsWriter
+    save_params(tmp_path / "a", params, CFG)
+    flat = {tuple(k.key for k in path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    stacked = {p for p in flat if p[0] == "layers"}
+    with checkpoint.writing(tmp_path / "b") as draft:
+        writer = ParamsWriter(draft.params_dir, {p: (x.shape, x.dtype) for p, x in flat.items()}, stacked)
+        sums = integrity.HostSums()
+        for path, x in flat.items():
+            for layer in range(x.shape[0]) if path in stacked else [None]:
+                piece = x if layer is None else x[layer]
+                writer.write(path, piece, layer)
+                sums.add(path, piece, layer)
+        writer.close()
+        draft.finish(CFG, sums.hexdigests())
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / checkpoint.CONFIG_FILE).read_bytes() == (b / checkpoint.CONFIG_FILE).read_bytes()
+    assert json.loads((a / checkpoint.CHECKSUMS_FILE).read_text()) == json.loads((b / checkpoint.CHECKSUMS_FILE).read_text())
+    assert _equal(load_checkpoint(b)[1], params)
+    with pytest.raises(RuntimeError, match="finish"):  # params without the files beside them: no checkpoint
+        with checkpoint.writing(tmp_path / "c"):
+            pass
+    assert not (tmp_path / "c").exists()
 
 
 def test_params_reader_reads_layer_slices_of_an_ocdbt_checkpoint(tmp_path, params):

@@ -8,7 +8,7 @@ import pytest
 
 from llama_jax.data import (BATCH_KEYS, DataConfig, DataError, SourceConfig, Tokenizer, make_dataset,
                             make_global_batch, pack_documents, pretokenize, train_tokenizer)
-from llama_jax.data.sources import open_source
+from llama_jax.data.source_kinds import open_source
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -103,6 +103,29 @@ def test_restore_mid_epoch_gives_identical_batches(corpus):
     other = make_dataset(cfg, tok, 48, 4, seed=7, shard_index=0, shard_count=1)
     with pytest.raises(DataError, match="seq_len.*40, 48"):
         other.set_state(state)
+
+
+def test_restore_mid_epoch_with_fine_tuning_masks(corpus, tmp_path):
+    # Text mixed with chat examples: the pipeline packs whole documents and the loss mask
+    # (answers only for chat, every token for text) comes back identical after a restore.
+    d, tok = corpus
+    rows = [[{"role": "user", "content": _doc(i)}, {"role": "assistant", "content": _doc(i + 1)}]
+            for i in range(80)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    cfg = DataConfig(sources=(SourceConfig(kind="jsonl", path=str(d / "docs.jsonl")),
+                              SourceConfig(kind="chat_jsonl", path=str(tmp_path / "chat.jsonl"), weight=2.0)))
+    it = make_dataset(cfg, tok, 64, 4, seed=7, shard_index=0, shard_count=1)
+    _take(it, 9)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 40)  # across the chat source's epoch boundary
+    fresh = make_dataset(cfg, tok, 64, 4, seed=7, shard_index=0, shard_count=1)
+    fresh.set_state(state)
+    assert _same(_take(fresh, 40), expected)
+    same_doc = np.concatenate([b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1] for b in expected])
+    mask = np.concatenate([b["loss_mask"][:, :-1] for b in expected]) > 0
+    in_doc = same_doc & (np.concatenate([b["segment_ids"][:, 1:] for b in expected]) > 0)
+    assert mask.any() and (in_doc & ~mask).any()  # prompts are not trained
+    assert it.stats.split_documents == 0 and it.stats.truncated_documents > 0  # whole documents, never split
 
 
 def _documents_seen(it, tok):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from llama_jax.data import DataConfig, DataError, SourceConfig, make_dataset, train_tokenizer
-from llama_jax.data.sources import open_source, stdlib_files
+from llama_jax.data.source_kinds import open_source
+from llama_jax.data.sources import stdlib_files
 
 
 def _write_jsonl(path, records):

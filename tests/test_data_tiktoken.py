@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from llama_jax.data import DataError, Llama3Tokenizer, Tokenizer, load_tokenizer, train_tokenizer
-from llama_jax.inference.text import find_tokenizer
+from llama_jax.checkpoint import tokenizer_file
 
 MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
 N_RANKS = 256 + len(MERGES)
@@ -95,9 +95,9 @@ def test_load_tokenizer_picks_the_class(tik_path, tmp_path):
     loaded = load_tokenizer(sp.path)
     assert type(loaded) is Tokenizer and loaded.vocab_size == 300 and loaded.bos_id == 1
     assert type(load_tokenizer(tik_path)) is Llama3Tokenizer
-    # a checkpoint folder's tokenizer.model: find_tokenizer picks it too
-    assert type(find_tokenizer(os.path.dirname(tik_path))) is Llama3Tokenizer
-    assert type(find_tokenizer(str(tmp_path / "sp"))) is Tokenizer
+    # a checkpoint folder's tokenizer.model: tokenizer_file finds it, load_tokenizer picks the class
+    assert type(load_tokenizer(str(tokenizer_file(os.path.dirname(tik_path))))) is Llama3Tokenizer
+    assert type(load_tokenizer(str(tokenizer_file(tmp_path / "sp")))) is Tokenizer
     assert Tokenizer(sp.path).encode("hello") == loaded.encode("hello")  # Tokenizer(...) as before
 
 

@@ -78,8 +78,8 @@ def test_non_utf8_lines_score(ckpt, tmp_path):
 
 def test_scorer_refuses_lengths_beyond_context(ckpt):
     from llama_jax.evaluation import Scorer
-    from llama_jax.inference.text import load_for_generation
-    config, params = load_for_generation(str(ckpt / "ckpt"))
+    from llama_jax.checkpoint import load_checkpoint
+    config, params = load_checkpoint(str(ckpt / "ckpt"))
     for bad in (0, 1, 65):
         with pytest.raises(ValueError, match="max_length"):
             Scorer(config, params, max_length=bad)
@@ -87,8 +87,8 @@ def test_scorer_refuses_lengths_beyond_context(ckpt):
 
 def test_bad_spec_or_task_fails_before_loading_without_output(ckpt, tmp_path, monkeypatch, capsys):
     """--output is optional; a bad --perplexity spec or task name is the error, before the checkpoint loads."""
-    import llama_jax.inference.text as gt
-    monkeypatch.setattr(gt, "load_for_generation", lambda *a, **k: pytest.fail("checkpoint loaded"))
+    import llama_jax.checkpoint
+    monkeypatch.setattr(llama_jax.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("checkpoint loaded"))
     ev = _eval_module()
     with pytest.raises(InputError, match=r"perplexity source: unknown source kind 'txt'"):
         ev.main(["--checkpoint", str(ckpt / "ckpt"), "--perplexity", "txt:notes.txt"])
@@ -125,8 +125,8 @@ def test_pretokenized_scores_the_same_tokens_as_text(ckpt, tmp_path):
     with pytest.raises(InputError, match=r"larger than the model's vocabulary \(expected vocab_size <= 300, got 1000\)"):
         _run(ckpt, tmp_path, "--perplexity", f"pretokenized:{tmp_path / 'pre'}")
     from llama_jax.evaluation import Scorer, perplexity
-    from llama_jax.inference.text import load_for_generation
-    scorer = Scorer(*load_for_generation(str(ckpt / "ckpt")))
+    from llama_jax.checkpoint import load_checkpoint
+    scorer = Scorer(*load_checkpoint(str(ckpt / "ckpt")))
     with pytest.raises(DataError, match="token id 300 is outside the model's vocabulary of 300"):
         perplexity(scorer, tok, [np.array([5, 300], np.int32)])
     no_text = perplexity(scorer, tok, [np.array([5, 6, 7], np.int32)], exact_ids=False)

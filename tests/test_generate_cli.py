@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, ModelConfig
-from llama_jax.checkpoint import save_params
+from llama_jax.checkpoint import load_checkpoint, save_params
 from llama_jax.__main__ import main as llama_main
 
 
@@ -17,7 +17,7 @@ def main(argv):
     rc = llama_main(["generate", *argv])
     if rc:
         raise SystemExit(rc)
-from llama_jax.inference.text import generate_text, load_for_generation
+from llama_jax.inference.text import generate_text
 
 pytest.importorskip("sentencepiece")
 
@@ -55,16 +55,16 @@ def test_foreign_or_missing_checkpoints_are_named(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="Hugging Face PyTorch checkpoint.*to_orbax.py --source hf"):
-        load_for_generation(str(tmp_path / "hf"))
+        load_checkpoint(str(tmp_path / "hf"))
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="Meta PyTorch checkpoint.*--source meta"):
-        load_for_generation(str(tmp_path / "meta"))
-    with pytest.raises(ValueError, match="no such directory"):
-        load_for_generation(str(tmp_path / "nothing"))
+        load_checkpoint(str(tmp_path / "meta"))
+    with pytest.raises(FileNotFoundError, match="not a llama_jax checkpoint: .*nothing does not exist"):
+        load_checkpoint(str(tmp_path / "nothing"))
     (tmp_path / "other").mkdir()
     with pytest.raises(ValueError, match="not a llama_jax checkpoint"):
-        load_for_generation(str(tmp_path / "other"))
+        load_checkpoint(str(tmp_path / "other"))
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(tmp_path / "meta"), "--prompt", "x"])
     err = capsys.readouterr().err
@@ -74,8 +74,8 @@ def test_foreign_or_missing_checkpoints_are_named(tmp_path, capsys):
 def test_too_long_fails_before_printing_or_loading(checkpoint, capsys, monkeypatch):
     """--max-new-tokens beyond the context: one error line, nothing printed, params never loaded."""
     path, cfg, _, _ = checkpoint
-    from llama_jax.inference import text as gt
-    monkeypatch.setattr(gt, "load_for_generation", lambda *a, **k: pytest.fail("params loaded"))
+    import llama_jax.checkpoint
+    monkeypatch.setattr(llama_jax.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("params loaded"))
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", path, "--prompt", "hi", "--max-new-tokens", "100000"])
     out, err = capsys.readouterr()

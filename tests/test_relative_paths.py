@@ -73,17 +73,15 @@ def test_loaders_from_another_directory(root, monkeypatch):
     """load_checkpoint, the notebooks' loaders (LLAMA_CHECKPOINT=../runs/demo) and the
     harness adapter, with paths relative to the working directory."""
     from llama_jax import load_checkpoint
-    from llama_jax.checkpoint import find_tokenizer_file, resolve_checkpoint
-    from llama_jax.inference.text import find_tokenizer, load_for_generation
+    from llama_jax.checkpoint import find_tokenizer_file, resolve_checkpoint, tokenizer_file
+    from llama_jax.data import load_tokenizer
     step = latest_step(root)
     monkeypatch.chdir(root / "notebooks")
     assert resolve_checkpoint("../runs/demo") == step
     config, params = load_checkpoint("../runs/demo")
-    config2, params2 = load_for_generation("../runs/demo")
-    assert config == config2 and jax.tree.all(jax.tree.map(np.array_equal, params, params2))
     for where in ("../runs/demo", "../runs/demo/checkpoints", "../runs/demo/checkpoints/1"):
         assert find_tokenizer_file(where).parent.parent == step.parent
-        assert find_tokenizer(where).vocab_size == 512
+        assert load_tokenizer(str(tokenizer_file(where))).vocab_size == 512
     if importlib.util.find_spec("lm_eval"):
         from llama_jax.evaluation.harness import LlamaJaxLM
         lm = LlamaJaxLM.from_checkpoint("../runs/demo")

@@ -107,7 +107,9 @@ def test_train_on_a_local_text_file_given_on_the_command_line(tmp_path):
     # The run read the given files: the config records them, the tokenizer learnt their word.
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["sources"] == [{"kind": "text", "path": str(tmp_path / "corpus.txt"), "name": "",
-                                       "split": "train", "field": "text", "text_unit": "file", "weight": 1.0}]
+                                       "split": "train", "field": "text", "text_unit": "file", "weight": 1.0,
+                                       "messages_field": "messages", "prompt_field": "prompt",
+                                       "completion_field": "completion", "loss_mask": "assistant"}]
     assert cfg["eval_data"]["sources"][0]["text_unit"] == "line"
     assert cfg["model"]["dim"] == 64 and cfg["steps"] == steps
     assert cfg["data"]["tokenizer"] == str(run / "tokenizer.model")
@@ -179,7 +181,8 @@ def test_plot_draws_each_curve_where_its_values_are(tmp_path):
     rows = [{"step": s, "loss_mean": 6 - 3 * s / 100, "lr": 1e-3 * min(1, s / 10) * math.cos(s / 70),
              **({"eval_loss": 5.5 - 2 * s / 100} if s % 25 == 0 else {})} for s in range(5, 101, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
-    assert plot.main([str(tmp_path)]) == 0
+    from llama_jax.cli.plot import main as plot_main
+    assert plot_main([str(tmp_path)]) == 0
     img = _png_pixels(tmp_path / "plot.png")
 
     def where(name):
@@ -209,6 +212,7 @@ def test_final_train_loss_averages_the_last_tenth_of_the_steps_weighted_by_steps
 
 def test_plot_names_a_missing_workdir(tmp_path, capsys):
     from llama_jax.errors import run_cli
-    assert run_cli(plot.main, [str(tmp_path / "nope")]) == 2
+    from llama_jax.cli.plot import main as plot_main
+    assert run_cli(plot_main, [str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such directory" in err and "metrics.jsonl" not in err

@@ -77,7 +77,7 @@ def test_an_axis_that_does_not_divide_is_reported():
     """65 heads over tensor=8: the head axis cannot split, and the warning says so."""
     model = ModelConfig.preset("llama-65b", dim=65 * 128, n_heads=65, n_kv_heads=65)
     tx = optim.make_optimizer(train_config.optimizer_config(importlib.import_module("configs.llama_65b").get_config()), 10**5)
-    boxed = train_state.abstract_state(model, tx)
+    boxed = train_state.abstract_state(Llama(model), tx)
     with pytest.warns(sharding.ShardingWarning) as record:
         shardings = train_state.state_shardings(boxed, sharding.make_mesh((1, 1, 8)))
     assert len(record) == 1  # one warning, every array listed in it

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.checkpoint.layout import CHECKSUMS_FILE, PARAMS_DIR
 from llama_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
-FILE = "checksums.json"
+FILE = CHECKSUMS_FILE
 ALGORITHM = "llama_jax-possum64-v1"
 _warned: set[str] = set()
 
@@ -130,10 +131,6 @@ def _hex(lanes: np.ndarray) -> str:
     return "".join(f"{int(v):08x}" for v in np.asarray(lanes, np.uint32))
 
 
-def write(directory: str | os.PathLike, sums: dict[str, str]) -> None:
-    (Path(directory) / FILE).write_text(json.dumps({"algorithm": ALGORITHM, "arrays": sums}, indent=1))
-
-
 def file_bytes(sums: dict[str, str]) -> bytes:
     return json.dumps({"algorithm": ALGORITHM, "arrays": sums}, indent=1).encode()
 
@@ -194,7 +191,7 @@ def cast_leaves(tree, dtype):
 class HostSums:
     """Checksums accumulated from numpy slices (converters stream one layer at a time)."""
 
-    def __init__(self, prefix: str = "params"):
+    def __init__(self, prefix: str = PARAMS_DIR):
         self.prefix, self._sums, self._seen = prefix, {}, set()
 
     def add(self, path: tuple[str, ...], array: np.ndarray, layer: int | None = None) -> None:

@@ -20,8 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 import tensorstore as ts
-# Internal module: the one place that knows how Orbax names and stores each leaf.
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint.serialization import tensorstore_utils as ts_public
 
 Path = tuple[str, ...]
 _SMALL_CHUNK = 64 << 20  # unstacked leaves: chunks of at most this many bytes
@@ -45,14 +44,24 @@ def unflatten(flat: dict[Path, object]) -> dict:
     return tree
 
 
+def _leaf_spec(directory: str, name: str, use_ocdbt: bool, use_zarr3: bool) -> dict:
+    """The TensorStore spec of leaf `name` of the Orbax PyTree checkpoint in `directory`.
+
+    The one use of a private Orbax module, on purpose: Orbax (0.12.8) has no public API
+    that writes or reads part of one leaf (a layer slice of a stacked [L, ...] array).
+    `ocp.experimental.v1.partial.save` adds whole leaves per call (and its own layout);
+    `type_handlers.get_json_tspec_read` is public but marked deprecated. This function is
+    the only code that knows how Orbax lays out a leaf on disk (OCDBT or a zarr per leaf)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    kvstore = ts_utils.build_kvstore_tspec(directory, name, use_ocdbt=use_ocdbt)
+    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore}
+
+
 def _open_leaves(directory: str, names: dict[Path, str], use_ocdbt: bool, use_zarr3: bool, **kw):
-    context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
-    driver = "zarr3" if use_zarr3 else "zarr"
-    out = {}
-    for path, name in names.items():
-        spec = {"driver": driver, "kvstore": ts_utils.build_kvstore_tspec(directory, name, use_ocdbt=use_ocdbt)}
-        out[path] = ts.open(spec, open=True, context=context, **kw).result()
-    return out
+    context = ts_public.get_ts_context(use_ocdbt=use_ocdbt)
+    return {path: ts.open(_leaf_spec(directory, name, use_ocdbt, use_zarr3), open=True, context=context,
+                          **kw).result()
+            for path, name in names.items()}
 
 
 class ParamsWriter:

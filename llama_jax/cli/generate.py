@@ -40,14 +40,13 @@ def _check_lengths_early(a):
     """The tokenizer, once each prompt + --max-new-tokens is known to fit the model's context
     (read from model_config.json, before the params load and before anything is printed);
     None when the config cannot be read here (loading the checkpoint then says why)."""
-    from llama_jax.inference import text as gt
-    from llama_jax.checkpoint import CONFIG_FILE, resolve_checkpoint
-    from llama_jax.config import ModelConfig
+    from llama_jax.checkpoint import read_config, resolve_checkpoint, tokenizer_file
+    from llama_jax.data import load_tokenizer
     try:
-        config = ModelConfig.load(resolve_checkpoint(a.checkpoint) / CONFIG_FILE)
-    except Exception:  # noqa: BLE001 - load_for_generation reports it properly
+        config = read_config(resolve_checkpoint(a.checkpoint))
+    except Exception:  # noqa: BLE001 - load_checkpoint reports it properly
         return None
-    tok = gt.find_tokenizer(a.checkpoint, a.tokenizer)
+    tok = load_tokenizer(str(tokenizer_file(a.checkpoint, a.tokenizer)))
     for i, prompt in enumerate(a.prompt):
         n = len(tok.encode(prompt, bos=True))
         if n + a.max_new_tokens > config.max_seq_len:
@@ -64,6 +63,8 @@ def main(argv=None) -> int:
     if not 0 < a.top_p <= 1:
         raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
     quiet_logs()
+    from llama_jax.checkpoint import load_checkpoint, tokenizer_file
+    from llama_jax.data import load_tokenizer
     from llama_jax.inference import text as gt
     tok = _check_lengths_early(a)
     import jax
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
     if n > 1:
         from llama_jax import sharding
         mesh = sharding.make_mesh((1, 1, n), devices=jax.devices()[:n])
-    config, params = gt.load_for_generation(a.checkpoint, dtype=a.dtype, mesh=mesh)
-    tok = tok or gt.find_tokenizer(a.checkpoint, a.tokenizer)
+    config, params = load_checkpoint(a.checkpoint, dtype=a.dtype, mesh=mesh)
+    tok = tok or load_tokenizer(str(tokenizer_file(a.checkpoint, a.tokenizer)))
     one = len(a.prompt) == 1
     stream = (lambda r, s: print(s, end="", flush=True)) if one else None
     if one:

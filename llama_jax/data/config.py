@@ -21,6 +21,20 @@ class SourceKind(enum.Enum):
     JSONL = "jsonl"                # local JSON-lines files, one document per line under `field`
     TFDS = "tfds"                  # tensorflow-datasets by name and split
     PRETOKENIZED = "pretokenized"  # array_record shards written by `pretokenize`
+    CHAT_JSONL = "chat_jsonl"      # fine-tuning: JSON lines {"messages": [{"role", "content"}, ...]}
+    PROMPT_COMPLETION = "prompt_completion"  # fine-tuning: JSON lines {"prompt": ..., "completion": ...}
+
+
+# Fine-tuning kinds: their documents carry a loss mask (data/sft.py) and are packed whole.
+SFT_KINDS = frozenset({SourceKind.CHAT_JSONL, SourceKind.PROMPT_COMPLETION})
+_FILE_KINDS = (SourceKind.TEXT, SourceKind.JSONL, SourceKind.PRETOKENIZED) + tuple(SFT_KINDS)
+
+
+class LossMask(enum.Enum):
+    """Which tokens of a chat_jsonl dialog are trained: the assistant's answers (content and
+    end of turn), never system/user/tool/header tokens."""
+    ASSISTANT = "assistant"            # every assistant turn
+    LAST_ASSISTANT = "last_assistant"  # only the dialog's last assistant turn
 
 
 class TextUnit(enum.Enum):
@@ -38,13 +52,22 @@ class SourceConfig:
     data_dir: str | None = None  # TFDS data_dir (None: TFDS's default)
     text_unit: TextUnit = TextUnit.FILE
     weight: float = 1.0       # sampling weight in a mixture (by documents)
+    messages_field: str = "messages"      # CHAT_JSONL: the key holding the dialog
+    prompt_field: str = "prompt"          # PROMPT_COMPLETION: the key of the prompt
+    completion_field: str = "completion"  # PROMPT_COMPLETION: the key of the completion
+    loss_mask: LossMask = LossMask.ASSISTANT  # CHAT_JSONL: all assistant turns or the last
 
     def __post_init__(self):
         object.__setattr__(self, "kind", SourceKind(self.kind))
         object.__setattr__(self, "text_unit", TextUnit(self.text_unit))
+        try:
+            object.__setattr__(self, "loss_mask", LossMask(self.loss_mask))
+        except ValueError:
+            raise DataError(f"SourceConfig.loss_mask must be one of {[m.value for m in LossMask]}, "
+                            f"got {self.loss_mask!r}") from None
         if self.weight <= 0:
             raise DataError(f"SourceConfig.weight must be > 0, got {self.weight} for {self.describe()}")
-        if self.kind in (SourceKind.TEXT, SourceKind.JSONL, SourceKind.PRETOKENIZED) and not self.path:
+        if self.kind in _FILE_KINDS and not self.path:
             raise DataError(f"SourceConfig(kind={self.kind.value}) needs `path` (file, directory or glob)")
         if self.kind == SourceKind.TFDS and not self.name:
             raise DataError("SourceConfig(kind=tfds) needs `name`, e.g. 'c4/en'")

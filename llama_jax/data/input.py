@@ -18,6 +18,7 @@ import numpy as np
 from llama_jax.data import (DataConfig, DataError, Llama3Tokenizer, Tokenizer, check_vocab, load_tokenizer,
                             make_dataset, make_global_batch)
 from llama_jax.data import train_tokenizer
+from llama_jax.checkpoint import TOKENIZER_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def tokenizer_for(path: str, data: DataConfig, vocab_size: int, workdir: str) ->
     if path:
         tok = load_tokenizer(path)
     else:
-        path = os.path.join(workdir, "tokenizer.model")
+        path = os.path.join(workdir, TOKENIZER_MODEL)  # where find_tokenizer_file looks
         if jax.process_index() == 0 and not os.path.exists(path):
             log.info("training a %d-piece tokenizer on %s", vocab_size, [s.describe() for s in data.sources])
             train_tokenizer(data, vocab_size, path + ".tmp")

@@ -7,22 +7,36 @@ next row(s). Nothing is dropped; each piece is its own segment with positions re
 at 0 (attention cannot see the earlier piece anyway, so the piece is a document of its own
 to the model). Split documents are counted in `PipelineStats.split_documents`.
 
+Fine-tuning examples (data/sft.py) carry a per-token weight (1: a token the model must
+produce) and are packed whole instead (grain's FirstFitPackIterDataset, rows of whole
+examples, padded): a row never starts in the middle of an example, so an answer always sees
+its prompt. An example longer than a row keeps its last seq_len + 1 tokens (a plain text
+document mixed into such a pipeline keeps its first), counted in
+`PipelineStats.truncated_documents`; the first one logs a warning. Plain text has weight 1
+everywhere; the weights travel through packing and grain's iterator state with the ids.
+
 Batch contract (numpy, shape [batch, seq_len] each):
   tokens       int32   row[:-1]; padding is 0
   targets      int32   row[1:]
   segment_ids  int32   1..k per document piece within the row, 0 for padding
   positions    int32   position within its document piece, restarting at 0
-  loss_mask    float32 1.0 where the target is the next token of the same piece; 0.0 on
-                       padding and where the target would belong to the next document.
+  loss_mask    float32 1.0 where the target is the next token of the same piece and that
+                       token's weight is 1 (fine-tuning: an answer token); 0.0 on padding,
+                       where the target would belong to the next document, and on prompts.
 The last token of each row is only a target: the transition from it to the next row's
 first token is not trained (one prediction per row, the usual price of packing).
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 
+from llama_jax.data.config import DataError
+from llama_jax.data.sft import SftExample, encode_example
+
+log = logging.getLogger(__name__)
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -35,6 +49,7 @@ class PipelineStats:
         self.tokens = 0
         self.split_documents = 0  # documents longer than a row, spread over several rows
         self.empty_documents = 0  # documents with no tokens: they still add bos + eos
+        self.truncated_documents = 0  # documents longer than a row where documents are packed whole
 
     def add(self, n_tokens: int, row_len: int):
         with self._lock:
@@ -43,37 +58,70 @@ class PipelineStats:
             self.split_documents += n_tokens > row_len
             self.empty_documents += n_tokens == 2
 
+    def add_truncated(self, where: str, n_tokens: int, row_len: int, kept: str):
+        with self._lock:
+            self.truncated_documents += 1
+            first = self.truncated_documents == 1
+        if first:
+            log.warning("%s: %d tokens, longer than a row (%d): it keeps its %s %d tokens; further ones "
+                        "are counted in stats.truncated_documents", where, n_tokens, row_len, kept, row_len)
+
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("documents", "tokens", "split_documents", "empty_documents")}
+        return {k: getattr(self, k) for k in ("documents", "tokens", "split_documents", "empty_documents",
+                                              "truncated_documents")}
 
 
 class TokenizeDocument:
-    """Map: text (or already tokenized ids) -> {"tokens": int32 [bos] + ids + [eos]}."""
+    """Map: text (or already tokenized ids) -> {"tokens": int32 [bos] + ids + [eos],
+    "weights": int32 ones}; a fine-tuning example -> its chat/prompt-completion ids and weights."""
 
-    def __init__(self, tokenizer, row_len: int, stats: PipelineStats):
+    def __init__(self, tokenizer, row_len: int, stats: PipelineStats, whole_documents: bool = False):
         self._tok, self._row_len, self._stats = tokenizer, row_len, stats
         self._bos, self._eos = tokenizer.bos_id, tokenizer.eos_id
+        self._whole = whole_documents  # packed whole (fine-tuning): a longer document is cut here
 
     def __call__(self, doc) -> dict:
+        if isinstance(doc, SftExample):
+            return self._fine_tuning(doc, *encode_example(self._tok, doc))
         if isinstance(doc, str):
             ids = self._tok.encode(doc, bos=True, eos=True)
             tokens = np.asarray(ids, dtype=np.int32)
         else:  # pre-tokenized: an int array without bos/eos
             tokens = np.concatenate([[self._bos], np.asarray(doc, np.int32), [self._eos]]).astype(np.int32)
+        if self._whole and len(tokens) > self._row_len:  # plain text mixed into fine-tuning: keep its start
+            self._stats.add_truncated("a text document", len(tokens), self._row_len, "first")
+            tokens = tokens[:self._row_len]
         self._stats.add(len(tokens), self._row_len)
-        return {"tokens": tokens}
+        return {"tokens": tokens, "weights": np.ones_like(tokens)}
+
+    def _fine_tuning(self, doc, ids: np.ndarray, weights: np.ndarray) -> dict:
+        if len(ids) > self._row_len:
+            self._stats.add_truncated(doc.where, len(ids), self._row_len, "last")
+            ids, weights = ids[-self._row_len:], weights[-self._row_len:]
+        if not weights[1:].any():  # the first token is never a target
+            raise DataError(f"{doc.where}: no token to train on (the loss mask is all zero)")
+        self._stats.add(len(ids), self._row_len)
+        return {"tokens": ids, "weights": weights}
 
 
-def pack(ds, seq_len: int):
-    """IterDataset of {"tokens": ids} -> IterDataset of packed rows of seq_len + 1."""
-    from grain.experimental import ConcatThenSplitIterDataset
-    return ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+def pack(ds, seq_len: int, whole_documents: bool = False, bins: int = 1):
+    """IterDataset of {"tokens", "weights"} -> IterDataset of packed rows of seq_len + 1:
+    concatenated and split, or (`whole_documents`, fine-tuning) first-fit into `bins` open rows."""
+    from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
+    lengths = {"tokens": seq_len + 1, "weights": seq_len + 1}
+    if whole_documents:
+        # Bins are not shuffled: documents are already shuffled, and the row order stays a
+        # function of the document order alone (resume needs nothing more).
+        return FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=bins, shuffle_bins=False)
+    return ConcatThenSplitIterDataset(ds, length_struct=lengths)
 
 
 def row_to_example(row: dict) -> dict:
     """A packed row of seq_len + 1 -> the batch contract's fields for one sequence."""
     r, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
     same_doc = (seg[:-1] != 0) & (seg[1:] == seg[:-1])
+    if "weights" in row:  # the weight of the target token
+        same_doc = same_doc & (row["weights"][1:] != 0)
     return {
         "tokens": r[:-1].astype(np.int32),
         "targets": r[1:].astype(np.int32),

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from llama_jax.data import packing
-from llama_jax.data.config import DataConfig, DataError, SourceConfig
-from llama_jax.data.sources import open_source
+from llama_jax.data.config import SFT_KINDS, DataConfig, DataError, SourceConfig
+from llama_jax.data.source_kinds import open_source
 
 _STATE_VERSION = 1
 
@@ -34,14 +34,20 @@ class DataIterator:
     have produced.
     """
 
-    def __init__(self, grain_iter, layout: _Layout, stats: packing.PipelineStats):
+    def __init__(self, grain_iter, layout: _Layout, stats: packing.PipelineStats, fine_tuning: bool = False):
         self._it, self._layout, self.stats = grain_iter, layout, stats
+        self._fine_tuning = fine_tuning
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return packing.pad_batch(next(self._it), self._layout.local_batch_size)
+        batch = packing.pad_batch(next(self._it), self._layout.local_batch_size)
+        if self._fine_tuning and not batch["loss_mask"].any():
+            # A step on such a batch trains on nothing and says nothing (levanter/marin #7237).
+            raise DataError(f"a batch of {', '.join(self._layout.sources)} has no token to train on "
+                            "(the loss mask is all zero)")
+        return batch
 
     def get_state(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "layout": dataclasses.asdict(self._layout),
@@ -82,7 +88,8 @@ def make_dataset(data_config: DataConfig, tokenizer, seq_len: int, global_batch_
 
     Shards default to `jax.process_index()` / `jax.process_count()`. Each source's
     documents are split round-robin between shards (disjoint, together covering all),
-    shuffled per epoch with `seed`, tokenized, mixed by `weight` (per document), and packed.
+    shuffled per epoch with `seed`, tokenized, mixed by `weight` (per document), and packed
+    (whole, first fit, when any source is a fine-tuning kind: see `packing`).
     """
     import grain
     if isinstance(data_config, dict) or hasattr(data_config, "to_dict"):
@@ -98,7 +105,8 @@ def make_dataset(data_config: DataConfig, tokenizer, seq_len: int, global_batch_
         raise DataError(f"seq_len must be > 0, got {seq_len}")
     local_batch = global_batch_size // shard_count
     stats = packing.PipelineStats()
-    tokenize = packing.TokenizeDocument(tokenizer, seq_len + 1, stats)
+    fine_tuning = any(cfg.kind in SFT_KINDS for cfg in data_config.sources)
+    tokenize = packing.TokenizeDocument(tokenizer, seq_len + 1, stats, whole_documents=fine_tuning)
     sources = [open_source(cfg) for cfg in data_config.sources]
     _check_pretokenized(sources, tokenizer)
     parts = {f"{i}:{cfg.describe()}": _source_dataset(src, cfg, i, data_config, tokenize, seed, shard_index, shard_count)
@@ -108,10 +116,10 @@ def make_dataset(data_config: DataConfig, tokenizer, seq_len: int, global_batch_
     else:
         weights = {k: cfg.weight for k, cfg in zip(parts, data_config.sources)}
         ds = grain.IterDataset.mix(parts, weights)
-    ds = packing.pack(ds, seq_len).map(packing.row_to_example)
+    ds = packing.pack(ds, seq_len, whole_documents=fine_tuning, bins=local_batch).map(packing.row_to_example)
     ds = ds.batch(local_batch, drop_remainder=False)
     layout = _Layout(seq_len, local_batch, seed, shard_index, shard_count, tuple(parts))
-    return DataIterator(iter(ds), layout, stats)
+    return DataIterator(iter(ds), layout, stats, fine_tuning)
 
 
 def _check_pretokenized(sources, tokenizer):

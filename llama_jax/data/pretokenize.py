@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from llama_jax.data.config import DataConfig, DataError, SourceConfig
+from llama_jax.data.config import SFT_KINDS, DataConfig, DataError, SourceConfig
 from llama_jax.data.pretokenized_source import META_FILE
-from llama_jax.data.sources import open_source
+from llama_jax.data.source_kinds import open_source
 
 
 def pretokenize(source: SourceConfig | DataConfig, tokenizer, output_dir: str,
@@ -27,6 +27,9 @@ def pretokenize(source: SourceConfig | DataConfig, tokenizer, output_dir: str,
     without its index, and no index describes other shards.
     """
     cfgs = source.sources if isinstance(source, DataConfig) else (source,)
+    sft = [c.describe() for c in cfgs if c.kind in SFT_KINDS]
+    if sft:  # records hold ids only; a fine-tuning example's loss mask would be lost
+        raise DataError(f"pretokenize: fine-tuning sources {sft} are tokenized on the fly, not pretokenized")
     os.makedirs(output_dir, exist_ok=True)
     if os.path.exists(os.path.join(output_dir, META_FILE)):
         os.remove(os.path.join(output_dir, META_FILE))  # describes shards about to be replaced

@@ -1,6 +1,6 @@
 """Reads back what `pretokenize` wrote: array_record shards of token ids, one record a document.
 
-The reader lives apart from the writer (data/pretokenize.py) because `sources.open_source`
+The reader lives apart from the writer (data/pretokenize.py) because `source_kinds.open_source`
 opens pretokenized directories while the writer opens sources to read its corpus: kept in
 one module, the two would import each other.
 """

@@ -15,7 +15,7 @@ import sysconfig
 
 import numpy as np
 
-from llama_jax.data.config import DataError, SourceConfig, SourceKind, TextUnit
+from llama_jax.data.config import DataError, SourceKind, TextUnit
 from llama_jax.data.decoding import DecodeCounter
 
 # Directories left out of the stdlib corpus: tests are large and repetitive, and
@@ -94,6 +94,15 @@ class FileSource:
             return text
         return self._field_of(text, path, start)
 
+    def line_at(self, i: int) -> tuple[str, str, int]:
+        """(text, path, byte offset) of line document `i` (line-indexed sources only)."""
+        row = self._index[i]
+        path, start, end = self._paths[int(row[0])], int(row[1]), int(row[2])
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        return self.decode_errors.decode(raw, f"{path} bytes {start}:{end}"), path, start
+
     def _field_of(self, line: str, path: str, offset: int) -> str:
         try:
             record = json.loads(line)
@@ -134,19 +143,3 @@ def stdlib_files(split: str = "train") -> list[str]:
 def _is_eval(relpath: str) -> bool:
     digest = hashlib.sha1(relpath.encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") % 100 < _EVAL_PERCENT
-
-
-def open_source(cfg: SourceConfig):
-    """Opens one configured source as a random-access document source."""
-    if cfg.kind == SourceKind.STDLIB:
-        return FileSource(stdlib_files(cfg.split), SourceKind.TEXT, TextUnit.FILE, name=cfg.describe())
-    if cfg.kind in (SourceKind.TEXT, SourceKind.JSONL):
-        paths = resolve_paths(cfg.path, cfg.describe())
-        return FileSource(paths, cfg.kind, cfg.text_unit, cfg.field, name=cfg.describe())
-    if cfg.kind == SourceKind.TFDS:
-        from llama_jax.data.tfds_source import open_tfds  # lazy: tensorflow_datasets is optional
-        return open_tfds(cfg)
-    if cfg.kind == SourceKind.PRETOKENIZED:
-        from llama_jax.data.pretokenized_source import PretokenizedSource  # lazy: grain, array_record
-        return PretokenizedSource(cfg.path)
-    raise DataError(f"unknown source kind {cfg.kind}")

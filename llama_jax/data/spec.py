@@ -9,6 +9,9 @@
     lines:PATH              text files, each non-empty line one document
     jsonl:PATH[#FIELD]      JSON lines, the document under FIELD (default "text")
     pretokenized:DIR        a pretokenize.py output directory
+    chat_jsonl:PATH[#FIELD[:MASK]]   fine-tuning dialogs under FIELD (default "messages");
+                            MASK: assistant (every assistant turn, default) | last_assistant
+    prompt_completion:PATH[#PROMPT:COMPLETION]   fine-tuning pairs (default keys prompt, completion)
     tfds:NAME[:SPLIT]       a TFDS dataset, e.g. tfds:c4/en:validation
 
 e.g. "0.7*text:notes/*.txt,0.3*jsonl:chat.jsonl#body". A comma always separates sources,
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import os
 
-from llama_jax.data.config import DataError, SourceConfig, SourceKind, TextUnit
+from llama_jax.data.config import SFT_KINDS, DataError, LossMask, SourceConfig, SourceKind, TextUnit
 from llama_jax.errors import input_error
 
 SYNTAX = ("[WEIGHT*]KIND:ARG[,...] with KIND:ARG one of stdlib[:split], text:PATH, lines:PATH, "
-          "jsonl:PATH[#field], pretokenized:DIR, tfds:NAME[:split]")
-KINDS = ("stdlib", "text", "lines", "jsonl", "pretokenized", "tfds")
+          "jsonl:PATH[#field], pretokenized:DIR, tfds:NAME[:split], chat_jsonl:PATH[#field[:mask]], "
+          "prompt_completion:PATH[#prompt:completion]")
+KINDS = ("stdlib", "text", "lines", "jsonl", "pretokenized", "tfds", "chat_jsonl", "prompt_completion")
 
 
 def parse_sources(spec: str, default_split: str = "train", data_dir: str | None = None,
@@ -51,7 +55,7 @@ def check_paths(sources: tuple[SourceConfig, ...], where: str = "source spec") -
     """Fails now, in one line, when a local source's file, directory or glob matches nothing."""
     from llama_jax.data.sources import resolve_paths
     for s in sources:
-        if s.kind in (SourceKind.TEXT, SourceKind.JSONL):
+        if s.kind in (SourceKind.TEXT, SourceKind.JSONL) or s.kind in SFT_KINDS:
             resolve_paths(s.path, f"{where}: {s.describe()}")
         elif s.kind == SourceKind.PRETOKENIZED and not os.path.isdir(s.path):
             raise input_error(where, f"{s.describe()}: no such directory", "a pretokenize.py output", s.path)
@@ -68,6 +72,10 @@ def to_spec(source: SourceConfig, with_weight: bool = False) -> str:
         body = f"jsonl:{arg}#{source.field}"
     elif k == SourceKind.PRETOKENIZED:
         body = f"pretokenized:{arg}"
+    elif k == SourceKind.CHAT_JSONL:
+        body = f"chat_jsonl:{arg}#{source.messages_field}:{source.loss_mask.value}"
+    elif k == SourceKind.PROMPT_COMPLETION:
+        body = f"prompt_completion:{arg}#{source.prompt_field}:{source.completion_field}"
     else:
         body = f"tfds:{source.name}:{source.split}"
     return f"{source.weight:g}*{body}" if with_weight else body
@@ -108,6 +116,18 @@ def _source(kind: str, arg: str, weight: float, default_split: str, data_dir: st
         return SourceConfig(kind=SourceKind.JSONL, path=path, field=field or "text", weight=weight)
     if kind == "pretokenized":
         return SourceConfig(kind=SourceKind.PRETOKENIZED, path=arg, weight=weight)
+    if kind == "chat_jsonl":
+        path, _, rest = arg.partition("#")
+        field, _, mask = rest.partition(":")
+        return SourceConfig(kind=SourceKind.CHAT_JSONL, path=path, messages_field=field or "messages",
+                            loss_mask=mask or LossMask.ASSISTANT, weight=weight)
+    if kind == "prompt_completion":
+        path, hash_, rest = arg.partition("#")
+        prompt, colon, completion = rest.partition(":")
+        if hash_ and not (prompt and colon and completion):
+            raise DataError(f"give both keys as #PROMPT:COMPLETION, got #{rest}")
+        return SourceConfig(kind=SourceKind.PROMPT_COMPLETION, path=path, prompt_field=prompt or "prompt",
+                            completion_field=completion or "completion", weight=weight)
     name, _, split = arg.partition(":")
     return SourceConfig(kind=SourceKind.TFDS, name=name, split=split or default_split, data_dir=data_dir,
                         weight=weight)

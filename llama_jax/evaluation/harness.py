@@ -34,9 +34,10 @@ class LlamaJaxLM(TemplateLM):
     @classmethod
     def from_checkpoint(cls, path: str, tokenizer: str | None = None, dtype: str | None = None, **kw) -> "LlamaJaxLM":
         """Loads a llama_jax checkpoint directory and its tokenizer.model."""
-        from llama_jax.inference.text import find_tokenizer, load_for_generation
-        config, params = load_for_generation(path, dtype=dtype, mesh=kw.get("mesh"))
-        return cls(config, params, find_tokenizer(path, tokenizer), **kw)
+        from llama_jax.checkpoint import load_checkpoint, tokenizer_file
+        from llama_jax.data import load_tokenizer
+        config, params = load_checkpoint(path, dtype=dtype, mesh=kw.get("mesh"))
+        return cls(config, params, load_tokenizer(str(tokenizer_file(path, tokenizer))), **kw)
 
     @property
     def eot_token_id(self) -> int:

@@ -47,7 +47,7 @@ class KVCache(NamedTuple):
 
 
 def prepare(params) -> DecodeWeights:
-    """Stored (stacked) params -> the decode runtime form. Every weight is copied (numpy too)."""
+    """Stored (stacked) params -> the decode runtime form (under jit, as generate runs it, a copy)."""
     params = nn.unbox(params)
     stacked = params["layers"]
     n = jax.tree.leaves(stacked)[0].shape[0]

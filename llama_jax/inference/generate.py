@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import generations
+from llama_jax.checkpoint import check_params
 from llama_jax.config import ModelConfig
 from llama_jax.inference.decode import DecodeWeights, KVCache, forward, init_cache, prepare, weight_axes, weight_shapes
 from llama_jax.inference.sampling import Sampling, filtered_probs, sample  # noqa: F401 (re-exported)
@@ -89,22 +90,6 @@ def _check_sampling(config, temperature, top_p, top_k) -> Sampling:
     if temperature == 0:
         return Sampling(greedy=True, top_p=False, top_k=None)
     return Sampling(greedy=False, top_p=top_p < 1.0, top_k=None if top_k is None else int(top_k))
-
-
-def _check_params(config: ModelConfig, params, expected) -> None:
-    """Raise if `params` (stored or prepared) is not a parameter tree of this config (names and shapes)."""
-    try:
-        got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-        want = jax.tree.map(lambda x: tuple(x.shape), expected)
-        bad = [(jax.tree_util.keystr(k), g, e) for (k, g), e in
-               zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)) if g != e]
-        same = jax.tree.structure(got) == jax.tree.structure(want)
-    except Exception:  # not a dict of arrays at all
-        same, bad = False, []
-    if not same or bad:
-        raise ValueError(f"params do not match the config ({config.n_layers} layers, dim {config.dim}, "
-                         f"vocab {config.vocab_size}): {bad[:4] if bad else 'different parameter names'}; "
-                         "load params and config from the same checkpoint")
 
 
 # ---------------------------------------------------------------- the compiled loop
@@ -306,7 +291,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     rows = _check_prompts(config, prompts, max_new_tokens)
     mode = _check_sampling(config, temperature, top_p, top_k)
     params = params if isinstance(params, DecodeWeights) else nn.unbox(params)
-    _check_params(config, params, programs.expected(config, isinstance(params, DecodeWeights)))
+    check_params(config, params, expected=programs.expected(config, isinstance(params, DecodeWeights)))
     stops = list(default_stop_ids(config) if stop_ids is None else stop_ids)
     if any(not 0 <= s < config.vocab_size for s in stops):
         raise ValueError(f"stop_ids {stops} must lie in the vocabulary [0, {config.vocab_size})")

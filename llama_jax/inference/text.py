@@ -1,12 +1,10 @@
-"""Text in, text out: a tokenizer around `generate`, and checkpoint loading for it.
+"""Text in, text out: a tokenizer around `generate`.
 
 The tokenizer is duck-typed (`encode(text, bos=True)`, `decode(ids)`, `eos_id`,
 `vocab_size`), e.g. `llama_jax.data.Tokenizer`; nothing here imports sentencepiece.
 """
 from __future__ import annotations
 
-import glob
-import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -63,48 +61,3 @@ def generate_text(config: ModelConfig, params, tokenizer, prompts: str | Sequenc
         on_step.finish()
     return [decode_continuation(tokenizer, p, row) for p, row in zip(ids, out)]
 
-
-def _foreign_format(path: str) -> str | None:
-    if glob.glob(os.path.join(path, "consolidated.*.pth")):
-        return "meta"
-    if glob.glob(os.path.join(path, "*.safetensors")) or glob.glob(os.path.join(path, "pytorch_model*.bin")):
-        return "hf"
-    return None
-
-
-def _check_ours(path: str) -> None:
-    """A clear error for a missing folder or a PyTorch (Meta, HF) one."""
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r}: no such directory")
-    source = _foreign_format(path)
-    if source:
-        raise ValueError(f"{path} holds a {'Meta' if source == 'meta' else 'Hugging Face'} PyTorch checkpoint, "
-                         f"not a llama_jax one; convert it first: python convert/to_orbax.py --source {source} "
-                         f"--input {path} --output OUT_DIR")
-
-
-def load_for_generation(path: str, dtype: str | None = None, mesh=None):
-    """(config, params) of one of our checkpoints; a clear error for anything else."""
-    _check_ours(path)
-    from llama_jax.checkpoint import load_checkpoint
-    try:
-        return load_checkpoint(path, dtype=dtype, mesh=mesh)
-    except (FileNotFoundError, KeyError) as e:
-        raise ValueError(f"{path} is not a llama_jax checkpoint (made by convert/to_orbax.py or "
-                         f"save_params): {e}") from e
-
-
-def find_tokenizer(checkpoint: str, explicit: str | None = None):
-    """`explicit`, else the checkpoint's tokenizer.model (in its step directory or training
-    workdir, see checkpoint.find_tokenizer_file): a llama_jax.data.Tokenizer (SentencePiece,
-    LLaMA 1/2) or Llama3Tokenizer (tiktoken BPE), picked from the file."""
-    from llama_jax.checkpoint import find_tokenizer_file
-    from llama_jax.data import load_tokenizer
-    if explicit:
-        return load_tokenizer(explicit)
-    _check_ours(checkpoint)
-    path = find_tokenizer_file(checkpoint)
-    if path is None:
-        raise ValueError(f"{checkpoint}: no tokenizer.model in the checkpoint or its training workdir: "
-                         f"pass --tokenizer PATH/tokenizer.model")
-    return load_tokenizer(str(path))

@@ -73,8 +73,8 @@ def to_orbax(source: Format | str, input_dir: str | os.PathLike, output_dir: str
     abstract = checkpoint.abstract_params(config)
     shapes = {r.path: (get_path(abstract, r.path)[0], leaf_dtypes[r.path]) for r in rules}
     total = sum(1 for _ in tensor_order(config, source, rules))
-    with checkpoint.output_dir(output_dir, overwrite, inputs=[input_dir]) as tmp:
-        writer = ParamsWriter(tmp / checkpoint.PARAMS_DIR, shapes, stacked={r.path for r in rules if r.layered})
+    with checkpoint.writing(output_dir, overwrite, inputs=[input_dir]) as draft:
+        writer = ParamsWriter(draft.params_dir, shapes, stacked={r.path for r in rules if r.layered})
         sums = integrity.HostSums()
         for done, (rule, layer, name) in enumerate(tensor_order(config, source, rules), 1):
             try:
@@ -87,11 +87,9 @@ def to_orbax(source: Format | str, input_dir: str | os.PathLike, output_dir: str
             if progress:
                 progress(done, total)
         writer.close()
-        integrity.write(tmp, sums.hexdigests())
-        config.save(tmp / checkpoint.CONFIG_FILE)
-        checkpoint.copy_tokenizer_files(input_dir, tmp)
+        draft.finish(config, sums.hexdigests(), checkpoint.tokenizer_files_in(input_dir))
         if source is Format.META:
-            meta_params.keep_source(input_dir, tmp)
+            meta_params.keep_source(input_dir, draft.directory)
     return config
 
 
@@ -172,12 +170,11 @@ def from_orbax(target: Format | str, input_dir: str | os.PathLike, output_dir: s
     if target is Format.META:
         import_torch(str(output_dir))  # consolidated.NN.pth are torch files: say so before any work
     d = checkpoint.resolve_checkpoint(input_dir)
-    config = ModelConfig.load(d / checkpoint.CONFIG_FILE)
+    config = checkpoint.read_config(d)
     if generation is not None:
         config = config.replace(generation=generation)
     reader = ParamsReader(d / checkpoint.PARAMS_DIR)
-    checkpoint.check_params_tree(checkpoint.abstract_params(config), unflatten(reader.shapes),
-                                 str(d / checkpoint.PARAMS_DIR))
+    checkpoint.check_params(config, unflatten(reader.shapes), str(d / checkpoint.PARAMS_DIR))
     dtypes = {r.path: np.dtype(dtype) if dtype is not None else reader.shapes[weights.stored_rule(r, config).path][1]
               for r in weights.file_rules(config, target)}
     total = sum(1 for _ in tensor_order(config, target))

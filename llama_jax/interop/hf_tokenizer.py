@@ -13,7 +13,7 @@ than naming a transformers class that rebuilds its own pipeline:
   the rank of the merged token; the 256 special tokens after the ranks, in our order.
 Both prepend bos in a post-processor and never append eos (our prompts: bos only).
 tokenizer_config.json carries the chat format of the tokenizer's family as `chat_template`
-(inference/chat.py: `apply_chat_template(dialog, add_generation_prompt=True)` gives
+(data/chat_format.py: `apply_chat_template(dialog, add_generation_prompt=True)` gives
 `encode_dialog`'s ids), always: a base model's users never call it, and Meta's own Llama 3.1
 base repos carry one too. A template spells its control tokens as text, so the export keeps
 transformers' default `split_special_tokens: false`, as Meta's own Hugging Face tokenizers
@@ -26,6 +26,8 @@ import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from llama_jax.checkpoint.layout import TOKENIZER_MODEL
 
 if TYPE_CHECKING:  # the converters import this module: no tokenizer libraries until needed
     from llama_jax.config import ModelConfig
@@ -140,7 +142,7 @@ def write_tokenizer_files(tok: Tokenizer | Llama3Tokenizer, out_dir: str | Path,
     out = Path(out_dir)
     hf.save(str(out / "tokenizer.json"))
     names = _token_names(tok)
-    from llama_jax.inference.chat import hf_chat_template
+    from llama_jax.data.chat_format import hf_chat_template
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": True, "add_eos_token": False,
               "split_special_tokens": False, "clean_up_tokenization_spaces": False,
               "model_max_length": max_seq_len, "model_input_names": ["input_ids", "attention_mask"],
@@ -175,9 +177,9 @@ def write_export_files(out_dir: str | Path, config: ModelConfig) -> list[str]:
     config.json's bos/eos set to that tokenizer's."""
     from llama_jax.data import DataError, load_tokenizer
     out, tok = Path(out_dir), None
-    if (out / "tokenizer.model").is_file():
+    if (out / TOKENIZER_MODEL).is_file():
         try:
-            tok = load_tokenizer(str(out / "tokenizer.model"))
+            tok = load_tokenizer(str(out / TOKENIZER_MODEL))
         except DataError as e:
             log.warning("no Hugging Face tokenizer files written: %s", e)
     written = []

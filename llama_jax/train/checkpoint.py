@@ -1,15 +1,16 @@
 """Train-state checkpoints: Orbax CheckpointManager, async, last N kept.
 
-Layout of one step (`WORKDIR/checkpoints/<step>/`):
+Layout of one step (`WORKDIR/checkpoints/<step>/`), item names in STEP_ITEMS:
   params/            the float32 parameters (StandardSave), sharded writes by every process
   opt_state/         the optax state
   data/              data-iterator state, one JSON per input shard (`shard_<i>-of-<n>.json`)
   meta/              {"step": ...}
-  model_config.json  (and tokenizer.model when known) beside params/, so that
+  model_config.json  checksums.json, tokenizer.model: the files a params-only checkpoint
+                     holds beside params/ (llama_jax.checkpoint.files_beside_params), so that
                      `llama_jax.load_checkpoint(step_dir)` reads a training step directly.
-  checksums.json     one checksum per array of params/ and opt_state/ (llama_jax.checkpoint.integrity),
-                     verified on restore; written only for finite states.
-  files/             (empty: the item whose handler writes the two files above)
+                     The checksums cover params/ and opt_state/ and are verified on restore;
+                     a step is saved only when its state is finite.
+  files/             (empty: the item whose handler writes the files above)
 Orbax writes a step into a temporary directory and renames it when complete, so a kill
 -9 at any moment leaves the previous steps intact; leftovers are cleaned on the next start.
 Old steps are pruned by renaming them into `checkpoints/.deleted/` (atomic) and deleting
@@ -26,9 +27,22 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from llama_jax import checkpoint as ckpt_format
 from llama_jax.checkpoint import integrity
+from llama_jax.config import ModelConfig
 
 DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
+# Orbax items of a step (each its own directory); params/ is the params-only format's.
+PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM = ckpt_format.PARAMS_DIR, "opt_state", "data", "meta"
+FILES_ITEM = "files"
+ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's own file in each step (no public name for it)
+# What a complete step holds (the files item writes nothing in its own directory).
+STEP_ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM, ckpt_format.CONFIG_FILE, ORBAX_STEP_METADATA)
+
+
+def is_complete(step_dir: str | os.PathLike) -> bool:
+    """Whether the step directory holds every one of STEP_ITEMS."""
+    return all(os.path.exists(os.path.join(step_dir, item)) for item in STEP_ITEMS)
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -69,8 +83,11 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 class StepFilesHandler(ocp.CheckpointHandler):
     """Writes small files into the step directory itself (beside params/).
 
-    The item directory's parent is the step's temporary directory, renamed as a whole
-    when the step completes: the files appear atomically with the rest of the step.
+    Why not an Orbax item such as JsonSave: every item gets its own directory
+    (`<step>/<item>/...`), while the params-only format keeps model_config.json and
+    checksums.json beside params/; a step must stay such a checkpoint. The item directory's
+    parent is the step's temporary directory, renamed as a whole when the step completes:
+    the files appear atomically with the rest of the step.
     """
 
     def save(self, directory: epath.Path, args: "StepFilesSave"):
@@ -106,23 +123,25 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
 
 
 def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], shard_count: int,
-         files: dict[str, bytes]) -> None:
+         config: ModelConfig, tokenizer_model: str | None = None) -> None:
     """Starts an (async) save of `state` at its step; every process must call it.
+    `tokenizer_model`: the run's tokenizer file, kept in the step as tokenizer.model.
 
     Raises `integrity.NonFiniteState` (saving nothing) if any array holds NaN or inf."""
     step = int(state.step)
-    sums, bad = integrity.summarize({"params": state.params, "opt_state": state.opt_state})
+    sums, bad = integrity.summarize({PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state})
     if bad:
         raise integrity.NonFiniteState(f"step {step}: {len(bad)} arrays of the state hold NaN or inf "
                                        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-    files = {**files, integrity.FILE: integrity.file_bytes(sums)}
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        data=DataStateSave(data_states, shard_count),
-        meta=ocp.args.JsonSave({"step": step}),
-        files=StepFilesSave(files),
-    ), force=True)
+    tokenizers = {ckpt_format.TOKENIZER_MODEL: tokenizer_model} if tokenizer_model else None
+    files = ckpt_format.files_beside_params(config, sums, tokenizers)
+    manager.save(step, args=ocp.args.Composite(**{
+        PARAMS_ITEM: ocp.args.StandardSave(state.params),
+        OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
+        DATA_ITEM: DataStateSave(data_states, shard_count),
+        META_ITEM: ocp.args.JsonSave({"step": step}),
+        FILES_ITEM: StepFilesSave(files),
+    }), force=True)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings, shards: tuple[int, ...],
@@ -131,17 +150,18 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
     (which may describe another mesh than the one that saved it)."""
     def target(tree, shard_tree):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard_tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target(abstract_state.params, shardings.params)),
-        opt_state=ocp.args.StandardRestore(target(abstract_state.opt_state, shardings.opt_state)),
-        data=DataStateRestore(tuple(shards), shard_count),
-        meta=ocp.args.JsonRestore(),
-    ))
-    if restored.meta["step"] != step:
-        raise ValueError(f"checkpoint {step}: meta says step {restored.meta['step']}")
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS_ITEM: ocp.args.StandardRestore(target(abstract_state.params, shardings.params)),
+        OPT_STATE_ITEM: ocp.args.StandardRestore(target(abstract_state.opt_state, shardings.opt_state)),
+        DATA_ITEM: DataStateRestore(tuple(shards), shard_count),
+        META_ITEM: ocp.args.JsonRestore(),
+    }))
+    params, opt_state = restored[PARAMS_ITEM], restored[OPT_STATE_ITEM]
+    if restored[META_ITEM]["step"] != step:
+        raise ValueError(f"checkpoint {step}: meta says step {restored[META_ITEM]['step']}")
     integrity.verify(os.path.join(str(manager.directory), str(step)),
-                     {"params": restored.params, "opt_state": restored.opt_state})
+                     {PARAMS_ITEM: params, OPT_STATE_ITEM: opt_state})
     state = abstract_state.replace(
         step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
-        params=restored.params, opt_state=restored.opt_state)
-    return state, restored.data
+        params=params, opt_state=opt_state)
+    return state, restored[DATA_ITEM]

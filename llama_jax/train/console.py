@@ -15,6 +15,7 @@ import time
 
 from tqdm import tqdm
 
+from llama_jax.checkpoint import CHECKPOINTS_DIR
 from llama_jax.train.report import rounded
 
 BAR_KEYS = ("loss_mean", "lr", "eval_loss")
@@ -66,7 +67,7 @@ def final_lines(out: dict, workdir: str, stopped: bool = False) -> list[str]:
         parts.append(f"train loss {rounded(out['train_loss'])} (mean of steps "
                      f"{out['train_loss_from_step']}-{out['step']})")
     lines = [head + (": " + ", ".join(parts) if parts else "")]
-    lines.append(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+    lines.append(f"checkpoints: {os.path.join(workdir, CHECKPOINTS_DIR)}")
     if out.get("plot_path"):
         lines.append(f"plot: {out['plot_path']}")
     if "sample" in out:

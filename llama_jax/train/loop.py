@@ -10,7 +10,6 @@ step with a checkpoint. A non-finite loss, gradient norm, or saved state raises
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ import ml_collections
 
 from llama_jax.train import metrics as metrics_lib
 from llama_jax import sharding
-from llama_jax.checkpoint import integrity
+from llama_jax.checkpoint import CHECKPOINTS_DIR, checkpoints_dir, integrity
 from llama_jax.train import optim
 from llama_jax.train import report as run_report
 from llama_jax.train import checkpoint as train_checkpoint
@@ -88,13 +87,13 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(tuple(cfg.mesh))
     model = train_config.model_config(cfg)
     train_checks.check_config(cfg, model)
-    manager = train_checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
+    manager = train_checkpoint.make_manager(str(checkpoints_dir(workdir)), cfg.keep_checkpoints,
                                             cfg.async_checkpoints)
     train_recovery.purge_deleted(str(manager.directory))
     train_recovery.set_aside_incomplete(manager)
     latest = manager.latest_step()
     if latest is not None:  # a resumed run keeps its own architecture (fine-tuned or not)
-        model = _with_architecture(model, os.path.join(workdir, "checkpoints", str(latest)))
+        model = _with_architecture(model, str(checkpoints_dir(workdir) / str(latest)))
         train_checks.check_seq_len(cfg, model)
     elif cfg.init_from:
         from llama_jax.checkpoint import resolve_checkpoint
@@ -116,7 +115,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     inp = ShardedInput(data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, shard_count,
                        train_state.batch_sharding(mesh))
     if latest is not None:
-        log.info("restoring %s/checkpoints/%d", workdir, latest)  # or the newest intact step before it
+        log.info("restoring %s/%d", os.path.join(workdir, CHECKPOINTS_DIR), latest)  # or the newest intact step before it
         latest, state, data_states = train_recovery.restore_intact(manager, abstract, shardings, inp.shards,
                                                                    shard_count)
         inp.set_states(data_states)
@@ -138,26 +137,18 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
                start_step=0 if latest is None else latest)
 
 
-def _step_files(run: Run) -> dict[str, bytes]:
-    files = {"model_config.json": json.dumps(run.model.to_dict(), indent=2).encode()}
-    tok_path = getattr(run.tokenizer, "path", "")
-    if os.path.isfile(tok_path):
-        with open(tok_path, "rb") as f:
-            files["tokenizer.model"] = f.read()
-    return files
-
-
 def save(run: Run) -> None:
     """Starts an async checkpoint of the current state (collective: every process calls it);
     raises NonFiniteLoss, saving nothing, if the state holds NaN or inf."""
     try:
-        train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count,
-                              _step_files(run))
+        tok_path = getattr(run.tokenizer, "path", "")  # kept in each step as its tokenizer.model
+        train_checkpoint.save(run.manager, run.state, run.input.get_states(), run.input.shard_count, run.model,
+                              tok_path if os.path.isfile(tok_path) else None)
     except integrity.NonFiniteState as e:
         run.manager.wait_until_finished()
-        raise NonFiniteLoss(f"{e}. Stopped without saving it; the last good checkpoint in {run.workdir}/"
-                            f"checkpoints (step {run.manager.latest_step()}) is kept. Resume from it with a "
-                            f"lower optimizer.peak_lr or longer optimizer.warmup_steps.") from None
+        raise NonFiniteLoss(f"{e}. Stopped without saving it; the last good checkpoint in "
+                            f"{os.path.join(run.workdir, CHECKPOINTS_DIR)} (step {run.manager.latest_step()}) is kept. "
+                            f"Resume from it with a lower optimizer.peak_lr or longer optimizer.warmup_steps.") from None
     train_recovery.purge_deleted(str(run.manager.directory), background=True)  # pruned by the previous save
 
 
@@ -196,7 +187,8 @@ class _Logger:
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             raise NonFiniteLoss(
                 f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite. Stopped without "
-                f"saving this step; the last good checkpoint in {self.run.workdir}/checkpoints is kept. "
+                f"saving this step; the last good checkpoint in "
+                f"{os.path.join(self.run.workdir, CHECKPOINTS_DIR)} is kept. "
                 f"Resume from it with a lower optimizer.peak_lr or longer optimizer.warmup_steps.")
         self.window.append(m["loss"])
         if force_log or step % self.run.cfg.log_every == 0:
@@ -267,11 +259,10 @@ def preflight(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _latest_complete_step(workdir: str) -> int | None:
     """The newest step directory under WORKDIR/checkpoints with all its items (read only)."""
-    d = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(d):
+    d = checkpoints_dir(workdir)
+    if not d.is_dir():
         return None
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()
-             and all(os.path.exists(os.path.join(d, n, i)) for i in train_recovery.STEP_ITEMS)]
+    steps = [int(n) for n in os.listdir(d) if n.isdigit() and train_checkpoint.is_complete(d / n)]
     return max(steps, default=None)
 
 
@@ -280,7 +271,7 @@ def _remove_failed_setup(workdir: str, created: bool) -> None:
     the lock, and the directory too if this run created it."""
     if jax.process_index() != 0:
         return
-    train_recovery.remove_if_empty(os.path.join(workdir, "checkpoints"))
+    train_recovery.remove_if_empty(str(checkpoints_dir(workdir)))
     try:
         if os.listdir(workdir) != [workdir_lock.LOCK_FILE]:
             return

@@ -24,7 +24,6 @@ from llama_jax.train import checkpoint as train_checkpoint
 log = logging.getLogger(__name__)
 
 DAMAGED_DIR = ".damaged"
-STEP_ITEMS = ("params", "opt_state", "data", "meta", "model_config.json", "_CHECKPOINT_METADATA")
 
 
 def _barrier(name: str) -> None:
@@ -83,10 +82,10 @@ def purge_deleted(directory: str, background: bool = False) -> None:
 
 
 def set_aside_incomplete(manager) -> None:
-    """Moves step directories missing one of STEP_ITEMS into `.deleted/` (then purged)."""
+    """Moves step directories missing an item (train_checkpoint.STEP_ITEMS) into `.deleted/` (then purged)."""
     directory = str(manager.directory)
     steps = [int(n) for n in os.listdir(directory) if n.isdigit()]  # all, as readers list them
-    bad = [s for s in steps if not all(os.path.exists(os.path.join(directory, str(s), i)) for i in STEP_ITEMS)]
+    bad = [s for s in steps if not train_checkpoint.is_complete(os.path.join(directory, str(s)))]
     for step in bad:
         log.warning("checkpoint %s/%d is incomplete (half deleted?): removed from the steps", directory, step)
         _move_aside(directory, step, train_checkpoint.DELETED_DIR)

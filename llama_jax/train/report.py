@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from llama_jax.checkpoint import CHECKPOINTS_DIR, checkpoints_dir
 from llama_jax.train.plot import plot_run, read_metrics
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def summary_lines(run) -> list[str]:
     """Parameters, tokens per step, devices, mesh, data, where the output goes, fresh or resumed."""
     cfg, m = run.cfg, run.model
     if run.start_step:
-        how = f"resuming from {os.path.join(run.workdir, 'checkpoints', str(run.start_step))}"
+        how = f"resuming from {os.path.join(run.workdir, CHECKPOINTS_DIR, str(run.start_step))}"
     elif cfg.init_from:
         how = f"fine-tuning from {cfg.init_from}"
     else:
@@ -75,7 +76,7 @@ def summary_lines(run) -> list[str]:
     per_step = cfg.batch_size * cfg.seq_len
     devices = jax.devices()
     mesh = " x ".join(f"{name} {size}" for name, size in run.mesh.shape.items())
-    ckpt = os.path.join(os.path.abspath(run.workdir), "checkpoints")
+    ckpt = checkpoints_dir(run.workdir)
     kv = f", {m.n_kv_heads} kv" if m.n_kv_heads and m.n_kv_heads != m.n_heads else ""
     return [
         f"run: {how}; steps {run.start_step} -> {cfg.steps}",

@@ -113,38 +113,3 @@ def hold_for_run(workdir: str):
     with stack:
         yield
 
-
-def lock_dir(path: str | os.PathLike) -> int | None:
-    """Takes a flock on directory `path` (a temporary output being written); returns the
-    fd to close when done, None where the filesystem has no flock."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def remove_stale_dirs(parent: str | os.PathLike, prefix: str) -> list[str]:
-    """Removes the directories `parent/prefix*` that no live process holds (`lock_dir`):
-    leftovers of a killed writer. Directories that cannot be locked are left alone."""
-    import shutil
-    removed = []
-    if not os.path.isdir(parent):
-        return removed
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if not name.startswith(prefix) or not os.path.isdir(path):
-            continue
-        fd = lock_dir(path)
-        if fd is None:
-            continue  # being written now (or no flock here)
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        finally:
-            os.close(fd)
-    if removed:
-        log.warning("removed %d unfinished output(s) of killed runs: %s", len(removed), removed)
-    return removed
