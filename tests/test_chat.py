@@ -136,6 +136,8 @@ def test_dialog_longer_than_the_context_is_one_error_before_compute(models, monk
     assert len(msg.splitlines()) == 1
     with pytest.raises(InputError, match=r"dialogs\[0\]: messages\[0\]: unknown role"):
         chat(cfg, params, tok, [[m("bot", "hi")]], 8)
+    with pytest.raises(ValueError, match="params"):
+        ChatSession(dataclasses.replace(cfg, n_layers=3), params, tok)
     session = ChatSession(cfg, params, tok)
     with pytest.raises(InputError, match="no longer fits the model's context"):
         session.send("hello world " * 600)

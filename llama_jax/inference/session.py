@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.checkpoint import check_params
 from llama_jax.errors import input_error
 from llama_jax.inference.chat import (CHAT_TEMPERATURE, CHAT_TOP_P, _AnswerStream, chat_stop_ids, encode_dialog,
                                       encode_next_turn, end_of_turn_ids)
-from llama_jax.inference.decode import DecodeWeights, KVCache, forward, init_cache, prepare
+from llama_jax.inference.decode import DecodeWeights, KVCache, forward, init_cache, prepare, weight_shapes
 from llama_jax.inference.generate import bucket_pow2
 from llama_jax.inference.sampling import Sampling, sample
 from llama_jax.runtime import RunOptions
@@ -164,7 +165,12 @@ class ChatSession:
             raise input_error("tokenizer", "more tokens than the model's vocabulary: wrong tokenizer?",
                               f"<= {config.vocab_size}", tokenizer.vocab_size)
         self.config, self.tokenizer, self.run = config, tokenizer, RunOptions() if run is None else run
-        self.weights = params if isinstance(params, DecodeWeights) else jax.jit(prepare)(nn.unbox(params))
+        if isinstance(params, DecodeWeights):
+            check_params(config, params, expected=weight_shapes(config))
+            self.weights = params
+        else:
+            check_params(config, nn.unbox(params))
+            self.weights = jax.jit(prepare)(nn.unbox(params))  # one copy, in the runtime form, for the session
         self.stops = chat_stop_ids(config, tokenizer)
         self.close_id = end_of_turn_ids(tokenizer)[0]
         if not 0 <= self.close_id < config.vocab_size:
