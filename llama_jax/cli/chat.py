@@ -46,11 +46,12 @@ def _parser() -> ArgumentParser:
 
 
 def _session(a):
-    from llama_jax.inference import text as gt
+    from llama_jax.checkpoint import load_checkpoint, tokenizer_file
+    from llama_jax.data import load_tokenizer
     from llama_jax.inference.session import ChatSession
     from llama_jax.runtime import RunOptions
-    tok = gt.find_tokenizer(a.checkpoint, a.tokenizer)
-    config, params = gt.load_for_generation(a.checkpoint, dtype=a.dtype)
+    tok = load_tokenizer(str(tokenizer_file(a.checkpoint, a.tokenizer)))
+    config, params = load_checkpoint(a.checkpoint, dtype=a.dtype)
     run = RunOptions() if a.dtype is None else RunOptions(dtype=a.dtype)
     return ChatSession(config, params, tok, system=a.system, max_new_tokens=a.max_new_tokens,
                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, run=run)
