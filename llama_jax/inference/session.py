@@ -215,15 +215,14 @@ class ChatSession:
         if room < 0:
             raise input_error("message", "the conversation no longer fits the model's context: reset it",
                               f"<= max_seq_len {self.config.max_seq_len} tokens", f"{self.filled + len(ids) + 1}")
-        t0 = time.perf_counter()
-        logits = self.extend(ids)
-        jax.block_until_ready(logits)
-        t1 = time.perf_counter()
-        flag = threading.Event()
         budget = min(self.max_new_tokens if max_new_tokens is None else max_new_tokens, room)
-        with _sigint_sets(flag, handle_sigint):
+        flag = threading.Event()
+        with _sigint_sets(flag, handle_sigint):  # from here on, Ctrl-C ends the answer (maybe before it starts)
+            t0 = time.perf_counter()
+            logits = jax.block_until_ready(self.extend(ids))
+            t1 = time.perf_counter()
             new, stopped = self._answer(logits, budget, stream, lambda: flag.is_set() or bool(stop and stop()))
-        t2 = time.perf_counter()
+            t2 = time.perf_counter()
         text_ids = new[:-1] if stopped == "end_of_turn" else new
         if stopped != "end_of_turn":
             self.extend([self.close_id])
