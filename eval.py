@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="context length, at most the model's max_seq_len (default: max_seq_len)")
     p.add_argument("--tokens-per-batch", type=positive_int, default=4096, help="tokens scored per forward pass")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="cast params on load")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="cast params on load; scoring computes in the params' dtype")
     p.add_argument("--output", default=None,
                    help="JSON result file, checked writable before anything runs (default: the JSON to stdout, "
                         "the table to stderr)")

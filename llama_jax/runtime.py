@@ -77,6 +77,14 @@ class RunOptions:
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 bad(f, "True or False")
 
+    @classmethod
+    def like(cls, params) -> "RunOptions":
+        """Compute in the dtype the params are held in (float32 params: float32, exact;
+        params loaded as bfloat16: bfloat16): what inference uses when given no run options."""
+        leaves = [x for x in _leaves(params) if _dtype(getattr(x, "dtype", None)) is not None]
+        dt = leaves[0].dtype if leaves else DTYPES["float32"]
+        return cls(dtype=dt, param_dtype=dt)
+
     def replace(self, **changes: Any) -> "RunOptions":
         return dataclasses.replace(self, **changes)
 
@@ -99,6 +107,20 @@ class RunOptions:
             return cls(**d)
         except ValueError as e:
             raise input_error(source, str(e)) from None
+
+
+def _leaves(tree):
+    """The leaves of nested dicts / tuples / NamedTuples (no jax import: this module stays light)."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _leaves(v)
+    elif hasattr(tree, "value") and hasattr(tree, "names"):  # a flax Partitioned box
+        yield tree.value
+    else:
+        yield tree
 
 
 def _dtype(v) -> np.dtype | None:

@@ -30,7 +30,7 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--top-k", type=positive_int, help="keep only the k most likely tokens (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                    help="cast the params on load (default: as stored)")
+                    help="cast the params on load; generation computes in the params' dtype (default: as stored)")
     ap.add_argument("--tensor-parallel", type=non_negative_int, default=0,
                     help="devices on the tensor axis (0: all devices when there are several)")
     return ap

@@ -20,6 +20,7 @@ import numpy as np
 from llama_jax.config import ModelConfig
 from llama_jax.losses import token_log_probs
 from llama_jax.model import Llama
+from llama_jax.runtime import RunOptions
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
@@ -94,13 +95,13 @@ class Scorer:
     """
 
     def __init__(self, config: ModelConfig, params, *, max_length: int | None = None,
-                 tokens_per_batch: int = 4096, pack_length: int = 256, mesh=None):
+                 tokens_per_batch: int = 4096, pack_length: int = 256, mesh=None, run=None):
         self.config, self.params, self.mesh = config, params, mesh
         if max_length is not None and not 2 <= max_length <= config.max_seq_len:  # 0 is not "the default"
             raise ValueError(f"Scorer: max_length={max_length} must be in 2..{config.max_seq_len} (the model's context)")
         self.max_length = int(max_length or config.max_seq_len)
         self.tokens_per_batch, self.pack_length = tokens_per_batch, pack_length
-        model = Llama(config)
+        model = Llama(config, RunOptions.like(params) if run is None else run)  # default: the params' dtype
 
         def token_scores(params, tokens, positions, segment_ids, targets):
             logits = model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)

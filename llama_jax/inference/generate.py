@@ -284,9 +284,9 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     host once per step with one id per prompt (-1 for rows that have stopped). With `mesh`,
     params are placed on the model's logical shardings (tensor-parallel over "tensor").
     `params` may be stored (stacked) or `decode.prepare(params)`, which saves a copy.
-    `run`: the compute dtype (default float32); `programs`: where compiled loops are kept.
+    `run`: the compute dtype (default: the params' dtype); `programs`: where compiled loops are kept.
     """
-    run = RunOptions() if run is None else run
+    run = RunOptions.like(params) if run is None else run
     programs = PROGRAMS if programs is None else programs
     rows = _check_prompts(config, prompts, max_new_tokens)
     mode = _check_sampling(config, temperature, top_p, top_k)
