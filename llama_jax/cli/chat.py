@@ -39,7 +39,7 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--top-k", type=positive_int, help="keep only the k most likely tokens (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                    help="cast the params on load and compute in it (default: as stored, float32 compute)")
+                    help="cast the params on load (default: as stored); computation follows the params' dtype")
     ap.add_argument("--verbose", action="store_true",
                     help="after each answer, also print what was prefilled and the cache's size")
     return ap
@@ -49,12 +49,10 @@ def _session(a):
     from llama_jax.checkpoint import load_checkpoint, tokenizer_file
     from llama_jax.data import load_tokenizer
     from llama_jax.inference.session import ChatSession
-    from llama_jax.runtime import RunOptions
     tok = load_tokenizer(str(tokenizer_file(a.checkpoint, a.tokenizer)))
     config, params = load_checkpoint(a.checkpoint, dtype=a.dtype)
-    run = RunOptions() if a.dtype is None else RunOptions(dtype=a.dtype)
     return ChatSession(config, params, tok, system=a.system, max_new_tokens=a.max_new_tokens,
-                       temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, run=run)
+                       temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
 
 
 def _answer(session, text: str, verbose: bool) -> None:

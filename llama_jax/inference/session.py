@@ -154,7 +154,7 @@ class ChatSession:
         s.send("And then?"); s.reset(system=None)
 
     Sampling defaults are Meta's for chat (temperature 0.6, top-p 0.9; 0: greedy). `run`: the
-    compute dtype (default float32). Ctrl-C during `send` (main thread) ends the answer
+    compute dtype (default: the params'). Ctrl-C during `send` (main thread) ends the answer
     between chunks, keeping the session; `stop()` returning True does the same.
     """
 
@@ -164,7 +164,7 @@ class ChatSession:
         if tokenizer.vocab_size > config.vocab_size:
             raise input_error("tokenizer", "more tokens than the model's vocabulary: wrong tokenizer?",
                               f"<= {config.vocab_size}", tokenizer.vocab_size)
-        self.config, self.tokenizer, self.run = config, tokenizer, RunOptions() if run is None else run
+        self.config, self.tokenizer, self.run = config, tokenizer, RunOptions.like(params) if run is None else run
         if isinstance(params, DecodeWeights):
             check_params(config, params, expected=weight_shapes(config))
             self.weights = params
