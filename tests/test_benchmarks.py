@@ -48,3 +48,17 @@ def test_decode_smoke(tmp_path):
         assert row["batch"] == batch and row["tokens_per_s"] > 0
         assert row["ms_per_step"] > 0 and 0 < row["roofline_share"]
     assert rows["hf_static_b1"]["error"] == "not run"  # --no-peer
+
+
+def test_fp8_gemm_smoke(tmp_path):
+    res = _run("fp8_gemm", ["--cpu-smoke"], tmp_path)
+    assert res["device"] == "cpu" and [r["gemm"] for r in res["rows"]] == ["qkvo", "w1w3", "w2", "output"]
+    for r in res["rows"]:
+        assert r["bf16_us"] > 0 and r["fp8_us"] > 0 and r["fp8_fwd_bwd_us"] > 0
+        # FP8's expected error (tests/test_fp8.py): ~0.038 forward, ~0.059 with e5m2 gradients.
+        assert r["fp8_err_y"] < 0.05 and r["fp8_err_dx"] < 0.07 and r["fp8_err_dw"] < 0.07
+        assert r["fp8_e4m3g_err_dx"] < 0.045 and r["fp8_e4m3g_err_dw"] < 0.045  # e4m3: ~0.038
+        # The delayed-scaling history is seeded with this step's amaxes: current scaling's numbers.
+        assert r["fp8_delayed_err_dw"] == r["fp8_err_dw"] and r["fp8_delayed_fwd_bwd_us"] > 0
+        assert r["bf16_err_y"] < 0.01
+    assert all(res[f"layer_matmul_ms_per_step_{k}"] > 0 for k in ("bf16", "fp8", "fp8_e4m3g", "fp8_delayed"))
