@@ -186,6 +186,8 @@ class ChatSession:
             raise input_error("temperature", "out of range (0: greedy)", ">= 0", temperature)
         if not 0 < top_p <= 1:
             raise input_error("top_p", "out of range", "0 < top_p <= 1", top_p)
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise input_error("top_k", "out of range", f"None or 1 <= top_k <= {self.config.vocab_size}", top_k)
         self.temperature, self.top_p, self.key = temperature, top_p, jax.random.PRNGKey(seed)
         self.mode = (Sampling(True, False, None) if temperature == 0 else
                      Sampling(False, top_p < 1.0, None if top_k is None else int(top_k)))
