@@ -1,6 +1,7 @@
 """`python -m llama_jax COMMAND ...`: the library's command lines, each in llama_jax/cli/.
 
     python -m llama_jax generate --checkpoint DIR --prompt TEXT     sample text
+    python -m llama_jax chat --checkpoint DIR [--system TEXT]       talk to an instruct model
     python -m llama_jax plot WORKDIR [--output PATH]                a run's curves as a PNG
 
 Nothing heavy is imported before the command is known, so `--help` is fast.
@@ -9,6 +10,7 @@ import sys
 
 COMMANDS = {
     "generate": ("llama_jax.cli.generate", "sample text from a checkpoint, streaming"),
+    "chat": ("llama_jax.cli.chat", "chat with an instruct checkpoint in the terminal, keeping the KV cache"),
     "plot": ("llama_jax.cli.plot", "draw a training run's curves (WORKDIR/metrics.jsonl) as a PNG"),
 }
 

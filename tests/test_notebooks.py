@@ -33,7 +33,7 @@ def kernel(tmp_path_factory):
     os.environ.pop("JUPYTER_PATH") if old is None else os.environ.__setitem__("JUPYTER_PATH", old)
 
 
-@pytest.mark.parametrize("name", ["inference.ipynb", "from_pytorch.ipynb"])
+@pytest.mark.parametrize("name", ["inference.ipynb", "from_pytorch.ipynb", "chat.ipynb"])
 def test_notebook_runs(kernel, name):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=300,
