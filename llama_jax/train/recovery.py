@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -41,6 +42,14 @@ def _move_aside(directory: str, step: int, into: str) -> str:
     return dst
 
 
+def _items_named(e: Exception) -> str:
+    """" (opt_state)": the step items an error's text names (a checksum mismatch names its item;
+    a storage read error names the file it read, somewhere in its full text), else ""."""
+    text = str(e)
+    named = [i for i in train_checkpoint.STEP_ITEMS if re.search(rf"(^|[/\\ '\"]){re.escape(i)}([/\\ '\":]|$)", text)]
+    return f" ({', '.join(named)})" if named else ""
+
+
 def restore_intact(manager, abstract_state, shardings, shards: tuple[int, ...], shard_count: int):
     """(step, state, data states) of the newest intact step, or None when there are no steps."""
     directory = str(manager.directory)
@@ -50,7 +59,8 @@ def restore_intact(manager, abstract_state, shardings, shards: tuple[int, ...], 
         try:
             state, data = train_checkpoint.restore(manager, step, abstract_state, shardings, shards, shard_count)
         except Exception as e:  # damage shows as a checksum mismatch or as any error reading the step
-            log.warning("checkpoint %s/%d cannot be restored: %s", directory, step, str(e).splitlines()[0])
+            log.warning("checkpoint %s/%d cannot be restored%s: %s", directory, step, _items_named(e),
+                        str(e).splitlines()[0])
             failures.append((step, e))
             continue
         for bad, e in failures:
