@@ -18,10 +18,10 @@ import dataclasses
 import numbers
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+# jax and flax are imported inside the functions that compute: training config files
+# (train.py --config F --help) read LoraConfig without loading jax.
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import input_error
@@ -146,6 +146,9 @@ def adapter_axes(lora: LoraConfig) -> dict:
 
 def adapter_shapes(config: ModelConfig, lora: LoraConfig, dtype="float32") -> dict:
     """Abstract adapters in LogicallyPartitioned boxes: `sharding.logical_to_shardings` takes them."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
     lora.check(config)
     return _tree(lora, lambda t, letters: nn.LogicallyPartitioned(
         jax.ShapeDtypeStruct(factor_shape(letters, config, lora.rank), jnp.dtype(dtype)), factor_axes(letters)))
@@ -154,6 +157,8 @@ def adapter_shapes(config: ModelConfig, lora: LoraConfig, dtype="float32") -> di
 def init_adapters(config: ModelConfig, lora: LoraConfig, rng, dtype="float32") -> dict:
     """Fresh adapters: b zero (so the adapted model starts as the base); a as peft's
     default, torch's Linear init (kaiming_uniform, a=sqrt(5)): uniform(+-1/sqrt(fan_in))."""
+    import jax
+    import jax.numpy as jnp
     lora.check(config)
     keys = iter(jax.random.split(rng, len(lora.targets)))
 
@@ -168,6 +173,8 @@ def init_adapters(config: ModelConfig, lora: LoraConfig, rng, dtype="float32") -
 
 def delta(target: str, a: Array, b: Array, scale: float) -> Array:
     """scale * (a @ b) in the weight's layout, float32; any leading axes (L) are kept."""
+    import jax
+    import jax.numpy as jnp
     t = TARGETS[target]
     d = jnp.einsum(f"...{t.a},...{t.b}->...{t.weight}", a.astype(jnp.float32), b.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
@@ -177,6 +184,7 @@ def delta(target: str, a: Array, b: Array, scale: float) -> Array:
 def forward(target: str, x: Array, a: Array, b: Array, scale: float) -> Array:
     """The adapter's term of one layer's projection: scale * (x @ a) @ b, in x's dtype
     (x [B,T,<inputs>], a and b without the L axis); dropout on x is the caller's."""
+    import jax.numpy as jnp
     t = TARGETS[target]
     h = jnp.einsum(f"BT{t.inputs},{t.a}->BTR", x, a.astype(x.dtype))
     return jnp.einsum(f"BTR,{t.b}->BT{t.outputs}", h, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
@@ -185,6 +193,8 @@ def forward(target: str, x: Array, a: Array, b: Array, scale: float) -> Array:
 def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
     """Params with every adapted weight replaced by W + scale * (a @ b), computed in float32
     and cast back to W's dtype. `params` is not modified (untouched leaves are shared)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
     out = _copy_dicts(nn.unbox(params))  # (Llama.init's params come in partitioning boxes)
     for name in lora.targets:
         t = TARGETS[name]
