@@ -9,7 +9,7 @@ attention kernel differ. Then `train.py` on the real packed job (the stdlib corp
 32000-piece tokenizer, the same 1.1B shape and run options), steady state from its
 metrics.jsonl: the mean of the logged rows covering the last `--train-window` steps.
 
-    python benchmarks/packed_step.py              # one H200: about 3 minutes
+    python benchmarks/packed_step.py --unguarded  # one H200: about 3 minutes
     python benchmarks/packed_step.py --cpu-smoke  # tiny shapes on CPUs (tests/test_benchmarks.py)
 Writes $OUT/packed_step.json (or ./packed_step.json) and prints a table.
 """
@@ -76,10 +76,15 @@ def step_runs(args, rows: dict) -> dict:
         "packed_dense_mask": (packed_batch_fn(rows), functools.partial(attention.attend, max_segments=0)),
         "packed_cudnn_thd": (packed_batch_fn(rows), functools.partial(attention.attend, max_segments=args.max_segments)),
     }
+    if args.unguarded:  # what the run-time fallback (lax.cond to the dense mask) costs
+        variants["packed_cudnn_thd_unguarded"] = variants["packed_cudnn_thd"]
     out = {}
     for key, (batch_fn, attend) in variants.items():
+        unguarded = (lambda q, k, v, qs, ks, m: attention._cudnn_packed(q, k, v, *attention.packed_layout(qs, m)[:2])
+                     if key.endswith("unguarded") else attention._cudnn_packed_or_dense)
         try:
-            with patched(train_step, "random_batch", batch_fn), patched(model, "attend", attend):
+            with patched(train_step, "random_batch", batch_fn), patched(model, "attend", attend), \
+                    patched(attention, "_cudnn_packed_or_dense", unguarded):
                 out[key] = train_step.ours(args.shape, args)
         except Exception as e:  # a failed variant is a result too; the others still run
             out[key] = {"error": repr(e)[:500]}
@@ -167,6 +172,8 @@ def parse(argv=None):
     ap.add_argument("--train-log-every", type=int, default=10)
     ap.add_argument("--train-timeout", type=float, default=420.0)
     ap.add_argument("--no-train", action="store_true", help="skip the train.py run")
+    ap.add_argument("--unguarded", action="store_true", help="also (c) without the dense fallback's lax.cond "
+                    "(the rows here all fit: it measures what the guard costs)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, 2 steps, train.py for 4 steps")
     ap.add_argument("--json", default="packed_step.json")
     args = ap.parse_args(argv)
@@ -206,7 +213,9 @@ def main(argv=None):
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'run':24s} {'tok/s':>9s} {'ratio':>7s}  (packed kernel: {out['packed_kernel']}, {out['rows']})")
-    for key in ("unpacked", "packed_dense_mask", "packed_cudnn_thd", "train_py"):
+    for key in ("unpacked", "packed_dense_mask", "packed_cudnn_thd", "packed_cudnn_thd_unguarded", "train_py"):
+        if key not in out:
+            continue
         r = out.get(key, {})
         print(f"{key:24s} {r.get('tokens_per_s', 'n/a'):>9} {r.get('ratio_to_unpacked', ''):>7}  {r.get('error', '')[:200]}")
 

@@ -42,12 +42,13 @@ def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
     """Causal (grouped-query) attention; see the module docstring for the contract.
 
     `max_segments` (cuDNN with segment ids only): runs per row of the packed kernel; None:
-    `default_max_segments(T)`; 0: always the dense-mask kernel."""
+    `default_max_segments(T)`; 0 or 1: always the dense-mask kernel."""
     impl = resolve(impl, q.dtype)
     same_length = q.shape[1] == k.shape[1]
     if impl is AttentionImpl.CUDNN and same_length and isinstance(q_offset, int) and q_offset == 0:
         m = default_max_segments(q.shape[1]) if max_segments is None else max_segments
-        if q_segment_ids is not None and m > 0 and packed_supported(q.shape[2], k.shape[2]):
+        # (One slot is not packing to cuDNN: its offsets would be ignored.)
+        if q_segment_ids is not None and m >= 2 and packed_supported(q.shape[2], k.shape[2]):
             return _cudnn_packed_or_dense(q, k, v, q_segment_ids, kv_segment_ids, m)
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids)
     if impl is AttentionImpl.SPLASH and same_length and isinstance(q_offset, int) and q_offset == 0:
@@ -87,13 +88,13 @@ def _cudnn(q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def default_max_segments(t: int) -> int:
-    """Runs per row the packed cuDNN kernel is built for: one per 128 tokens, 1 to 16.
+    """Runs per row the packed cuDNN kernel is built for: one per 128 tokens, 2 to 16.
 
     cuDNN allocates its softmax statistics per run slot ([B * M, N, T] float32, M times
     the unpacked size) and launches its grid over every slot, so M is a budget, not free.
     16 slots of a 2048-token row hold documents of 128 tokens on average; the rare row with
     more (a run of tiny files) sends its batch to the dense-mask kernel."""
-    return max(1, min(16, t // 128))
+    return max(2, min(16, t // 128))
 
 
 def packed_supported(n_heads: int, n_kv_heads: int) -> bool:

@@ -86,8 +86,8 @@ def test_every_token_lies_in_a_run():
 
 
 def test_default_budget_and_cpu_path():
-    assert A.default_max_segments(2048) == 16 and A.default_max_segments(128) == 1
-    assert A.default_max_segments(8) == 1
+    assert A.default_max_segments(2048) == 16 and A.default_max_segments(8192) == 16
+    assert A.default_max_segments(512) == 4 and A.default_max_segments(8) == 2
     assert not A.packed_supported(8, 8) or jax.default_backend() == "gpu"
 
 
