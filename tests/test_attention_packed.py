@@ -127,3 +127,34 @@ def test_attend_cudnn_selects_an_exact_branch(monkeypatch, rows, packed):
     g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loop,remat,slots", [("unrolled", "dots_flash", 4), ("scan", "full", 4),
+                                              ("unrolled", "dots_flash", 2)])
+def test_model_with_the_cudnn_dispatch_matches_xla(monkeypatch, loop, remat, slots):
+    """The run-time selection inside the model's remat and layer loops (cond under checkpoint
+    and scan), with the same stand-in kernels: loss and gradients equal the XLA model's, on
+    the packed branch (4 slots) and on the dense one (2 slots: a row has 3 documents)."""
+    from llama_jax import Llama, ModelConfig, RunOptions
+    monkeypatch.setattr(A, "packed_supported", lambda n, k: True)
+    monkeypatch.setattr(A, "default_max_segments", lambda t: slots)  # the model passes no max_segments
+    monkeypatch.setattr(A, "_cudnn_packed", lambda q, k, v, s, o: A._xla(
+        q, k, v, _runs_as_ids(s, o, q.shape[1]), _runs_as_ids(s, o, q.shape[1]), 0))
+    monkeypatch.setattr(A, "_cudnn", lambda q, k, v, qs, ks: A._xla(q, k, v, qs, ks, 0))
+    cfg = ModelConfig.preset("tiny")
+    rows = pack_documents([list(range(3, 3 + n)) for n in (5, 20, 9, 40, 3, 12)], 32, bos=1, eos=2)
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    assert bool(A.packed_layout(batch["segment_ids"], slots)[2].all()) == (slots == 4)
+    params = Llama(cfg).init(jax.random.PRNGKey(0), batch["tokens"])["params"]
+
+    def loss(params, impl):
+        run = RunOptions(attention_impl=impl, remat_policy=remat, layer_loop=loop)
+        logits = Llama(cfg, run).apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                       segment_ids=batch["segment_ids"])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.sum(jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["loss_mask"])
+
+    (l_ours, g_ours), (l_ref, g_ref) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, impl)
+                                        for impl in ("cudnn", "xla"))
+    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_ours, g_ref)
