@@ -7,7 +7,8 @@ rows through cuDNN's packed layout (run lengths and offsets, llama_jax/attention
 step, shapes and timing are benchmarks/train_step.py's (`ours`): only the batch and the
 attention kernel differ. Then `train.py` on the real packed job (the stdlib corpus, its own
 32000-piece tokenizer, the same 1.1B shape and run options), steady state from its
-metrics.jsonl: the mean of the logged rows covering the last `--train-window` steps.
+metrics.jsonl: the mean of the logged rows covering the last `--train-window` steps. It
+runs first, alone on the GPU (batch `--batch` on one device), as train_step.py's peer does.
 
     python benchmarks/packed_step.py --unguarded  # one H200: about 3 minutes
     python benchmarks/packed_step.py --cpu-smoke  # tiny shapes on CPUs (tests/test_benchmarks.py)
@@ -107,7 +108,7 @@ def train_py_command(args, workdir: str) -> list[str]:
             # Far more steps than run, no eval, no checkpoint: the run is stopped once timed,
             # so neither a last-step eval nor a 17 GB save falls into (or after) the window.
             "--config.steps=100000", "--config.eval_every=0", "--config.checkpoint_every=100000",
-            f"--config.log_every={args.train_log_every}", f"--config.batch_size={args.train_batch}",
+            f"--config.log_every={args.train_log_every}", f"--config.batch_size={args.batch}",
             f"--config.seq_len={args.seq}", "--config.data.read_threads=2", "--config.data.prefetch_buffer=64",
             "--config.optimizer.warmup_steps=10", *model, *[f"--config.run.{k}={v}" for k, v in run.items()]]
 
@@ -138,7 +139,7 @@ def train_py_run(args) -> dict:
     if not window:
         with open(log_path) as f:
             return {**res, "error": "no steady-state rows; train.py's log tail: " + f.read()[-1500:]}
-    tokens_per_step = args.train_batch * args.seq
+    tokens_per_step = args.batch * args.seq
     step_s = sum(tokens_per_step / r["tokens_per_s"] for r in window) / len(window)
     return {**res, "window_steps": [r["step"] for r in window], "step_s": round(step_s, 4),
             "tokens_per_s": round(tokens_per_step / step_s), "loss_last": window[-1].get("loss")}
@@ -192,11 +193,15 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    # train.py first, in its own process, before this one starts JAX: JAX takes most of the
+    # GPU's memory once started, and would leave the subprocess too little.
+    train = None if args.no_train else train_py_run(args)
+    if train is not None:
+        print("train_py", json.dumps(train), flush=True)
     import jax
     from llama_jax import attention
     cfg = train_step.shape(args.shape)
     args.max_segments = args.max_segments or attention.default_max_segments(args.seq)
-    args.train_batch = args.batch * jax.device_count()  # train.py's batch is global, as ours' is
     lo, hi = (int(x) for x in args.doc_len.split(","))
     rows = packed_rows(cfg.vocab_size, args.batch * jax.device_count(), args.seq, (lo, hi))
     out = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
@@ -204,12 +209,11 @@ def main(argv=None):
            "packed_kernel": attention.packed_supported(cfg.n_heads, cfg.n_kv_heads or cfg.n_heads),
            "rows": row_stats(rows, args.max_segments)}
     out.update(step_runs(args, rows))
-    if not args.no_train:
-        out["train_py"] = train_py_run(args)
+    if train is not None:
         base = out["unpacked"].get("tokens_per_s")
-        if base and "tokens_per_s" in out["train_py"]:
-            out["train_py"]["ratio_to_unpacked"] = round(out["train_py"]["tokens_per_s"] / base, 4)
-        print("train_py", json.dumps(out["train_py"]), flush=True)
+        if base and "tokens_per_s" in train:
+            train["ratio_to_unpacked"] = round(train["tokens_per_s"] / base, 4)
+        out["train_py"] = train
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'run':24s} {'tok/s':>9s} {'ratio':>7s}  (packed kernel: {out['packed_kernel']}, {out['rows']})")
