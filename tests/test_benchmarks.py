@@ -53,6 +53,18 @@ def test_train_step_fp8_smoke(tmp_path):
     assert abs(res["tiny_fp8"]["loss"] - res["tiny"]["loss"]) < 0.01 * ln_vocab
 
 
+def test_fp8_quality_smoke(tmp_path):
+    res = _run("fp8_quality", ["--shape", "tiny", "--steps", "10", "--batch", "8", "--seq", "64", "--warmup", "2",
+                               "--log-every", "2"], tmp_path)
+    assert [s for s, _ in res["curves"]["bf16"]] == [s for s, _ in res["curves"]["fp8"]] == [2, 4, 6, 8, 10]
+    assert [r["step"] for r in res["table"]] == [4, 6, 8, 10]  # after warmup
+    for r in res["table"]:  # the same data and init: close, but not the same run twice
+        assert r["bf16"] != r["fp8"] and abs(r["rel_diff"]) < 0.01
+        assert r["rel_diff"] == r["fp8"] / r["bf16"] - 1
+    assert (tmp_path / "fp8_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "fp8_quality_runs").exists()  # workdirs removed
+
+
 def test_decode_smoke(tmp_path):
     res = _run("decode", ["--preset", "tiny", "--cpu-smoke", "--no-peer", "--batches", "1,4",
                           "--new-tokens", "16"], tmp_path)
