@@ -98,3 +98,5 @@ def test_lora_step_smoke(tmp_path):
     assert 0 < lora["trainable"] < sft["trainable"] / 10  # adapters only
     ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
     assert abs(lora["loss"] - ln_vocab) < 0.05 and abs(sft["loss"] - ln_vocab) < 0.05
+    assert lora["remat"] == "attention" and "error" not in sft  # (the SFT run is a subprocess)
+    assert all(r["apart_ms"] > 0 and r["fused_ms"] > 0 for r in res["fusion_tiny"].values())
