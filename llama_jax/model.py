@@ -94,11 +94,7 @@ def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
 
 
 def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = MatmulPrecision.BF16) -> Array:
-    """A weight projection `jnp.einsum(spec, x, w.astype(dtype))`, or the same in FP8.
-
-    FP8 (fp8.fp8_einsum) quantises x and the stored (float32 master) w directly; dW comes
-    back in w's dtype.
-    """
+    """`jnp.einsum(spec, x, w.astype(dtype))`, or in FP8 from x and the stored w (dW in w's dtype)."""
     if precision is MatmulPrecision.FP8:
         return fp8.fp8_einsum(spec, x, w).astype(jnp.result_type(x.dtype, dtype))
     return jnp.einsum(spec, x, w.astype(dtype))
