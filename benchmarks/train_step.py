@@ -13,7 +13,13 @@ in a subprocess, so the frameworks never share GPU memory.
     python benchmarks/train_step.py                       # one GPU: 1.1B, with the peer
     python benchmarks/train_step.py --no-peer             # two GPUs: 7B, FSDP over both
     python benchmarks/train_step.py --param-dtypes float32,bfloat16  # also pure bf16, as the peer
+    python benchmarks/train_step.py --precision bf16,fp8  # FP8 layer matmuls too, + torchao float8 peer
+    python benchmarks/train_step.py --no-peer --precision fp8   # two GPUs: 7B FSDP in FP8
     python benchmarks/train_step.py --shapes tiny --no-peer --steps 2   # CPU smoke test
+`--precision fp8` (RunOptions.matmul_precision) runs the layers' weight matmuls in FP8; FLOPs
+are still counted as bf16-equivalent model FLOPs, so TFLOP/s compare across precisions.
+With fp8 and the peer, the torchao float8 peer (peers/hf_torch_float8.py: transformers +
+torch.compile, bf16 and float8 tensorwise, all Linear but lm_head) runs too, before JAX.
 Writes $OUT/train_step.json (or ./train_step.json) and prints a table.
 """
 from __future__ import annotations
@@ -81,7 +87,7 @@ def timed_steps(step, state, batch, n: int, warm: int = 2):
     return state, (time.perf_counter() - t0) / n
 
 
-def ours(name: str, args, param_dtype: str = "float32") -> dict:
+def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16") -> dict:
     import jax
     from llama_jax import sharding
     from llama_jax.train import metrics
@@ -92,7 +98,8 @@ def ours(name: str, args, param_dtype: str = "float32") -> dict:
     cfg = shape(name)
     run = RunOptions(dtype="bfloat16", param_dtype=param_dtype,
                      remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
-                     layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up))
+                     layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up),
+                     matmul_precision=precision)
     model = Llama(cfg, run)
     mesh = sharding.make_mesh((1, -1, 1))
     tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
@@ -123,6 +130,7 @@ def ours(name: str, args, param_dtype: str = "float32") -> dict:
             jax.block_until_ready(m)
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
     return {**prof, "devices": n_dev, "param_dtype": run.param_dtype.name, "remat": run.remat_policy.value,
+            "matmul_precision": run.matmul_precision.value,
             "layer_loop": run.layer_loop.value, "fuse_gate_up": run.fuse_gate_up,
             "attention": run.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
@@ -161,6 +169,18 @@ print("PEER_JSON" + json.dumps(P.out))
     return {"error": (proc.stderr or proc.stdout)[-1500:]}
 
 
+def float8_peer(args) -> dict:
+    """torchao float8 training (and the bf16 compiled step beside it) by peers/hf_torch_float8.py,
+    which prints its results as one JSON line last."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "hf_torch_float8.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          env=dict(os.environ, PEAK_TFLOPS=str(args.peak)))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": (proc.stderr or proc.stdout)[-1500:]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="", help="default: 1b on one GPU, 7b on several")
@@ -176,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--param-dtypes", default="float32",
                     help="comma-separated: float32 (master params and AdamW state, the paper's chain) and/or "
                          "bfloat16 (pure bf16 params and AdamW state, as the peer trains); each its own run")
+    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16 and/or fp8 (the layers' weight "
+                    "matmuls, RunOptions.matmul_precision); each its own run")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json", default="train_step.json", help="results file, under $OUT if set (an absolute path as is)")
@@ -187,16 +209,20 @@ def main(argv=None):
     if not args.no_peer:  # first: JAX would take most of the GPU's memory once started
         out["peer"] = peer(args.peer_shapes.split(","), args)
         print("peer", json.dumps(out["peer"]), flush=True)
+        if "fp8" in args.precision.split(","):
+            out["peer_float8"] = float8_peer(args)
+            print("peer_float8", json.dumps(out["peer_float8"]), flush=True)
     import jax
     if not args.shapes:
         args.shapes = "1b" if jax.device_count() == 1 else "7b"
     out["jax"] = jax.__version__
     out["device"] = jax.devices()[0].device_kind
-    runs = [(name if pd == "float32" else f"{name}_{pd}", name, pd)
-            for name in args.shapes.split(",") for pd in args.param_dtypes.split(",")]
-    for i, (key, name, pd) in enumerate(runs):
+    runs = [(name + ("" if pd == "float32" else f"_{pd}") + ("" if prec == "bf16" else f"_{prec}"), name, pd, prec)
+            for name in args.shapes.split(",") for pd in args.param_dtypes.split(",")
+            for prec in args.precision.split(",")]
+    for i, (key, name, pd, prec) in enumerate(runs):
         try:
-            out[key] = ours(name, args, pd)
+            out[key] = ours(name, args, pd, prec)
             if i:  # the device's peak spans the process: after the first run it is not this run's
                 out[key]["peak_mem_gb_process"] = out[key].pop("peak_mem_gb")
         except Exception as e:  # record and go on: a failed shape is a result too
@@ -205,12 +231,12 @@ def main(argv=None):
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'run':28s} {'tok/s':>9s} {'TFLOP/s/dev':>12s} {'MFU':>6s} {'compile s':>9s} {'peak GB':>8s}")
-    for key, _, _ in runs:
+    for key, *_ in runs:
         r = out[key]
         if "error" not in r:
             print(f"{'ours_' + key + '_x' + str(r['devices']):28s} {r['tokens_per_s']:9d} {r['tflops_per_device']:12.1f} "
                   f"{r['mfu']:6.3f} {r['compile_s']:9.1f} {r.get('peak_mem_gb', float('nan')):8.1f}")
-    for k, r in out.get("peer", {}).items():
+    for k, r in [*out.get("peer", {}).items(), *out.get("peer_float8", {}).items()]:
         if isinstance(r, dict) and "tokens_per_s" in r:
             print(f"{k:28s} {r['tokens_per_s']:9d} {'':12s} {r['mfu']:6.3f} {r['warmup_s']:9.1f} {r['peak_mem_gb']:8.1f}")
 

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import kernels
+from llama_jax import fp8, kernels
 from llama_jax.attention import attend
 from llama_jax import lora as lora_lib
 from llama_jax.config import ModelConfig
 from llama_jax.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (model.rope_* names kept)
-from llama_jax.runtime import AttentionImpl, LayerLoop, RematPolicy, RunOptions
+from llama_jax.runtime import AttentionImpl, LayerLoop, MatmulPrecision, RematPolicy, RunOptions
 
 Array = Any
 _init = nn.initializers.normal(stddev=0.02)
@@ -93,7 +93,15 @@ def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
     return qkv[..., :g, :].reshape(*qkv.shape[:2], n_heads, qkv.shape[-1]), qkv[..., g, :], qkv[..., g + 1, :]
 
 
-def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None, wo_extra=None):
+def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = MatmulPrecision.BF16) -> Array:
+    """`jnp.einsum(spec, x, w.astype(dtype))`, or in FP8 from x and the stored w (dW in w's dtype)."""
+    if precision is MatmulPrecision.FP8:
+        return fp8.fp8_einsum(spec, x, w).astype(jnp.result_type(x.dtype, dtype))
+    return jnp.einsum(spec, x, w.astype(dtype))
+
+
+def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None, wo_extra=None,
+              precision: MatmulPrecision = MatmulPrecision.BF16):
     """Rotary, attention and the output projection -> (y [B,T,D], new (k, v) cache or None).
 
     With `cache` ((k, v) [B,S,K,H]), this block's k, v are written at slot
@@ -115,7 +123,7 @@ def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None,
                      kv_segment_ids=inputs.kv_segment_ids, q_offset=i)
         cache = (ck, cv)
     out = checkpoint_name(out, "attention_out")
-    y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    y = project("BTNH,NHD->BTD", out, wo, dt, precision)
     if wo_extra is not None:
         y = y + wo_extra(out)
     return checkpoint_name(y, "attention_proj"), cache
@@ -127,9 +135,9 @@ def swiglu_gate_up(gate_up: Array, w2: Array, interpret: bool) -> Array:
     return _down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, interpret), w2)
 
 
-def _down(hidden: Array, w2: Array) -> Array:
+def _down(hidden: Array, w2: Array, precision: MatmulPrecision = MatmulPrecision.BF16) -> Array:
     hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "mlp"))
-    return checkpoint_name(jnp.einsum("BTF,FD->BTD", hidden, w2.astype(hidden.dtype)), "mlp_out")
+    return checkpoint_name(project("BTF,FD->BTD", hidden, w2, hidden.dtype, precision), "mlp_out")
 
 
 def _plus_adapter(module: nn.Module, lora, name: str, x: Array, y: Array) -> Array:
@@ -160,19 +168,19 @@ class Attention(nn.Module):
     def __call__(self, x, inputs: LayerInputs):
         c, r, lo = self.config, self.run, self.lora
         d, n, kh, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
-        dt = r.dtype
+        dt, p = r.dtype, r.matmul_precision
         wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), r.param_dtype)
         wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), r.param_dtype)
-        q = _plus_adapter(self, lo, "wq", x, jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)))
-        k = _plus_adapter(self, lo, "wk", x, jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)))
-        v = _plus_adapter(self, lo, "wv", x, jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)))
+        q = _plus_adapter(self, lo, "wq", x, project("BTD,DNH->BTNH", x, wq, dt, p))
+        k = _plus_adapter(self, lo, "wk", x, project("BTD,DKH->BTKH", x, wk, dt, p))
+        v = _plus_adapter(self, lo, "wv", x, project("BTD,DKH->BTKH", x, wv, dt, p))
         q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
         wo_extra = None
         if lo is not None and "wo" in lo.targets:
             wo_extra = lambda out: _plus_adapter(self, lo, "wo", out, 0)  # noqa: E731
-        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra)[0]
+        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra, precision=p)[0]
 
 
 class FeedForward(nn.Module):
@@ -190,22 +198,22 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         c, r, lo = self.config, self.run, self.lora
         d, f = c.dim, c.ffn_hidden_dim
-        dt = r.dtype
+        dt, p = r.dtype, r.matmul_precision
         w1 = _param(self, "w1", (d, f), ("embed", "mlp"), r.param_dtype)
         w3 = _param(self, "w3", (d, f), ("embed", "mlp"), r.param_dtype)
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), r.param_dtype)
-        down = lambda hidden: _plus_adapter(self, lo, "w2", hidden, _down(hidden, w2))  # noqa: E731
+        down = lambda hidden: _plus_adapter(self, lo, "w2", hidden, _down(hidden, w2, p))  # noqa: E731
         if r.fuse_gate_up:
-            gate_up = jnp.einsum("BTD,DJF->BTJF", x, stack_gate_up(w1, w3).astype(dt))
+            gate_up = project("BTD,DJF->BTJF", x, stack_gate_up(w1, w3), dt, p)
             if lo is not None and ({"w1", "w3"} & set(lo.targets)):
                 zero = jnp.zeros(gate_up.shape[:2] + gate_up.shape[3:], gate_up.dtype)
                 gate_up = gate_up + jnp.stack([_plus_adapter(self, lo, "w1", x, zero),
                                                _plus_adapter(self, lo, "w3", x, zero)], axis=2)
             gate_up = nn.with_logical_constraint(checkpoint_name(gate_up, "mlp_gate_up"), kernels.GATE_UP_AXES)
             return down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, r.interpret_kernels))
-        gate = checkpoint_name(_plus_adapter(self, lo, "w1", x, jnp.einsum("BTD,DF->BTF", x, w1.astype(dt))),
+        gate = checkpoint_name(_plus_adapter(self, lo, "w1", x, project("BTD,DF->BTF", x, w1, dt, p)),
                                "mlp_gate")
-        up = checkpoint_name(_plus_adapter(self, lo, "w3", x, jnp.einsum("BTD,DF->BTF", x, w3.astype(dt))), "mlp_up")
+        up = checkpoint_name(_plus_adapter(self, lo, "w3", x, project("BTD,DF->BTF", x, w3, dt, p)), "mlp_up")
         return down(nn.silu(gate) * up)
 
 

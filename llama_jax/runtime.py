@@ -34,6 +34,12 @@ class RematPolicy(enum.Enum):
     #                            recompute the MLP's gate/up: ~1/3 of dots_flash's memory (LoRA 8B)
 
 
+class MatmulPrecision(enum.Enum):
+    BF16 = "bf16"  # the layers' weight matmuls in the compute dtype (`dtype`)
+    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, e5m2 gradients, current scaling);
+    #                a training option: cached decoding stays in `dtype`
+
+
 class LayerLoop(enum.Enum):
     SCAN = "scan"          # nn.scan over the stacked layers: compile time independent of depth
     UNROLLED = "unrolled"  # the same stacked params, one layer after another in the program:
@@ -41,7 +47,8 @@ class LayerLoop(enum.Enum):
 
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-_ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop}
+_ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop,
+          "matmul_precision": MatmulPrecision}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,7 @@ class RunOptions:
     scan_unroll: int = 1               # layers per nn.scan iteration
     fuse_gate_up: bool = False         # w1|w3 as one matmul, SwiGLU's backward as one kernel (GPUs)
     interpret_kernels: bool = False    # run Pallas kernels in interpret mode on any backend (tests)
+    matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # fp8: a quality cost, off unless asked
 
     def __post_init__(self):
         def bad(field, expected):

@@ -39,6 +39,32 @@ def test_train_step_smoke(tmp_path):
         assert abs(run["loss"] - ln_vocab) < 0.05, (key, run["loss"], ln_vocab)
 
 
+def test_train_step_fp8_smoke(tmp_path):
+    res = _run("train_step", ["--shapes", "tiny", "--no-peer", "--steps", "2", "--seq", "128", "--batch", "2",
+                              "--precision", "bf16,fp8"], tmp_path)
+    ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
+    for key, precision in (("tiny", "bf16"), ("tiny_fp8", "fp8")):
+        run = res[key]
+        assert run["matmul_precision"] == precision and run["devices"] == 8
+        assert run["step_s"] > 0 and run["tokens_per_s"] > 0 and run["tflops_per_device"] >= 0
+        assert abs(run["loss"] - ln_vocab) < 0.05, (key, run["loss"], ln_vocab)
+    # Same data, same init: FP8's first losses within a few of its roundings of bf16's.
+    assert res["tiny_fp8"]["loss"] != res["tiny"]["loss"]
+    assert abs(res["tiny_fp8"]["loss"] - res["tiny"]["loss"]) < 0.01 * ln_vocab
+
+
+def test_fp8_quality_smoke(tmp_path):
+    res = _run("fp8_quality", ["--shape", "tiny", "--steps", "10", "--batch", "8", "--seq", "64", "--warmup", "2",
+                               "--log-every", "2"], tmp_path)
+    assert [s for s, _ in res["curves"]["bf16"]] == [s for s, _ in res["curves"]["fp8"]] == [2, 4, 6, 8, 10]
+    assert [r["step"] for r in res["table"]] == [4, 6, 8, 10]  # after warmup
+    for r in res["table"]:  # the same data and init: close, but not the same run twice
+        assert r["bf16"] != r["fp8"] and abs(r["rel_diff"]) < 0.01
+        assert r["rel_diff"] == r["fp8"] / r["bf16"] - 1
+    assert (tmp_path / "fp8_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "fp8_quality_runs").exists()  # workdirs removed
+
+
 def test_decode_smoke(tmp_path):
     res = _run("decode", ["--preset", "tiny", "--cpu-smoke", "--no-peer", "--batches", "1,4",
                           "--new-tokens", "16"], tmp_path)

@@ -10,7 +10,8 @@ It is made when generation starts, never stored: checkpoints keep the stacked la
 
 `forward(config, run, weights, tokens, cache, cache_index)` runs the layers as a Python
 loop over the model's shared layer math (`model.attention`, `model.swiglu_gate_up`) with
-per-layer (k, v) caches from `init_cache`.
+per-layer (k, v) caches from `init_cache`. `run.matmul_precision` is not read here: FP8 is a
+training option, decoding runs its matmuls in `run.dtype`.
 """
 from __future__ import annotations
 
