@@ -36,7 +36,7 @@ def _shape(name: str):
     return ModelConfig.preset("llama3.1-8b") if name == "8b" else shape(name)
 
 
-def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str) -> dict:
+def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str, fuse: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     from llama_jax import Llama, RunOptions, lora as L, sharding
@@ -45,7 +45,7 @@ def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str
     cfg = _shape(name)
     lora = L.LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, targets=ALL) if lora_rank else None
     run = RunOptions(dtype="bfloat16", param_dtype="float32", remat_policy=remat, layer_loop="unrolled",
-                     fuse_gate_up=jax.default_backend() == "gpu")
+                     fuse_gate_up=fuse and jax.default_backend() == "gpu")
     model = Llama(cfg, run, lora=lora)
     mesh = sharding.make_mesh((1, -1, 1))
     ocfg = optim.OptimizerConfig(warmup_steps=10)
@@ -59,6 +59,7 @@ def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str
     if lora is None:  # SFT: the loss on the second half of each row (the "answer")
         data["loss_mask"] = jax.device_put(jnp.concatenate([jnp.zeros((b, seq // 2)), jnp.ones((b, seq - seq // 2))],
                                                            1), data["loss_mask"].sharding)
+    before = jax.devices()[0].memory_stats() or {}  # what init left: params, state, batch
     t0 = time.time()
     state, m = step(state, data)
     jax.block_until_ready(m)
@@ -69,6 +70,8 @@ def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str
     return {"shape": name, "lora_rank": lora_rank, "batch": b, "seq": seq, "remat": remat,
             "step_s": round(dt, 4), "tokens_per_s": round(b * seq / dt), "compile_s": round(compile_s, 1),
             "peak_mem_gb": round(stats.get("peak_bytes_in_use", 0) / 1e9, 1), "trainable": int(trainable),
+            "fuse_gate_up": run.fuse_gate_up, "in_use_before_step_gb": round(before.get("bytes_in_use", 0) / 1e9, 1),
+            "peak_before_step_gb": round(before.get("peak_bytes_in_use", 0) / 1e9, 1),
             "loss": float(m["loss"])}
 
 
@@ -145,7 +148,8 @@ def main():
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, no peer")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lora-remat", default="attention", help="remat policies of our LoRA runs (comma list)")
+    p.add_argument("--lora-remat", default="attention",
+                   help="remat policies of our LoRA runs (comma list; POLICY:nofuse keeps w1, w3 apart)")
     p.add_argument("--sft-remat", default="dots_flash", help="remat policies of our full-SFT runs (comma list)")
     p.add_argument("--fusion", action="store_true", help="also time the LoRA A matmul fused into the base one")
     args = p.parse_args()
@@ -160,10 +164,11 @@ def main():
         if not args.no_peer:
             res["peer"] = peer()
             res["sft_peer"] = sft_peer()
-        for remat in args.lora_remat.split(","):
-            res[f"lora_8b_b4_s2048_{remat}"] = in_subprocess("ours", name="8b", lora_rank=16, batch=4, seq=2048,
-                                                             steps=args.steps, remat=remat)
-        for remat in args.sft_remat.split(","):
+        for variant in args.lora_remat.split(","):  # "POLICY" or "POLICY:nofuse" (w1, w3 apart)
+            remat, _, fuse = variant.partition(":")
+            res[f"lora_8b_b4_s2048_{variant}"] = in_subprocess("ours", name="8b", lora_rank=16, batch=4, seq=2048,
+                                                               steps=args.steps, remat=remat, fuse=fuse != "nofuse")
+        for remat in filter(None, args.sft_remat.split(",")):
             res[f"sft_1b_b8_s2048_{remat}"] = in_subprocess("ours", name="1b", lora_rank=0, batch=8, seq=2048,
                                                             steps=args.steps, remat=remat)
         if args.fusion:

@@ -31,7 +31,7 @@ from llama_jax.attention import attend
 from llama_jax import lora as lora_lib
 from llama_jax.config import ModelConfig
 from llama_jax.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (model.rope_* names kept)
-from llama_jax.runtime import AttentionImpl, LayerLoop, MatmulPrecision, RematPolicy, RunOptions
+from llama_jax.runtime import AttentionImpl, LayerLoop, MatmulPrecision, RematPolicy, RunOptions, checkpoint_policy
 
 Array = Any
 _init = nn.initializers.normal(stddev=0.02)
@@ -233,41 +233,10 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), None
 
 
-def _dots_and_flash_saveable(prim, *args, **params) -> bool:
-    # cuDNN's attention forward is one primitive with its softmax statistics as a second
-    # output; saving both lets the backward pass skip re-running the forward kernel.
-    if prim.name.startswith("dot_product_attention_fwd"):
-        return True
-    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
-
-
-_ATTENTION_HALF = jax.checkpoint_policies.save_only_these_names(
-    "query_proj", "key_proj", "value_proj", "attention_out", "attention_proj")
-
-
-def _attention_half_saveable(prim, *args, **params) -> bool:
-    # The named values are the sums of base and LoRA terms, saved once (dots policies would
-    # save each term's matmul output). Nothing of the MLP is kept: a frozen base's backward
-    # needs no matmul inputs, and its gate/up are recomputed from the layer input and
-    # attention_proj. The fused attention kernel's statistics are kept with its output.
-    return prim.name.startswith("dot_product_attention_fwd") or _ATTENTION_HALF(prim, *args, **params)
-
-
-_REMAT_POLICIES = {
-    RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
-    RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
-    RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    RematPolicy.MINIMAL: jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up", "mlp_gate_up"),
-    RematPolicy.DOTS_FLASH: _dots_and_flash_saveable,
-    RematPolicy.ATTENTION: _attention_half_saveable,
-}
-
-
 def _stacked_blocks(config: ModelConfig, run: RunOptions):
     block = Block
     if run.remat_policy is not RematPolicy.NONE:
-        block = nn.remat(Block, policy=_REMAT_POLICIES[run.remat_policy], prevent_cse=False)
+        block = nn.remat(Block, policy=checkpoint_policy(run.remat_policy), prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,), length=config.n_layers, unroll=run.scan_unroll,
                    metadata_params={nn.PARTITION_NAME: "layers"})
@@ -292,7 +261,7 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, lora, layers, x, inpu
         return Block(config, run, lora=lora, parent=None).apply(p, x, inputs, rngs=rngs)[0]
     policy = run.remat_policy
     if policy is not RematPolicy.NONE:
-        block = jax.checkpoint(block, policy=_REMAT_POLICIES[policy],
+        block = jax.checkpoint(block, policy=checkpoint_policy(policy),
                                prevent_cse=policy in (RematPolicy.FULL, RematPolicy.ATTENTION))
     n = config.n_layers
     leaves, treedef = jax.tree.flatten(layers)

@@ -142,3 +142,41 @@ def _dtype(v) -> np.dtype | None:
     except TypeError:
         return None
     return dt if dt in DTYPES.values() else None
+
+
+def checkpoint_policy(policy: RematPolicy):
+    """The `jax.checkpoint` policy of a remat choice (jax imported here, not at module load:
+    train.py --help reads run options without it)."""
+    import jax
+    cp = jax.checkpoint_policies
+    fp8_operands = cp.save_only_these_names("fp8_x", "fp8_w")
+    attention_half = cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out",
+                                              "attention_proj")
+
+    def fused_attention(prim) -> bool:
+        # cuDNN's attention forward is one primitive with its softmax statistics as a second
+        # output; saving both lets the backward pass skip re-running the forward kernel.
+        return prim.name.startswith("dot_product_attention_fwd")
+
+    def dots_flash(prim, *args, **params) -> bool:
+        # FP8 runs: the backward's quantised operands (fp8.py's "fp8_x", "fp8_w", 1 byte per
+        # element) are kept too, rather than quantised again (another amax pass over each).
+        return (fused_attention(prim) or fp8_operands(prim, *args, **params)
+                or cp.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+    def attention(prim, *args, **params) -> bool:
+        # The named values are the sums of base and LoRA terms, saved once (dots policies
+        # save each term's matmul output). Nothing of the MLP is kept: a frozen base's
+        # backward needs no matmul inputs, and gate/up are recomputed from the layer input
+        # and attention_proj.
+        return fused_attention(prim) or attention_half(prim, *args, **params)
+
+    return {
+        RematPolicy.FULL: cp.nothing_saveable,
+        RematPolicy.DOTS: cp.dots_saveable,
+        RematPolicy.DOTS_NO_BATCH: cp.dots_with_no_batch_dims_saveable,
+        RematPolicy.MINIMAL: cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out",
+                                                      "mlp_gate", "mlp_up", "mlp_gate_up"),
+        RematPolicy.DOTS_FLASH: dots_flash,
+        RematPolicy.ATTENTION: attention,
+    }[policy]
