@@ -29,14 +29,7 @@ def _params(cfg, seed=0):
     return nn.unbox(Llama(cfg).init(jax.random.PRNGKey(seed), np.ones((1, 8), np.int32))["params"])
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return tiny_tokenizers.sentencepiece(tmp_path_factory.mktemp("sp"), 500)
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory):
-    return tiny_tokenizers.tiktoken(tmp_path_factory.mktemp("tik"))
+sp, tik = tiny_tokenizers.fixtures(500)
 
 
 @pytest.fixture(scope="module")

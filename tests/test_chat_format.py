@@ -44,14 +44,7 @@ TOOL_DIALOGS = [
      m(A, "It is 21 degrees."), m(U, "thanks")],
 ]
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return tiny_tokenizers.sentencepiece(tmp_path_factory.mktemp("sp"), 600)
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory):
-    return tiny_tokenizers.tiktoken(tmp_path_factory.mktemp("tik"))
+sp, tik = tiny_tokenizers.fixtures(600)
 
 
 @pytest.fixture(scope="module")

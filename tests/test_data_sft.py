@@ -44,16 +44,9 @@ def _pair(i):
             "completion": " " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, 10))))}
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = [tiny_tokenizers.MARKUP + " ".join(rng.permutation(WORDS)) for _ in range(200)]
-    return tiny_tokenizers.sentencepiece(tmp_path_factory.mktemp("sp"), 400, words)
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory):
-    return tiny_tokenizers.tiktoken(tmp_path_factory.mktemp("tik"), tiny_tokenizers.MERGES[:21])
+_RNG = np.random.default_rng(0)
+_TEXTS = [tiny_tokenizers.MARKUP + " ".join(_RNG.permutation(WORDS)) for _ in range(200)]  # chat words whole
+sp, tik = tiny_tokenizers.fixtures(400, _TEXTS, tiny_tokenizers.MERGES[:21])
 
 
 @pytest.fixture(params=["sp", "tik"])

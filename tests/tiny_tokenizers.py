@@ -5,6 +5,8 @@ import base64
 import glob
 import os
 
+import pytest
+
 from llama_jax.data import Llama3Tokenizer, train_tokenizer
 
 MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"\n\n", b"us", b"er",
@@ -26,3 +28,16 @@ def tiktoken(directory, merges=MERGES):
         for rank, t in enumerate([bytes([b]) for b in range(256)] + merges):
             f.write(f"{base64.b64encode(t).decode()} {rank}\n")
     return Llama3Tokenizer(str(path))
+
+
+def fixtures(sp_vocab_size, extra_texts=(MARKUP + "hello world",) * 20, merges=MERGES):
+    """Module-scoped `sp` and `tik` fixtures: `sp, tik = tiny_tokenizers.fixtures(600)` in a test module."""
+    @pytest.fixture(scope="module")
+    def sp(tmp_path_factory):
+        return sentencepiece(tmp_path_factory.mktemp("sp"), sp_vocab_size, extra_texts)
+
+    @pytest.fixture(scope="module")
+    def tik(tmp_path_factory):
+        return tiktoken(tmp_path_factory.mktemp("tik"), merges)
+
+    return sp, tik
