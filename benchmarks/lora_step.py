@@ -1,12 +1,15 @@
 """Fine-tuning speed: LoRA (rank 16, alpha 32, all seven projections, frozen bf16 base) on
 the Llama-3.1-8B shape, and full SFT (float32 master params, AdamW) on the 1.1B shape of
 benchmarks/train_step.py; tokens/s and peak memory, one GPU, bf16 compute.
-Peer: transformers + peft (eager and torch.compile), the vendored peers/hf_peft_lora.py (from
-/work/shared/peers/), run first in a subprocess so the frameworks never share GPU memory.
-The full-SFT peer is benchmarks/train_step.py's (the same step: a loss mask changes no FLOP).
+Peers, each run first in its own subprocess so the frameworks never share GPU memory:
+transformers + peft (eager and torch.compile), the vendored peers/hf_peft_lora.py (from
+/work/shared/peers/); for full SFT, benchmarks/train_step.py's transformers + torch peer (the
+same step: a loss mask changes no FLOP). Each of our runs is a subprocess too, so its peak
+memory is its own. `--fusion` also times one adapted projection with the LoRA A matmul
+fused into the base matmul (x @ [W | A]) against apart (x @ W + (x @ A) @ B).
 
-    python benchmarks/lora_step.py                 # one H200: LoRA 8B b4 x 2048 + SFT 1.1B b8 x 2048, peer
-    python benchmarks/lora_step.py --no-peer
+    python benchmarks/lora_step.py                 # one H200: LoRA 8B b4 x 2048 + SFT 1.1B b8 x 2048, peers
+    python benchmarks/lora_step.py --no-peer --lora-remat attention,dots_flash --fusion
     python benchmarks/lora_step.py --cpu-smoke     # tiny shapes, CPU, no peer (tests/test_benchmarks.py)
 Writes $OUT/lora_step.json (or ./lora_step.json) and prints it.
 """
@@ -82,26 +85,91 @@ def peer() -> dict:
             return json.load(f)
 
 
+def sft_peer() -> dict:
+    """transformers + torch on the 1.1B shape, b8 x 2048 (benchmarks/train_step.py's peer)."""
+    import types
+    import train_step
+    return train_step.peer(["1b"], types.SimpleNamespace(batch=8, seq=2048, peak=989.0))
+
+
+def in_subprocess(kind: str, **kw) -> dict:
+    """One of our runs in a fresh process: its peak memory is its own."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import lora_step as L; print('RUN_JSON' + json.dumps(L.{kind}(**{kw!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RUN_JSON"):
+            return json.loads(line[len("RUN_JSON"):])
+    return {"error": (proc.stdout[-500:] + proc.stderr[-2000:])}
+
+
+def fusion(rows: int = 8192, dim: int = 4096, rank: int = 16, steps: int = 20) -> dict:
+    """One adapted projection on the 8B shape, frozen bf16 W, gradients for x, A and B: the
+    A matmul apart (x @ W + s (x @ A) @ B) against fused into the base one (x @ [W | A], split)."""
+    import jax
+    import jax.numpy as jnp
+    res = {}
+    ffn = dim * 7 // 2  # 14336 for the 8B shape's 4096
+    for name, out in (("wq", dim), ("wk", dim // 4), ("w1", ffn), ("w2", dim)):
+        d = ffn if name == "w2" else dim
+        k = jax.random.split(jax.random.PRNGKey(0), 4)
+        x = jax.random.normal(k[0], (rows, d), jnp.bfloat16)
+        w = (jax.random.normal(k[1], (d, out)) * 0.02).astype(jnp.bfloat16)
+        a = (jax.random.normal(k[2], (d, rank)) * 0.02).astype(jnp.bfloat16)
+        b = (jax.random.normal(k[3], (rank, out)) * 0.02).astype(jnp.bfloat16)
+        wa = jnp.concatenate([w, a], axis=1)  # what a fused layout would store for the frozen base + A
+
+        def apart(x, a, b):
+            return x @ w + 2.0 * ((x @ a) @ b)
+
+        def fused(x, a, b):
+            ya = x @ jnp.concatenate([wa[:, :out], a], axis=1)  # one matmul; A stays the trainable leaf
+            return ya[:, :out] + 2.0 * (ya[:, out:] @ b)
+
+        row = {}
+        for label, f in (("apart", apart), ("fused", fused)):
+            g = jax.jit(jax.grad(lambda x, a, b, f=f: jnp.sum(f(x, a, b).astype(jnp.float32) ** 2), (0, 1, 2)))
+            jax.block_until_ready(g(x, a, b))
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                r = g(x, a, b)
+            jax.block_until_ready(r)
+            row[label + "_ms"] = round((time.perf_counter() - t0) / steps * 1e3, 3)
+        row["fused_over_apart"] = round(row["fused_ms"] / row["apart_ms"], 3)
+        res[name] = row
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, no peer")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--remat", default="dots_flash", help="remat policy of our steps")
+    p.add_argument("--lora-remat", default="attention", help="remat policies of our LoRA runs (comma list)")
+    p.add_argument("--sft-remat", default="dots_flash", help="remat policies of our full-SFT runs (comma list)")
+    p.add_argument("--fusion", action="store_true", help="also time the LoRA A matmul fused into the base one")
     args = p.parse_args()
     res = {}
     if args.cpu_smoke:
         import jax
         res["device"] = jax.devices()[0].platform
-        res["lora_tiny"] = ours("tiny", 4, 2, 64, 2, "none")
-        res["sft_tiny"] = ours("tiny", 0, 2, 64, 2, "none")
+        res["lora_tiny"] = ours("tiny", 4, 2, 64, 2, "attention")
+        res["sft_tiny"] = in_subprocess("ours", name="tiny", lora_rank=0, batch=2, seq=64, steps=2, remat="none")
+        res["fusion_tiny"] = fusion(rows=64, dim=64, rank=4, steps=2)
     else:
         if not args.no_peer:
             res["peer"] = peer()
+            res["sft_peer"] = sft_peer()
+        for remat in args.lora_remat.split(","):
+            res[f"lora_8b_b4_s2048_{remat}"] = in_subprocess("ours", name="8b", lora_rank=16, batch=4, seq=2048,
+                                                             steps=args.steps, remat=remat)
+        for remat in args.sft_remat.split(","):
+            res[f"sft_1b_b8_s2048_{remat}"] = in_subprocess("ours", name="1b", lora_rank=0, batch=8, seq=2048,
+                                                            steps=args.steps, remat=remat)
+        if args.fusion:
+            res["fusion"] = in_subprocess("fusion")
         import jax
         res["device"] = jax.devices()[0].device_kind
-        res["lora_8b_b4_s2048"] = ours("8b", 16, 4, 2048, args.steps, args.remat)
-        res["sft_1b_b8_s2048"] = ours("1b", 0, 8, 2048, args.steps, args.remat)
     with open(os.path.join(os.environ.get("OUT", "."), "lora_step.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))

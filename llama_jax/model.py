@@ -233,6 +233,18 @@ def _dots_and_flash_saveable(prim, *args, **params) -> bool:
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
 
+_ATTENTION_HALF = jax.checkpoint_policies.save_only_these_names(
+    "query_proj", "key_proj", "value_proj", "attention_out", "attention_proj")
+
+
+def _attention_half_saveable(prim, *args, **params) -> bool:
+    # The named values are the sums of base and LoRA terms, saved once (dots policies would
+    # save each term's matmul output). Nothing of the MLP is kept: a frozen base's backward
+    # needs no matmul inputs, and its gate/up are recomputed from the layer input and
+    # attention_proj. The fused attention kernel's statistics are kept with its output.
+    return prim.name.startswith("dot_product_attention_fwd") or _ATTENTION_HALF(prim, *args, **params)
+
+
 _REMAT_POLICIES = {
     RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
     RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
@@ -240,6 +252,7 @@ _REMAT_POLICIES = {
     RematPolicy.MINIMAL: jax.checkpoint_policies.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up", "mlp_gate_up"),
     RematPolicy.DOTS_FLASH: _dots_and_flash_saveable,
+    RematPolicy.ATTENTION: _attention_half_saveable,
 }
 
 
@@ -262,7 +275,7 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, lora, layers, x, inpu
 
     Remat: XLA may merge a recomputation with the forward value it repeats (no
     `prevent_cse`), trading some memory for time (on an H200, 7B FSDP: +6 GB, 1% faster),
-    except under remat "full", whose point is memory.
+    except under remat "full" and "attention", whose point is memory.
 
     `layers`: {"params": ..., "lora": ...} (the adapters only with `lora`), each stacked.
     """
@@ -271,7 +284,8 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, lora, layers, x, inpu
         return Block(config, run, lora=lora, parent=None).apply(p, x, inputs, rngs=rngs)[0]
     policy = run.remat_policy
     if policy is not RematPolicy.NONE:
-        block = jax.checkpoint(block, policy=_REMAT_POLICIES[policy], prevent_cse=policy is RematPolicy.FULL)
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[policy],
+                               prevent_cse=policy in (RematPolicy.FULL, RematPolicy.ATTENTION))
     n = config.n_layers
     leaves, treedef = jax.tree.flatten(layers)
     pieces = [jax.lax.split(a, (1,) * n, axis=0) for a in leaves]
@@ -282,7 +296,7 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, lora, layers, x, inpu
 
 
 class Llama(nn.Module):
-    """LLaMA: `apply({"params": p}, tokens)` -> float32 logits [B,T,V].
+    """LLaMA: `apply({"params": p}, tokens)` -> float32 logits [B,T,V] (`logits=False`: see __call__).
 
     Optional `positions` and `segment_ids` ([B,T] int) describe packed rows. `run`: how to
     execute it (dtypes, kernels, remat, layer loop). Cached decoding: `inference.decode`.
@@ -296,7 +310,10 @@ class Llama(nn.Module):
     lora: lora_lib.LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, logits: bool = True):
+        """float32 logits [B,T,V]; with `logits=False`, (the final normalised activations
+        [B,T,D], the output matrix [D,V]) in the compute dtype, for a loss that never holds
+        the [B,T,V] logits (losses.head_cross_entropy)."""
         c, r = self.config, self.run
         b, t = tokens.shape
         if positions is None:
@@ -315,6 +332,8 @@ class Llama(nn.Module):
             out = emb.T  # [D,V], sharded (embed, vocab) like an untied output
         else:
             out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), r.param_dtype)
+        if not logits:
+            return x, nn.with_logical_constraint(out.astype(x.dtype), ("embed", "vocab"))
         return project_logits(x, out)
 
 

@@ -30,6 +30,8 @@ class RematPolicy(enum.Enum):
     DOTS_NO_BATCH = "dots_no_batch"  # keep weight matmuls only (not attention's batched dots)
     MINIMAL = "minimal"    # keep the named projections (q, k, v, attention out, w1, w3)
     DOTS_FLASH = "dots_flash"  # dots_no_batch + the fused attention kernel's outputs (no re-run)
+    ATTENTION = "attention"    # keep the attention half (q, k, v, its output and projection),
+    #                            recompute the MLP's gate/up: ~1/3 of dots_flash's memory (LoRA 8B)
 
 
 class LayerLoop(enum.Enum):

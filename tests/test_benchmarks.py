@@ -72,3 +72,20 @@ def test_lora_step_smoke(tmp_path):
     assert 0 < lora["trainable"] < sft["trainable"] / 10  # adapters only
     ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
     assert abs(lora["loss"] - ln_vocab) < 0.05 and abs(sft["loss"] - ln_vocab) < 0.05
+    assert lora["remat"] == "attention" and "error" not in sft  # (the SFT run is a subprocess)
+    assert all(r["apart_ms"] > 0 and r["fused_ms"] > 0 for r in res["fusion_tiny"].values())
+
+
+def test_packed_step_smoke(tmp_path):
+    res = _run("packed_step", ["--cpu-smoke"], tmp_path)
+    assert res["device"] == "cpu" and res["packed_kernel"] is False  # CPUs: the XLA path throughout
+    assert res["rows"]["documents_per_row_max"] > 1 and res["rows"]["all_rows_fit"]
+    ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
+    for key in ("unpacked", "packed_dense_mask", "packed_cudnn_thd"):
+        run = res[key]
+        assert run["tokens_per_s"] > 0 and run["ratio_to_unpacked"] > 0, (key, run)
+        assert abs(run["loss"] - ln_vocab) < 0.05, (key, run["loss"])
+    # The two packed variants train the same rows: on CPUs both are the XLA kernel, same loss.
+    assert res["packed_dense_mask"]["loss"] == res["packed_cudnn_thd"]["loss"]
+    t = res["train_py"]
+    assert t["window_steps"] == [4] and t["tokens_per_s"] > 0 and t["step_s"] > 0, t

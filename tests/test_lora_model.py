@@ -91,3 +91,31 @@ def test_missing_adapters_is_an_error(params, run):
     lora = L.LoraConfig(rank=2, targets=("wq",))
     with pytest.raises(ValueError, match=r"needs the adapters.*missing .*wq"):
         Llama(CFG, RUNS[run], lora=lora).apply({"params": params}, _tokens())
+
+
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_remat_attention_keeps_no_mlp_activation_and_changes_no_gradient(params, loop):
+    """Remat "attention" (the LoRA memory policy): the adapters' gradients equal those of
+    no remat, and what the backward pass keeps holds nothing [B, T, F] (the MLP is
+    recomputed) and each projection once (not a base and a LoRA term apart, as "dots" does)."""
+    from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+    lora = L.LoraConfig(rank=4, alpha=8, targets=ALL)
+    adapters, tokens = _random_adapters(lora), _tokens()
+
+    def loss(run):
+        return lambda a: jax.numpy.sum(Llama(CFG, run, lora=lora).apply({"params": params, "lora": a}, tokens) ** 2)
+
+    runs = {p: RunOptions(layer_loop=loop, remat_policy=p) for p in ("none", "attention", "dots_flash")}
+    ref = jax.jit(jax.grad(loss(runs["none"])))(adapters)
+    got = jax.jit(jax.grad(loss(runs["attention"])))(adapters)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):  # float32; recomputation reorders sums:
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6 * np.abs(r).max())
+
+    def kept(policy):  # the saved activations: arrays with the [B, T] token axes
+        shapes = [tuple(a.shape) for a, _ in saved_residuals(loss(runs[policy]), adapters)]
+        return [s for s in shapes if tokens.shape in (s[:2], s[1:3])]  # ([L, B, T, ...] under scan)
+    attention, dots = kept("attention"), kept("dots_flash")
+    assert not [s for s in attention if CFG.ffn_hidden_dim in s]
+    assert [s for s in dots if CFG.ffn_hidden_dim in s]  # (the check above can fail)
+    size = lambda shapes: sum(int(np.prod(s)) for s in shapes)  # noqa: E731
+    assert size(attention) < 0.5 * size(dots)

@@ -94,9 +94,10 @@ def token_losses(model: Llama, params, batch, base=None, rng=None) -> tuple[jax.
     drives the adapters' dropout (None: none)."""
     variables = {"params": params} if model.lora is None else {"params": base, "lora": params}
     rngs = {} if rng is None or model.lora is None or model.lora.dropout == 0 else {"dropout": rng}
-    logits = model.apply(variables, batch["tokens"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], rngs=rngs)
-    return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    # The loss straight from the final activations: the [B,T,V] logits exist one chunk at a time.
+    x, out = model.apply(variables, batch["tokens"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], logits=False, rngs=rngs)
+    return losses.head_cross_entropy(x, out, batch["targets"], batch["loss_mask"])
 
 
 def _micro_batches(batch, n: int):
