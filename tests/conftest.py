@@ -28,6 +28,15 @@ SLOW = {
     "test_cli_help_and_logs.py::test_full_disk_is_one_line",
     "test_convert_errors.py::test_refuses_to_overwrite_and_leaves_nothing_on_failure",
     "test_convert_output_safety.py::test_as_a_script_exit_2_one_line",
+    "test_chat.py::test_chat_cache_benchmark_smoke",
+    "test_convert_tied.py::test_hf_tied_model_converts_with_logits_equal_to_transformers",
+    "test_convert_tied.py::test_meta_export_carries_the_embedding_twice_and_comes_back_tied",
+    "test_convert_tied.py::test_hf_round_trip_is_bit_exact_and_loads_in_transformers",
+    "test_lora_train.py::test_train_loop_lora_from_init_from_resumes_exactly",
+    "test_train.py::test_two_processes_train_checkpoint_resume_and_match_one_process",
+    "test_train.py::test_sigterm_saves_and_exits_0_then_kill_9_then_resume_matches",
+    "test_train.py::test_stop_and_resume_onto_another_mesh",
+    "test_train_faults.py::test_kills_during_checkpoint_writes_and_pruning_resume_exactly",
 }
 
 
