@@ -5,7 +5,9 @@
 
 Tasks read `DATA/{task}/{split}.jsonl` (or `DATA/{task}_{split}.jsonl`) in Hugging Face layout
 when present, else TFDS (`--tfds-data-dir`; nothing is downloaded). Perplexity sources:
-stdlib[:split], text:PATH, lines:PATH, jsonl:PATH[#field], pretokenized:DIR, tfds:NAME[:split].
+stdlib[:split], text:PATH, lines:PATH, jsonl:PATH[#field], pretokenized:DIR, tfds:NAME[:split];
+fine-tuning sources (chat_jsonl:PATH, prompt_completion:PATH) score only their loss-masked
+tokens (the answers), as training counts them.
 Without --output the JSON goes to stdout (the table to stderr). Flags, task names and the
 perplexity spec are checked before the checkpoint loads.
 """
@@ -144,10 +146,12 @@ def print_table(results: dict, ppl: dict | None, file=None) -> None:
         print("(accuracies in %; 'paper' is the paper's Table 3 metric: acc_norm by characters, "
               "acc_paper for BoolQ/OBQA, acc for WinoGrande)")
     if ppl:
-        print(f"\nperplexity on {ppl['source']}: {ppl['documents']} documents, {ppl['tokens']} tokens: "
-              f"token ppl {ppl['token_perplexity']:.4f}, " + (
+        answers = ppl.get("scored") == "answers"
+        print(f"\nperplexity on {ppl['source']}: {ppl['documents']} documents, {ppl['tokens']} "
+              f"{'answer tokens' if answers else 'tokens'}: token ppl {ppl['token_perplexity']:.4f}, " + (
                   f"bits/byte {ppl['bits_per_byte']:.4f}, word ppl {ppl['word_perplexity']:.4f}"
-                  if ppl["bits_per_byte"] is not None else "bits/byte and word ppl not available (no exact text)"))
+                  if ppl["bits_per_byte"] is not None else "bits/byte and word ppl not available ("
+                  + ("answers only" if answers else "no exact text") + ")"))
 
 
 def main(argv=None) -> int:

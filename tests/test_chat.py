@@ -1,9 +1,7 @@
 """chat() and ChatSession on tiny random models, with tiny SentencePiece (LLaMA 2) and tiktoken
 (LLaMA 3) tokenizers: the session's cached turns equal `generate` on the whole conversation's
 ids, answers stop on every end-of-turn id, Ctrl-C keeps the session, bad input is one error."""
-import base64
 import dataclasses
-import glob
 import inspect
 import os
 import signal
@@ -14,11 +12,11 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, ModelConfig, generate
-from llama_jax.data import Llama3Tokenizer, train_tokenizer
 from llama_jax.errors import InputError
 from llama_jax.inference.chat import chat, chat_stop_ids, encode_dialog, encode_next_turn, end_of_turn_ids
 from llama_jax.inference.detokenize import decode_continuation
 from llama_jax.inference.session import ChatSession
+import tiny_tokenizers
 
 U, S = "user", "system"
 
@@ -31,21 +29,7 @@ def _params(cfg, seed=0):
     return nn.unbox(Llama(cfg).init(jax.random.PRNGKey(seed), np.ones((1, 8), np.int32))["params"])
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "json", "*.py")))
-    texts = [open(f).read() for f in files] + ["[INST] <<SYS>> <</SYS>> [/INST] hello world"] * 20
-    return train_tokenizer(texts, 500, str(tmp_path_factory.mktemp("sp") / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tik") / "tokenizer.model"
-    merges = [b"he", b"ll", b"hello", b" w", b"or", b"ld", b" world", b"\n\n", b"us", b"er", b"user"]
-    with open(path, "w") as f:
-        for rank, t in enumerate([bytes([b]) for b in range(256)] + merges):
-            f.write(f"{base64.b64encode(t).decode()} {rank}\n")
-    return Llama3Tokenizer(str(path))
+sp, tik = tiny_tokenizers.fixtures(500)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 checkpoint: streamed answers and the tokens/s line, a second turn that prefills only its
 new ids, Ctrl-C during a long answer (the prompt comes back, the conversation goes on),
 /reset, /system, /exit."""
+import contextlib
 import dataclasses
 import glob
 import os
@@ -45,11 +46,25 @@ def checkpoint(tmp_path_factory):
     return str(path), tok
 
 
-def _spawn(path, *flags):
+@contextlib.contextmanager
+def _chat(path, *flags):
+    """The CLI in a pseudo-terminal, closed whatever the test does."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return pexpect.spawn(sys.executable, ["-m", "llama_jax", "chat", "--checkpoint", path, "--temperature", "0",
-                                          "--verbose", *flags], cwd=ROOT, env=env, encoding="utf-8", timeout=240,
-                         dimensions=(50, 2000), logfile=open(LOG, "w"))
+    child = pexpect.spawn(sys.executable, ["-m", "llama_jax", "chat", "--checkpoint", path, "--temperature", "0",
+                                           "--verbose", *flags], cwd=ROOT, env=env, encoding="utf-8", timeout=240,
+                          dimensions=(50, 2000), logfile=open(LOG, "w"))
+    try:
+        yield child
+    finally:
+        child.close(force=True)
+
+
+def _exit(child, eof=False):
+    """/exit (or Ctrl-D with eof): the CLI ends, with status 0."""
+    child.sendeof() if eof else child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
 
 
 def _turn(child, text):
@@ -65,8 +80,7 @@ def _turn(child, text):
 
 def test_terminal_chat(checkpoint):
     path, tok = checkpoint
-    child = _spawn(path, "--max-new-tokens", "16", "--system", "Be brief.")
-    try:
+    with _chat(path, "--max-new-tokens", "16", "--system", "Be brief.") as child:
         child.expect_exact("/exit")
         child.expect_exact("> ")
         answer, stats, prefill = _turn(child, "hello there")
@@ -93,12 +107,7 @@ def test_terminal_chat(checkpoint):
         child.expect_exact("no system message]")
         _, _, prefill = _turn(child, "hello there")
         assert int(prefill[1]) == len(encode_dialog(tok, [USER("hello there")]))
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        child.wait()
-        assert child.exitstatus == 0
-    finally:
-        child.close(force=True)
+        _exit(child)
 
 
 def _interrupt(child, text):
@@ -119,8 +128,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(checkpoint):
     """Answers of up to 32k tokens from a model that never says eos: Ctrl-C ends each, the
     prompt comes back, and the next turn prefills only its ids, after the cut answer + eos."""
     path, tok = checkpoint
-    child = _spawn(path, "--max-new-tokens", "30000")
-    try:
+    with _chat(path, "--max-new-tokens", "30000") as child:
         child.expect_exact("> ")
         stats, prefill = _interrupt(child, "tell me everything")
         first = len(encode_dialog(tok, [USER("tell me everything")]))
@@ -131,30 +139,21 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(checkpoint):
         stats, prefill = _interrupt(child, "more")
         assert "interrupted" in stats[3]
         assert (int(prefill[1]), int(prefill[2])) == (len(encode_next_turn(tok, [USER("more")])), filled)
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        child.wait()
-        assert child.exitstatus == 0
-    finally:
-        child.close(force=True)
+        _exit(child)
 
 
 def test_eof_exits(checkpoint):
     path, _ = checkpoint
-    child = _spawn(path)
-    try:
+    with _chat(path) as child:
         child.expect_exact("> ")
-        child.sendeof()
-        child.expect(pexpect.EOF)
-        child.wait()
-        assert child.exitstatus == 0
-    finally:
-        child.close(force=True)
+        _exit(child, eof=True)
 
 
-def test_bad_flags_are_one_line(checkpoint, capsys):
+@pytest.mark.parametrize("flag,value", [("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1"),
+                                        ("--temperature", "nan")])
+def test_bad_flags_are_one_line(checkpoint, capsys, flag, value):
     from llama_jax.__main__ import main
     path, _ = checkpoint
-    assert main(["chat", "--checkpoint", path, "--top-p", "0"]) == 2
+    assert main(["chat", "--checkpoint", path, flag, value]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --top-p: ") and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {flag}: ") and len(err.splitlines()) == 1

@@ -2,17 +2,14 @@
 (tests/reference/meta_chat.py) and transformers' apply_chat_template with the published
 chat templates (tests/reference/chat_templates/), on tiny SentencePiece (LLaMA 2) and
 tiktoken (LLaMA 3) tokenizers; the layouts themselves written out as facts; bad dialogs."""
-import base64
-import glob
-import os
 from pathlib import Path
 
 import pytest
 
-from llama_jax.data import Llama3Tokenizer, train_tokenizer
 from llama_jax.errors import InputError
 from llama_jax.inference.chat import (ChatFamily, chat_family, encode_answer, encode_dialog, encode_next_turn,
                                       end_of_turn_ids, hf_chat_template)
+import tiny_tokenizers
 from reference.meta_chat import ChatFormat, llama2_chat_prompt_tokens
 
 TEMPLATES = Path(__file__).parent / "reference" / "chat_templates"
@@ -47,24 +44,7 @@ TOOL_DIALOGS = [
      m(A, "It is 21 degrees."), m(U, "thanks")],
 ]
 
-MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"\n\n", b"us", b"er",
-          b"user", b"as", b"sist", b"ant", b"assist", b"assistant", b"sy", b"stem", b"system", b" t", b"urn"]
-
-
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "json", "*.py")))
-    texts = [open(f).read() for f in files] + ["[INST] <<SYS>> <</SYS>> [/INST] hello world"] * 20
-    return train_tokenizer(texts, 600, str(tmp_path_factory.mktemp("sp") / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tik") / "tokenizer.model"
-    with open(path, "w") as f:
-        for rank, t in enumerate([bytes([b]) for b in range(256)] + MERGES):
-            f.write(f"{base64.b64encode(t).decode()} {rank}\n")
-    return Llama3Tokenizer(str(path))
+sp, tik = tiny_tokenizers.fixtures(600)
 
 
 @pytest.fixture(scope="module")

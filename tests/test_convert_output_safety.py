@@ -64,25 +64,26 @@ def tree(folders, tmp_path):
     return tmp_path / "t"
 
 
-@pytest.mark.parametrize("output", ["run", ".", "run/checkpoints", "run/checkpoints/3", "run/checkpoints/3/hf",
-                                    "run/new"])
-def test_from_orbax_refuses_output_overlapping_its_input(tree, output, capsys, monkeypatch):
+def _refused(tree, capsys, monkeypatch, script, argv):
+    """`script argv` run in `tree` is one line naming the output folder, and leaves `tree` as it was."""
     monkeypatch.chdir(tree)
     before = _snapshot(tree)
-    rc = run_cli(_cli("from_orbax"), ["--target", "hf", "--input", "run", "--output", output, "--overwrite"])
+    rc = run_cli(_cli(script), argv)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "the output folder" in err, err
     assert _snapshot(tree) == before
+
+
+@pytest.mark.parametrize("output", ["run", ".", "run/checkpoints", "run/checkpoints/3", "run/checkpoints/3/hf",
+                                    "run/new"])
+def test_from_orbax_refuses_output_overlapping_its_input(tree, output, capsys, monkeypatch):
+    _refused(tree, capsys, monkeypatch, "from_orbax",
+             ["--target", "hf", "--input", "run", "--output", output, "--overwrite"])
 
 
 @pytest.mark.parametrize("output", ["hf", ".", "hf/orbax"])
 def test_to_orbax_refuses_output_overlapping_its_input(tree, output, capsys, monkeypatch):
-    monkeypatch.chdir(tree)
-    before = _snapshot(tree)
-    rc = run_cli(_cli("to_orbax"), ["--source", "hf", "--input", "hf", "--output", output, "--overwrite"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "the output folder" in err, err
-    assert _snapshot(tree) == before
+    _refused(tree, capsys, monkeypatch, "to_orbax", ["--source", "hf", "--input", "hf", "--output", output, "--overwrite"])
 
 
 def test_symlinks_are_resolved(tree):

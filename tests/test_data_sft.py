@@ -3,30 +3,25 @@ SentencePiece (LLaMA 2) and tiktoken (LLaMA 3) tokenizers. The loss mask covers 
 answers (checked against encode_dialog/encode_answer); packing keeps examples whole with
 their masks; the masked loss of a packed batch through a tiny model equals a direct
 computation on the examples run alone; resume is exact mid-epoch; truncation and bad rows."""
-import base64
 import dataclasses
-import glob
 import json
 import logging
-import os
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from llama_jax.data import (BATCH_KEYS, DataConfig, DataError, Llama3Tokenizer, SourceConfig, make_dataset,
-                            train_tokenizer)
+from llama_jax.data import BATCH_KEYS, DataConfig, DataError, Llama3Tokenizer, SourceConfig, make_dataset
 from llama_jax.data import packing
 from llama_jax.data.config import LossMask, SourceKind
 from llama_jax.data.sft import SftExample, encode_example
 from llama_jax.data.spec import parse_sources, to_spec
 from llama_jax.errors import InputError
 from llama_jax.inference.chat import encode_answer, encode_dialog
+import tiny_tokenizers
 
 S, U, A, I = "system", "user", "assistant", "ipython"
-MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"\n\n", b"us", b"er",
-          b"user", b"as", b"sist", b"ant", b"assist", b"assistant", b"sy", b"stem", b"system"]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -49,22 +44,9 @@ def _pair(i):
             "completion": " " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, 10))))}
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "json", "*.py")))
-    rng = np.random.default_rng(0)
-    texts = [open(f).read() for f in files] + ["[INST] <<SYS>> <</SYS>> [/INST] " + " ".join(rng.permutation(WORDS))
-                                               for _ in range(200)]
-    return train_tokenizer(texts, 400, str(tmp_path_factory.mktemp("sp") / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tik") / "tokenizer.model"
-    with open(path, "w") as f:
-        for rank, t in enumerate([bytes([b]) for b in range(256)] + MERGES):
-            f.write(f"{base64.b64encode(t).decode()} {rank}\n")
-    return Llama3Tokenizer(str(path))
+_RNG = np.random.default_rng(0)
+_TEXTS = [tiny_tokenizers.MARKUP + " ".join(_RNG.permutation(WORDS)) for _ in range(200)]  # chat words whole
+sp, tik = tiny_tokenizers.fixtures(400, _TEXTS, tiny_tokenizers.MERGES[:21])
 
 
 @pytest.fixture(params=["sp", "tik"])

@@ -75,3 +75,25 @@ def test_cli_bad_input(setup, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoint", ckpt, "--tasks", "nope",
                         "--output", str(tmp_path / "x.json")], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 2 and p.stderr.startswith("error: unknown task 'nope'") and "Traceback" not in p.stderr
+
+
+def test_cli_perplexity_of_fine_tuning_answers(setup, capsys):
+    """chat_jsonl: the answers' tokens are what is counted (the loss mask, as training has it)."""
+    from llama_jax.data import load_tokenizer
+    from llama_jax.data.spec import parse_source
+    from llama_jax.data.source_kinds import open_source
+    from llama_jax.data.sft import encode_example
+    rows = [[{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "on the mat"}],
+            [{"role": "user", "content": "apple"}, {"role": "assistant", "content": "banana cherry"},
+             {"role": "user", "content": "grape"}, {"role": "assistant", "content": "lemon"}]]
+    (setup / "chat.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    out = setup / "sft.json"
+    spec = f"chat_jsonl:{setup / 'chat.jsonl'}"
+    assert _eval_module().main(["--checkpoint", str(setup / "ckpt"), "--perplexity", spec, "--output", str(out)]) == 0
+    ppl = json.loads(out.read_text())["perplexity"]
+    tok = load_tokenizer(str(setup / "tok" / "tokenizer.model"))
+    src = open_source(parse_source(spec))
+    answers = sum(int(encode_example(tok, src[i])[1].sum()) for i in range(len(src)))
+    assert ppl["scored"] == "answers" and ppl["documents"] == 2 and ppl["tokens"] == answers
+    assert ppl["token_perplexity"] > 1 and ppl["bits_per_byte"] is None
+    assert f"{answers} answer tokens" in capsys.readouterr().out

@@ -69,6 +69,14 @@ def _int_at_least(text: str, low: int) -> int:
     return v
 
 
+def check_sampling_flags(a: argparse.Namespace) -> None:
+    """`--temperature` and `--top-p`, as `generate` and `chat` both take them: one-line errors."""
+    if not a.temperature >= 0:  # also nan
+        raise input_error("--temperature", "out of range (0: greedy)", ">= 0", a.temperature)
+    if not 0 < a.top_p <= 1:
+        raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
+
+
 # Messages Orbax logs (through absl) on every conversion or load that say nothing to a user:
 # small chunks in tiny models, the numpy-only handler registry, no OCDBT subdirs to merge.
 _BENIGN = ("Setting the target_byte_size too small", "ArrayMetadata persistence is disabled",

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 import sys
 
-from llama_jax.cli.args import ArgumentParser, positive_int, quiet_logs
-from llama_jax.errors import InputError, input_error
+from llama_jax.cli.args import ArgumentParser, check_sampling_flags, positive_int, quiet_logs
+from llama_jax.errors import InputError
 
 PROMPT = "> "
 # Control characters a model may sample (ESC, ^C, ^S, a bare CR ...) would act on the
@@ -99,10 +99,7 @@ def _loop(session, system: str | None, verbose: bool) -> int:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    if not a.temperature >= 0:  # also nan
-        raise input_error("--temperature", "out of range (0: greedy)", ">= 0", a.temperature)
-    if not 0 < a.top_p <= 1:
-        raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
+    check_sampling_flags(a)
     quiet_logs()
     session = _session(a)
     print(f"chat with {a.checkpoint} ({type(session.tokenizer).__name__}); /reset, /system TEXT, /exit; "

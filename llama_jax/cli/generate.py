@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from llama_jax.cli.args import ArgumentParser, non_negative_int, positive_int, quiet_logs
+from llama_jax.cli.args import ArgumentParser, check_sampling_flags, non_negative_int, positive_int, quiet_logs
 from llama_jax.errors import input_error
 
 
@@ -58,10 +58,7 @@ def _check_lengths_early(a):
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    if not a.temperature >= 0:  # also nan
-        raise input_error("--temperature", "out of range (0: greedy)", ">= 0", a.temperature)
-    if not 0 < a.top_p <= 1:
-        raise input_error("--top-p", "out of range", "0 < top_p <= 1", a.top_p)
+    check_sampling_flags(a)
     quiet_logs()
     from llama_jax.checkpoint import load_checkpoint, tokenizer_file
     from llama_jax.data import load_tokenizer

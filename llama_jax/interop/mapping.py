@@ -59,26 +59,25 @@ class Rule:
 
 
 _T, _S = Transform, MetaSplit
+# Per layer: our param path under "layers" (dotted), HF's module after "model.layers.{i}.",
+# transform, Meta split, rotary. Meta's name is "layers.{i}." + our path, plus ".weight" for
+# the linear layers (we hold their matrix as the param itself; a norm's param is its weight).
+_LAYER_TABLE = (
+    ("attention.wq", "self_attn.q_proj", _T.IN_HEADS, _S.COLUMN, True),
+    ("attention.wk", "self_attn.k_proj", _T.IN_KV_HEADS, _S.COLUMN, True),
+    ("attention.wv", "self_attn.v_proj", _T.IN_KV_HEADS, _S.COLUMN, False),
+    ("attention.wo", "self_attn.o_proj", _T.HEADS_OUT, _S.ROW, False),
+    ("feed_forward.w1", "mlp.gate_proj", _T.TRANSPOSE, _S.COLUMN, False),
+    ("feed_forward.w2", "mlp.down_proj", _T.TRANSPOSE, _S.ROW, False),
+    ("feed_forward.w3", "mlp.up_proj", _T.TRANSPOSE, _S.COLUMN, False),
+    ("attention_norm.weight", "input_layernorm", _T.SAME, _S.REPLICATED, False),
+    ("ffn_norm.weight", "post_attention_layernorm", _T.SAME, _S.REPLICATED, False),
+)
 RULES: tuple[Rule, ...] = (
     Rule(("tok_embeddings",), "tok_embeddings.weight", "model.embed_tokens.weight", _T.SAME, _S.EMBEDDING),
-    Rule(("layers", "attention", "wq"), "layers.{i}.attention.wq.weight",
-         "model.layers.{i}.self_attn.q_proj.weight", _T.IN_HEADS, _S.COLUMN, rotary=True),
-    Rule(("layers", "attention", "wk"), "layers.{i}.attention.wk.weight",
-         "model.layers.{i}.self_attn.k_proj.weight", _T.IN_KV_HEADS, _S.COLUMN, rotary=True),
-    Rule(("layers", "attention", "wv"), "layers.{i}.attention.wv.weight",
-         "model.layers.{i}.self_attn.v_proj.weight", _T.IN_KV_HEADS, _S.COLUMN),
-    Rule(("layers", "attention", "wo"), "layers.{i}.attention.wo.weight",
-         "model.layers.{i}.self_attn.o_proj.weight", _T.HEADS_OUT, _S.ROW),
-    Rule(("layers", "feed_forward", "w1"), "layers.{i}.feed_forward.w1.weight",
-         "model.layers.{i}.mlp.gate_proj.weight", _T.TRANSPOSE, _S.COLUMN),
-    Rule(("layers", "feed_forward", "w2"), "layers.{i}.feed_forward.w2.weight",
-         "model.layers.{i}.mlp.down_proj.weight", _T.TRANSPOSE, _S.ROW),
-    Rule(("layers", "feed_forward", "w3"), "layers.{i}.feed_forward.w3.weight",
-         "model.layers.{i}.mlp.up_proj.weight", _T.TRANSPOSE, _S.COLUMN),
-    Rule(("layers", "attention_norm", "weight"), "layers.{i}.attention_norm.weight",
-         "model.layers.{i}.input_layernorm.weight", _T.SAME, _S.REPLICATED),
-    Rule(("layers", "ffn_norm", "weight"), "layers.{i}.ffn_norm.weight",
-         "model.layers.{i}.post_attention_layernorm.weight", _T.SAME, _S.REPLICATED),
+    *(Rule(("layers", *ours.split(".")), f"layers.{{i}}.{ours}" + ("" if ours.endswith(".weight") else ".weight"),
+           f"model.layers.{{i}}.{hf}.weight", transform, split, rotary)
+      for ours, hf, transform, split, rotary in _LAYER_TABLE),
     Rule(("norm", "weight"), "norm.weight", "model.norm.weight", _T.SAME, _S.REPLICATED),
     Rule(("output",), "output.weight", "lm_head.weight", _T.TRANSPOSE, _S.COLUMN),
 )
