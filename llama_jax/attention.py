@@ -41,12 +41,15 @@ def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
            impl: AttentionImpl = AttentionImpl.XLA, max_segments: int | None = None):
     """Causal (grouped-query) attention; see the module docstring for the contract.
 
-    `max_segments` (cuDNN with segment ids only): runs per row of the packed kernel; None:
-    `default_max_segments(T)`; 0 or 1: always the dense-mask kernel."""
+    `max_segments` (cuDNN with segment ids only): runs per row of the packed kernel, e.g.
+    `default_max_segments(T)`; None, 0 or 1: the dense-mask kernel. Opt-in for now: on an
+    H200 (jax 0.11.2) the packed kernel is exact (tests/test_attention_packed_gpu.py) and
+    its train step 4% faster than unpacked rows, but inside the model's remat the fallback's
+    lax.cond failed to trace (benchmarks/RESULTS.md), so the model passes nothing."""
     impl = resolve(impl, q.dtype)
     same_length = q.shape[1] == k.shape[1]
     if impl is AttentionImpl.CUDNN and same_length and isinstance(q_offset, int) and q_offset == 0:
-        m = default_max_segments(q.shape[1]) if max_segments is None else max_segments
+        m = 0 if max_segments is None else max_segments
         # (One slot is not packing to cuDNN: its offsets would be ignored.)
         if q_segment_ids is not None and m >= 2 and packed_supported(q.shape[2], k.shape[2]):
             return _cudnn_packed_or_dense(q, k, v, q_segment_ids, kv_segment_ids, m)

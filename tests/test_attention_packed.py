@@ -137,7 +137,9 @@ def test_model_with_the_cudnn_dispatch_matches_xla(monkeypatch, loop, remat, slo
     the packed branch (4 slots) and on the dense one (2 slots: a row has 3 documents)."""
     from llama_jax import Llama, ModelConfig, RunOptions
     monkeypatch.setattr(A, "packed_supported", lambda n, k: True)
-    monkeypatch.setattr(A, "default_max_segments", lambda t: slots)  # the model passes no max_segments
+    import functools
+    from llama_jax import model as model_module
+    monkeypatch.setattr(model_module, "attend", functools.partial(A.attend, max_segments=slots))
     monkeypatch.setattr(A, "_cudnn_packed", lambda q, k, v, s, o: A._xla(
         q, k, v, _runs_as_ids(s, o, q.shape[1]), _runs_as_ids(s, o, q.shape[1]), 0))
     monkeypatch.setattr(A, "_cudnn", lambda q, k, v, qs, ks: A._xla(q, k, v, qs, ks, 0))
