@@ -120,13 +120,12 @@ def fusion(rows: int = 8192, dim: int = 4096, rank: int = 16, steps: int = 20) -
         w = (jax.random.normal(k[1], (d, out)) * 0.02).astype(jnp.bfloat16)
         a = (jax.random.normal(k[2], (d, rank)) * 0.02).astype(jnp.bfloat16)
         b = (jax.random.normal(k[3], (rank, out)) * 0.02).astype(jnp.bfloat16)
-        wa = jnp.concatenate([w, a], axis=1)  # what a fused layout would store for the frozen base + A
 
         def apart(x, a, b):
             return x @ w + 2.0 * ((x @ a) @ b)
 
         def fused(x, a, b):
-            ya = x @ jnp.concatenate([wa[:, :out], a], axis=1)  # one matmul; A stays the trainable leaf
+            ya = x @ jnp.concatenate([w, a], axis=1)  # one matmul; A (trainable) is joined to W every step
             return ya[:, :out] + 2.0 * (ya[:, out:] @ b)
 
         row = {}
