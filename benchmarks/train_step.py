@@ -19,7 +19,8 @@ in a subprocess, so the frameworks never share GPU memory.
 `--precision fp8` (RunOptions.matmul_precision) runs the layers' weight matmuls in FP8; FLOPs
 are still counted as bf16-equivalent model FLOPs, so TFLOP/s compare across precisions.
 With fp8 and the peer, the torchao float8 peer (peers/hf_torch_float8.py: transformers +
-torch.compile, bf16 and float8 tensorwise, all Linear but lm_head) runs too, before JAX.
+torch.compile, bf16 and float8 tensorwise, all Linear but lm_head) runs instead of the
+eager/compile peer, before JAX.
 Writes $OUT/train_step.json (or ./train_step.json) and prints a table.
 """
 from __future__ import annotations
@@ -207,11 +208,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = {"args": vars(args), "date": time.strftime("%Y-%m-%d")}
     if not args.no_peer:  # first: JAX would take most of the GPU's memory once started
-        out["peer"] = peer(args.peer_shapes.split(","), args)
-        print("peer", json.dumps(out["peer"]), flush=True)
         if "fp8" in args.precision.split(","):
+            # hf_torch_float8.py times the bf16 compiled step beside torchao float8: that is
+            # the bf16 peer too (the eager peer adds nothing to an FP8 comparison).
             out["peer_float8"] = float8_peer(args)
             print("peer_float8", json.dumps(out["peer_float8"]), flush=True)
+        else:
+            out["peer"] = peer(args.peer_shapes.split(","), args)
+            print("peer", json.dumps(out["peer"]), flush=True)
     import jax
     if not args.shapes:
         args.shapes = "1b" if jax.device_count() == 1 else "7b"
