@@ -10,8 +10,11 @@ is in float32 in every implementation.
 Packed rows on cuDNN (docs/attention.md): segment ids that form contiguous runs (each id one
 run, ids increasing along the row, padding only as the last run, as data/packing.py makes
 them) reach cuDNN as per-row run lengths and offsets (its packed "THD" layout, Hopper and
-later), with a fixed budget of `max_segments` runs per row. A batch with a row outside that
-form or over the budget runs the dense-mask kernel instead (`lax.cond`): exact either way.
+later), with a fixed budget of `max_segments` runs per row. `checked=True`: a batch with a
+row outside that form or over the budget runs the dense-mask kernel instead (`lax.cond`),
+exact either way. `checked=False`: the packed kernel with no run-time check; the caller
+guarantees every row fits (the model's training path: train/packed_guard.py checks each
+batch on the host).
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ from llama_jax.runtime import AttentionImpl
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def resolve(impl: AttentionImpl, dtype) -> AttentionImpl:
-    """The implementation AUTO stands for on this platform and dtype."""
+def resolve(impl: AttentionImpl, dtype, platform: str | None = None) -> AttentionImpl:
+    """The implementation AUTO stands for on `platform` (default: this one) and dtype."""
     if impl is not AttentionImpl.AUTO:
         return impl
-    backend = jax.default_backend()
+    backend = platform or jax.default_backend()
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return AttentionImpl.CUDNN  # cuDNN's flash attention takes 16-bit inputs only
     if backend == "tpu":
@@ -38,20 +41,24 @@ def resolve(impl: AttentionImpl, dtype) -> AttentionImpl:
 
 
 def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-           impl: AttentionImpl = AttentionImpl.XLA, max_segments: int | None = None):
+           impl: AttentionImpl = AttentionImpl.XLA, max_segments: int | None = None, checked: bool = True):
     """Causal (grouped-query) attention; see the module docstring for the contract.
 
     `max_segments` (cuDNN with segment ids only): runs per row of the packed kernel, e.g.
-    `default_max_segments(T)`; None, 0 or 1: the dense-mask kernel. Opt-in for now: on an
-    H200 (jax 0.11.2) the packed kernel is exact (tests/test_attention_packed_gpu.py) and
-    its train step 4% faster than unpacked rows, but inside the model's remat the fallback's
-    lax.cond failed to trace (benchmarks/RESULTS.md), so the model passes nothing."""
+    `default_max_segments(T)`; None, 0 or 1: the dense-mask kernel. `checked=False` runs the
+    packed kernel without the run-time fallback: only for rows known to fit (the same ids
+    for queries and keys, `packed_layout`'s `fits` on every row); any other row is masked
+    wrong. The model passes `RunOptions.packed_segments` unchecked: on an H200 (jax 0.11.2)
+    the fallback's lax.cond failed to trace inside the model's remat (docs/attention.md)."""
     impl = resolve(impl, q.dtype)
     same_length = q.shape[1] == k.shape[1]
     if impl is AttentionImpl.CUDNN and same_length and isinstance(q_offset, int) and q_offset == 0:
         m = 0 if max_segments is None else max_segments
         # (One slot is not packing to cuDNN: its offsets would be ignored.)
         if q_segment_ids is not None and m >= 2 and packed_supported(q.shape[2], k.shape[2]):
+            if not checked:
+                seqlen, offsets, _ = packed_layout(q_segment_ids, m)
+                return _cudnn_packed(q, k, v, seqlen, offsets)
             return _cudnn_packed_or_dense(q, k, v, q_segment_ids, kv_segment_ids, m)
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids)
     if impl is AttentionImpl.SPLASH and same_length and isinstance(q_offset, int) and q_offset == 0:

@@ -101,19 +101,22 @@ def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = M
 
 
 def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None, wo_extra=None,
-              precision: MatmulPrecision = MatmulPrecision.BF16):
+              precision: MatmulPrecision = MatmulPrecision.BF16, packed_segments: int = 0):
     """Rotary, attention and the output projection -> (y [B,T,D], new (k, v) cache or None).
 
     With `cache` ((k, v) [B,S,K,H]), this block's k, v are written at slot
     inputs.cache_index and the queries attend to every slot (XLA path). `wo_extra`: a
     function of the attention output [B,T,N,H] added to y (a LoRA adapter's term on wo).
+    `packed_segments` >= 2 (uncached, with segment ids): cuDNN's packed kernel with that many
+    runs per row, unchecked: every row must fit (train/packed_guard.py checks on the host).
     """
     dt = q.dtype
     q = nn.with_logical_constraint(apply_rope(q, inputs.sin, inputs.cos), ("batch", "seq", "heads", "head_dim"))
     k = nn.with_logical_constraint(apply_rope(k, inputs.sin, inputs.cos), ("batch", "seq", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
     if cache is None:
-        out = attend(q, k, v, q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids, impl=impl)
+        out = attend(q, k, v, q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids, impl=impl,
+                     max_segments=packed_segments, checked=False)
     else:
         i = inputs.cache_index
         ck, cv = cache
@@ -180,7 +183,8 @@ class Attention(nn.Module):
         wo_extra = None
         if lo is not None and "wo" in lo.targets:
             wo_extra = lambda out: _plus_adapter(self, lo, "wo", out, 0)  # noqa: E731
-        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra, precision=p)[0]
+        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra, precision=p,
+                         packed_segments=r.packed_segments)[0]
 
 
 class FeedForward(nn.Module):

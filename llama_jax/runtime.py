@@ -63,6 +63,8 @@ class RunOptions:
     fuse_gate_up: bool = False         # w1|w3 as one matmul, SwiGLU's backward as one kernel (GPUs)
     interpret_kernels: bool = False    # run Pallas kernels in interpret mode on any backend (tests)
     matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # fp8: a quality cost, off unless asked
+    packed_segments: int = 0           # packed rows on cuDNN: 0 the dense mask, M >= 2 the packed kernel
+    #                                    with M runs per row (the caller checks rows: train/packed_guard.py)
 
     def __post_init__(self):
         def bad(field, expected):
@@ -83,6 +85,9 @@ class RunOptions:
         v = self.scan_unroll
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             bad("scan_unroll", "a positive integer")
+        v = self.packed_segments
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 or v == 1:
+            bad("packed_segments", "0 (the dense mask) or an integer >= 2")
         for f in ("fuse_gate_up", "interpret_kernels"):
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 bad(f, "True or False")
