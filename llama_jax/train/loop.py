@@ -24,6 +24,7 @@ from llama_jax.train import metrics as metrics_lib
 from llama_jax import sharding
 from llama_jax.checkpoint import CHECKPOINTS_DIR, checkpoints_dir, integrity
 from llama_jax.train import optim
+from llama_jax.train import packed_guard
 from llama_jax.train import report as run_report
 from llama_jax.train import checkpoint as train_checkpoint
 from llama_jax.train import checks as train_checks
@@ -33,7 +34,7 @@ from llama_jax.train import state as train_state
 from llama_jax.train import workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
-from llama_jax.data import DataConfig
+from llama_jax.data import DataConfig, make_global_batch
 from llama_jax.errors import input_error
 from llama_jax.data.input import ShardedInput, tokenizer_for
 
@@ -67,6 +68,8 @@ class Run:
     start_step: int
     base: Any = None        # LoRA: the frozen base params (state.params are the adapters)
     lora_record: dict | None = None  # LoRA: what each step's lora.json says
+    # Which step a batch takes: a dense-mask one when its rows do not fit the packed kernel.
+    guard: packed_guard.PackedGuard = dataclasses.field(default_factory=lambda: packed_guard.PackedGuard(0, dict))
 
 
 def _with_architecture(model: ModelConfig, checkpoint_dir: str) -> ModelConfig:
@@ -135,14 +138,20 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         log.info("initialising the parameters")
         state = train_state.init_state(net, tx, mesh, jax.random.PRNGKey(cfg.seed))
     complete = latest is not None and latest >= cfg.steps  # train() returns at once: nothing to write
+
+    def steps(net: Llama) -> dict[str, Callable]:
+        return {"train": train_state.make_train_step(net, tx, schedule, mesh, shardings, cfg.micro_batches,
+                                                     base=base, seed=cfg.seed),
+                "eval": train_state.make_eval_step(net, mesh, shardings.params, base=base)}
+    packed = steps(net)
+    dense = lambda: steps(Llama(model, net.run.replace(packed_segments=0), lora=lora))  # noqa: E731
     return Run(cfg=cfg, workdir=workdir, model=model, mesh=mesh, tokenizer=tokenizer, shardings=shardings,
                abstract=abstract, state=state, input=inp, manager=manager,
                writer=metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0 and not complete,
                                                 from_step=0 if latest is None else latest),
-               train_step=train_state.make_train_step(net, tx, schedule, mesh, shardings, cfg.micro_batches,
-                                                      base=base, seed=cfg.seed),
-               eval_step=train_state.make_eval_step(net, mesh, shardings.params, base=base),
-               start_step=0 if latest is None else latest, base=base, lora_record=record)
+               train_step=packed["train"], eval_step=packed["eval"],
+               start_step=0 if latest is None else latest, base=base, lora_record=record,
+               guard=packed_guard.PackedGuard(packed_guard.kernel_slots(net.run, jax.default_backend()), dense))
 
 
 def _lora_base(cfg, net: Llama, mesh, step_dir: str | None) -> tuple[Any, dict]:
@@ -190,7 +199,9 @@ def evaluate(run: Run) -> float:
                       train_state.batch_sharding(run.mesh))
     loss_sum = tokens = 0.0
     for _ in range(cfg.eval_batches):
-        out = run.eval_step(run.state.params, next(it))
+        local = it.next_local()
+        step = run.guard.step_for(local, run.eval_step, "eval")
+        out = step(run.state.params, make_global_batch(local, train_state.batch_sharding(run.mesh)))
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     return loss_sum / max(tokens, 1.0)
 
@@ -237,7 +248,9 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
     logger, pending, saved = _Logger(run, on_log), None, run.start_step
     log.info("compiling the train step (the first step waits for it)")
     while step < cfg.steps and not stop.requested:
-        run.state, m = run.train_step(run.state, next(run.input))
+        local = run.input.next_local()  # this process's rows, checked here before they become a global batch
+        train_step = run.guard.step_for(local, run.train_step)
+        run.state, m = train_step(run.state, make_global_batch(local, train_state.batch_sharding(run.mesh)))
         step += 1
         if pending is not None:  # read the previous step while this one runs
             logger.read(*pending)
@@ -316,7 +329,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequest | None
           on_log: Callable | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last logged step, loss,
     loss_mean, eval_loss, train_loss (+ train_loss_from_step: the mean over the last 10% of
-    steps), plot_path, and a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0.
+    steps), plot_path, a text sample (+ sample_path) when `cfg.sample.max_new_tokens` > 0, and
+    dense_mask_batches ({"train": n, "eval": n}) when batches did not fit the packed kernel.
     A workdir whose latest checkpoint is already at `cfg.steps` returns {"step": that step,
     "complete": True} once that checkpoint restores (nothing compiled, trained or written).
     Raises workdir_lock.WorkdirBusy if another run holds `workdir`."""
@@ -344,6 +358,9 @@ def _train(cfg, workdir, stop, on_log) -> dict:
         train_recovery.purge_deleted(str(run.manager.directory))
         run.writer.close()
     out = {"step": step, **{k: logger_last.get(k) for k in ("loss", "loss_mean", "eval_loss")}}
+    if run.guard.summary():
+        log.info("%s", run.guard.summary())
+        out["dense_mask_batches"] = dict(run.guard.dense_batches)
     if cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
         out["sample"] = sample(run)
     return run_report.finish(run, out)  # sample file, plot.png, smoothed train loss
