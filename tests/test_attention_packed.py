@@ -136,27 +136,74 @@ def test_model_with_the_cudnn_dispatch_matches_xla(monkeypatch, loop, remat, slo
     and scan), with the same stand-in kernels: loss and gradients equal the XLA model's, on
     the packed branch (4 slots) and on the dense one (2 slots: a row has 3 documents)."""
     from llama_jax import Llama, ModelConfig, RunOptions
-    monkeypatch.setattr(A, "packed_supported", lambda n, k: True)
-    import functools
+    _stand_in_kernels(monkeypatch)
     from llama_jax import model as model_module
-    monkeypatch.setattr(model_module, "attend", functools.partial(A.attend, max_segments=slots))
+    # The model's own call is unchecked (RunOptions.packed_segments); this is attend's checked path.
+    monkeypatch.setattr(model_module, "attend",
+                        lambda *a, **kw: A.attend(*a, **{**kw, "max_segments": slots, "checked": True}))
+    batch = _model_batch()
+    assert bool(A.packed_layout(batch["segment_ids"], slots)[2].all()) == (slots == 4)
+    (l_ours, g_ours), (l_ref, g_ref) = (_model_loss_and_grads(batch, impl, remat, loop) for impl in ("cudnn", "xla"))
+    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_ours, g_ref)
+
+
+def _stand_in_kernels(monkeypatch):
+    """cuDNN's kernels on CPUs: the XLA path over the mask each applies (packed: by runs)."""
+    monkeypatch.setattr(A, "packed_supported", lambda n, k: True)
     monkeypatch.setattr(A, "_cudnn_packed", lambda q, k, v, s, o: A._xla(
         q, k, v, _runs_as_ids(s, o, q.shape[1]), _runs_as_ids(s, o, q.shape[1]), 0))
     monkeypatch.setattr(A, "_cudnn", lambda q, k, v, qs, ks: A._xla(q, k, v, qs, ks, 0))
-    cfg = ModelConfig.preset("tiny")
+
+
+def _model_batch():
+    """Two packed rows of 32 tokens: at most 3 documents (+ padding) in a row."""
     rows = pack_documents([list(range(3, 3 + n)) for n in (5, 20, 9, 40, 3, 12)], 32, bos=1, eos=2)
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    assert bool(A.packed_layout(batch["segment_ids"], slots)[2].all()) == (slots == 4)
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def _model_loss_and_grads(batch, impl, remat, loop, packed_segments=0):
+    from llama_jax import Llama, ModelConfig, RunOptions
+    cfg = ModelConfig.preset("tiny")
     params = Llama(cfg).init(jax.random.PRNGKey(0), batch["tokens"])["params"]
 
-    def loss(params, impl):
-        run = RunOptions(attention_impl=impl, remat_policy=remat, layer_loop=loop)
+    def loss(params):
+        run = RunOptions(attention_impl=impl, remat_policy=remat, layer_loop=loop, packed_segments=packed_segments)
         logits = Llama(cfg, run).apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                        segment_ids=batch["segment_ids"])
         logp = jax.nn.log_softmax(logits)
         return -jnp.sum(jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["loss_mask"])
+    return jax.jit(jax.value_and_grad(loss))(params)
 
-    (l_ours, g_ours), (l_ref, g_ref) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, impl)
-                                        for impl in ("cudnn", "xla"))
+
+@pytest.mark.parametrize("loop,remat", [("unrolled", "dots_flash"), ("scan", "full")])
+def test_model_with_packed_segments_runs_the_packed_kernel_unchecked(monkeypatch, loop, remat):
+    """RunOptions.packed_segments: the model calls the packed kernel with no run-time check
+    (stand-in kernels): exact on rows that fit its slots (4), and wrong on rows that do not
+    (2 slots, 3 documents), which is why train/packed_guard.py checks every batch first."""
+    _stand_in_kernels(monkeypatch)
+    calls = []
+    packed = A._cudnn_packed
+    monkeypatch.setattr(A, "_cudnn_packed", lambda *a: calls.append(1) or packed(*a))
+    monkeypatch.setattr(A, "_cudnn_packed_or_dense", lambda *a: pytest.fail("the model took the checked path"))
+    batch = _model_batch()
+    l_ref, g_ref = _model_loss_and_grads(batch, "xla", remat, loop)
+    l_ours, g_ours = _model_loss_and_grads(batch, "cudnn", remat, loop, packed_segments=4)
+    assert calls  # traced through the packed kernel
     np.testing.assert_allclose(l_ours, l_ref, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_ours, g_ref)
+    l_short, _ = _model_loss_and_grads(batch, "cudnn", remat, loop, packed_segments=2)
+    assert abs(float(l_short) - float(l_ref)) > 100 * 1e-6 * abs(float(l_ref))  # 100x the tolerance above
+
+
+def test_attend_unchecked_has_no_cond(monkeypatch):
+    """checked=False: the packed kernel alone in the program (no lax.cond to trace under
+    remat); checked=True: the selection between the two kernels."""
+    _stand_in_kernels(monkeypatch)
+    seg = jnp.asarray([[1] * 10 + [2] * 20 + [0] * 2, [1] * 31 + [0]], jnp.int32)
+    q = k = v = jnp.ones((2, 32, 2, 8), jnp.float32)
+    for checked, has_cond in ((False, False), (True, True)):
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: A.attend(
+            q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl=A.AttentionImpl.CUDNN, max_segments=8,
+            checked=checked))(q, k, v))
+        assert ("cond[" in jaxpr) == has_cond, (checked, jaxpr[:2000])
