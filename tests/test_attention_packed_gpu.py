@@ -102,18 +102,77 @@ def test_attend_cudnn_is_exact_packed_or_not(max_segments):
     _check(out, grads, *_reference(q, k, v, g, seg))
 
 
-def test_packed_is_the_kernel_attend_runs():
-    """The lowered program of attend with packed rows holds the packed cuDNN call (its run
-    slots per row in the backend config, no bias) and the dense fallback (with a bias)."""
+# The backend config is a JSON string inside an MLIR attribute: its quotes may print as \22.
+_SLOTS = r'max_seg_per_batch(?:\\22|\\"|")?\s*:\s*%d\b'
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_packed_is_the_kernel_attend_runs(checked):
+    """The lowered program of attend on packed rows with max_segments M holds the packed cuDNN
+    call (M run slots per row in its backend config, no bias); checked=True adds the dense
+    fallback (a bias) behind a conditional, checked=False (the model's call) has neither.
+    Without max_segments: the dense kernel alone."""
     q, k, v, _ = _qkv(2)
     seg = _rows(seed=2, max_docs=8)
-    fn = jax.jit(lambda q, k, v, s: A.attend(q, k, v, q_segment_ids=s, kv_segment_ids=s, impl=AttentionImpl.CUDNN))
-    hlo = fn.lower(q, k, v, seg).as_text()
     m = A.default_max_segments(T)
-    # The backend config is a JSON string inside an MLIR attribute: its quotes may print as \22.
-    assert re.search(r'max_seg_per_batch(?:\\22|\\"|")?\s*:\s*%d\b' % m, hlo), hlo[:3000]
-    assert "__cudnn$fmhaSoftmax" in hlo and "__cudnn$fmhaScaleBiasSoftmax" in hlo
-    assert "stablehlo.case" in hlo or "stablehlo.if" in hlo
+
+    def hlo(**kw):
+        fn = jax.jit(lambda q, k, v, s: A.attend(q, k, v, q_segment_ids=s, kv_segment_ids=s,
+                                                 impl=AttentionImpl.CUDNN, **kw))
+        return fn.lower(q, k, v, seg).as_text()
+    packed = hlo(max_segments=m, checked=checked)
+    assert re.search(_SLOTS % m, packed), packed[:3000]
+    assert "__cudnn$fmhaSoftmax" in packed
+    assert ("__cudnn$fmhaScaleBiasSoftmax" in packed) == checked
+    assert ("stablehlo.case" in packed or "stablehlo.if" in packed) == checked
+    dense = hlo()
+    assert "__cudnn$fmhaScaleBiasSoftmax" in dense and not re.search(_SLOTS % m, dense)
+    assert "__cudnn$fmhaSoftmax" not in dense
+
+
+# On CPUs the same model in bf16 against float32 (XLA path): loss 5e-6, worst gradient leaf 1.6e-2
+# relative; documents seeing each other: every gradient leaf off by 0.7 to 1.1.
+MODEL_LOSS_TOL, MODEL_GRAD_TOL = 1e-3, 5e-2
+
+
+def _model_loss_and_grads(batch, run, segment_ids):
+    from llama_jax import Llama, ModelConfig
+    cfg = ModelConfig.preset("tiny", dim=256, n_heads=4, n_kv_heads=2, max_seq_len=T)  # head dim 64, GQA
+    params = Llama(cfg).init(jax.random.PRNGKey(0), batch["tokens"][:1, :8])["params"]
+
+    def loss(params):
+        logits = Llama(cfg, run).apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                       segment_ids=segment_ids)
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        return jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_model_with_packed_segments_under_remat():
+    """The Transformer with RunOptions.packed_segments=16 (the packed kernel, unchecked) under
+    remat dots_flash and unrolled layers, bf16: the loss and every gradient leaf of the same
+    model on the XLA path (bf16, so the gap is the attention kernel's). The same run with the
+    documents seeing each other (no segment ids) misses the gradient bound by far."""
+    from llama_jax import RunOptions
+    seg = np.asarray(_rows(seed=3, max_docs=10))
+    assert bool(A.packed_layout(jnp.asarray(seg), 16)[2].all())
+    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    first = np.maximum.accumulate(np.where(starts, np.arange(T)[None], 0), axis=1)
+    r = np.random.default_rng(0)
+    tokens = r.integers(3, 512, (B, T + 1))
+    batch = {"tokens": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+             "positions": jnp.asarray(np.arange(T)[None] - first, jnp.int32),  # restarting per document
+             "loss_mask": jnp.asarray(seg > 0, jnp.float32)}
+    run = RunOptions(dtype="bfloat16", remat_policy="dots_flash", layer_loop="unrolled")
+    ids = jnp.asarray(seg)
+    l_ref, g_ref = _model_loss_and_grads(batch, run.replace(attention_impl="xla"), ids)
+    l_ours, g_ours = _model_loss_and_grads(batch, run.replace(attention_impl="cudnn", packed_segments=16), ids)
+    assert abs(float(l_ours) - float(l_ref)) < MODEL_LOSS_TOL * abs(float(l_ref)), (l_ours, l_ref)
+    rel = jax.tree.leaves(jax.tree.map(_rel, g_ours, g_ref))
+    assert max(rel) < MODEL_GRAD_TOL, rel
+    _, g_leak = _model_loss_and_grads(batch, run.replace(attention_impl="cudnn"), None)
+    assert max(jax.tree.leaves(jax.tree.map(_rel, g_leak, g_ref))) > 4 * MODEL_GRAD_TOL
 
 
 def test_tolerance_would_catch_a_leak():
