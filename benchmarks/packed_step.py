@@ -3,14 +3,17 @@
 (a) unpacked rows (no segment ids: cuDNN's plain causal kernel), (b) packed rows (documents
 of random lengths, segment ids, positions restarting per document) through the dense-mask
 kernel (`attend(max_segments=0)`: the [B,1,T,T] mask cuDNN reads as a bias), (c) the same
-rows through cuDNN's packed layout (run lengths and offsets, llama_jax/attention.py). The
-step, shapes and timing are benchmarks/train_step.py's (`ours`): only the batch and the
-attention kernel differ. Then `train.py` on the real packed job (the stdlib corpus, its own
-32000-piece tokenizer, the same 1.1B shape and run options), steady state from its
-metrics.jsonl: the mean of the logged rows covering the last `--train-window` steps. It
-runs first, alone on the GPU (batch `--batch` on one device), as train_step.py's peer does.
+rows through cuDNN's packed layout (run lengths and offsets, llama_jax/attention.py),
+unchecked as the model runs it (`RunOptions.packed_segments`; `--checked` adds (c) behind
+attend's run-time `lax.cond` fallback). The step, shapes and timing are
+benchmarks/train_step.py's (`ours`): only the batch and the attention kernel differ. Then
+`train.py` on the real packed job (the stdlib corpus, its own 32000-piece tokenizer, the
+same 1.1B shape and run options, `packed_segments` M: the packed kernel behind the host-side
+guard), steady state from its metrics.jsonl: the mean of the logged rows covering the last
+`--train-window` steps. It runs first, alone on the GPU (batch `--batch` on one device), as
+train_step.py's peer does.
 
-    python benchmarks/packed_step.py --unguarded  # one H200: about 3 minutes
+    python benchmarks/packed_step.py --checked  # one H200: about 3 minutes
     python benchmarks/packed_step.py --cpu-smoke  # tiny shapes on CPUs (tests/test_benchmarks.py)
 Writes $OUT/packed_step.json (or ./packed_step.json) and prints a table.
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -72,20 +74,20 @@ def patched(module, name: str, value):
 def step_runs(args, rows: dict) -> dict:
     """(a), (b), (c) through train_step.ours; the batch and the model's attend are swapped in."""
     from llama_jax import attention, model
+
+    def attend(max_segments: int, checked: bool):  # the model's call, with this kernel choice
+        return lambda *a, **kw: attention.attend(*a, **{**kw, "max_segments": max_segments, "checked": checked})
     variants = {
         "unpacked": (train_step.random_batch, model.attend),
-        "packed_dense_mask": (packed_batch_fn(rows), functools.partial(attention.attend, max_segments=0)),
-        "packed_cudnn_thd": (packed_batch_fn(rows), functools.partial(attention.attend, max_segments=args.max_segments)),
+        "packed_dense_mask": (packed_batch_fn(rows), attend(0, False)),
+        "packed_cudnn_thd": (packed_batch_fn(rows), attend(args.max_segments, False)),
     }
-    if args.unguarded:  # what the run-time fallback (lax.cond to the dense mask) costs
-        variants["packed_cudnn_thd_unguarded"] = variants["packed_cudnn_thd"]
+    if args.checked:  # what the run-time fallback (lax.cond to the dense mask) costs
+        variants["packed_cudnn_thd_checked"] = (packed_batch_fn(rows), attend(args.max_segments, True))
     out = {}
-    for key, (batch_fn, attend) in variants.items():
-        unguarded = (lambda q, k, v, qs, ks, m: attention._cudnn_packed(q, k, v, *attention.packed_layout(qs, m)[:2])
-                     if key.endswith("unguarded") else attention._cudnn_packed_or_dense)
+    for key, (batch_fn, attend_fn) in variants.items():
         try:
-            with patched(train_step, "random_batch", batch_fn), patched(model, "attend", attend), \
-                    patched(attention, "_cudnn_packed_or_dense", unguarded):
+            with patched(train_step, "random_batch", batch_fn), patched(model, "attend", attend_fn):
                 out[key] = train_step.ours(args.shape, args)
         except Exception as e:  # a failed variant is a result too; the others still run
             out[key] = {"error": repr(e)[:500]}
@@ -103,7 +105,8 @@ def train_py_command(args, workdir: str) -> list[str]:
     d["n_kv_heads"] = d["n_kv_heads"] or d["n_heads"]  # None (MHA) would keep configs/tiny.py's value
     model = [f"--config.model.{k}={v}" for k, v in d.items() if v is not None and not isinstance(v, (dict, list))]
     run = {"dtype": "bfloat16", "remat_policy": args.remat or train_step.default_remat(args.shape, 1),
-           "layer_loop": args.layer_loop, "fuse_gate_up": bool(args.fuse_gate_up), "attention_impl": args.attention}
+           "layer_loop": args.layer_loop, "fuse_gate_up": bool(args.fuse_gate_up), "attention_impl": args.attention,
+           "packed_segments": args.max_segments}
     return [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", workdir,
             # Far more steps than run, no eval, no checkpoint: the run is stopped once timed,
             # so neither a last-step eval nor a 17 GB save falls into (or after) the window.
@@ -135,10 +138,13 @@ def train_py_run(args) -> dict:
             proc.wait()
     first = args.train_steps - args.train_window
     window = [r for r in rows if first < r["step"] <= args.train_steps and r.get("tokens_per_s")]
-    res = {"command": " ".join(cmd[1:]), "wall_s": round(time.time() - t0, 1), "logged_steps": [r["step"] for r in rows]}
+    with open(log_path) as f:
+        log_text = f.read()
+    res = {"command": " ".join(cmd[1:]), "wall_s": round(time.time() - t0, 1), "logged_steps": [r["step"] for r in rows],
+           # train/packed_guard.py's line: a batch did not fit the packed kernel (the dense step ran it)
+           "dense_mask_batches_seen": "do not fit the packed attention kernel" in log_text}
     if not window:
-        with open(log_path) as f:
-            return {**res, "error": "no steady-state rows; train.py's log tail: " + f.read()[-1500:]}
+        return {**res, "error": "no steady-state rows; train.py's log tail: " + log_text[-1500:]}
     tokens_per_step = args.batch * args.seq
     step_s = sum(tokens_per_step / r["tokens_per_s"] for r in window) / len(window)
     return {**res, "window_steps": [r["step"] for r in window], "step_s": round(step_s, 4),
@@ -167,27 +173,29 @@ def parse(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--doc-len", default="64,1024", help="document lengths, uniform in [lo, hi] tokens")
-    ap.add_argument("--max-segments", type=int, default=0, help="packed kernel's runs per row (0: attend's default)")
+    ap.add_argument("--max-segments", type=int, default=0, help="packed kernel's runs per row, the step's and "
+                    "train.py's packed_segments (0: attention.default_max_segments(seq), 16 at 2048)")
     ap.add_argument("--train-steps", type=int, default=40, help="train.py: stop after this step")
     ap.add_argument("--train-window", type=int, default=20, help="train.py: time the last this many steps")
     ap.add_argument("--train-log-every", type=int, default=10)
     ap.add_argument("--train-timeout", type=float, default=420.0)
     ap.add_argument("--no-train", action="store_true", help="skip the train.py run")
-    ap.add_argument("--unguarded", action="store_true", help="also (c) without the dense fallback's lax.cond "
-                    "(the rows here all fit: it measures what the guard costs)")
+    ap.add_argument("--checked", action="store_true", help="also (c) behind attend's run-time lax.cond fallback "
+                    "to the dense mask (the rows here all fit: it measures what that check costs)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, 2 steps, train.py for 4 steps")
     ap.add_argument("--json", default="packed_step.json")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.shape, args.batch, args.seq, args.steps, args.doc_len = "tiny", 2, 128, 2, "8,48"
         args.train_steps, args.train_window, args.train_log_every = 4, 2, 2
-        args.max_segments = args.max_segments or 8
         # One CPU device and two plain matmuls: compiles dominate a smoke run (train.py inherits this).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "").replace(
             "--xla_force_host_platform_device_count=8", "") + " --xla_force_host_platform_device_count=1").strip()
     # The fields train_step.ours reads, at train_step.py's defaults.
     args.remat, args.attention, args.layer_loop, args.fuse_gate_up = "", "auto", "unrolled", int(not args.cpu_smoke)
     args.hlo, args.profile, args.top, args.peak = "", False, 15, 989.0
+    from llama_jax.attention import default_max_segments  # (jax imported, not started: no GPU memory taken)
+    args.max_segments = args.max_segments or (8 if args.cpu_smoke else default_max_segments(args.seq))
     return args
 
 
@@ -201,7 +209,6 @@ def main(argv=None):
     import jax
     from llama_jax import attention
     cfg = train_step.shape(args.shape)
-    args.max_segments = args.max_segments or attention.default_max_segments(args.seq)
     lo, hi = (int(x) for x in args.doc_len.split(","))
     rows = packed_rows(cfg.vocab_size, args.batch * jax.device_count(), args.seq, (lo, hi))
     out = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
@@ -217,7 +224,7 @@ def main(argv=None):
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{'run':24s} {'tok/s':>9s} {'ratio':>7s}  (packed kernel: {out['packed_kernel']}, {out['rows']})")
-    for key in ("unpacked", "packed_dense_mask", "packed_cudnn_thd", "packed_cudnn_thd_unguarded", "train_py"):
+    for key in ("unpacked", "packed_dense_mask", "packed_cudnn_thd", "packed_cudnn_thd_checked", "train_py"):
         if key not in out:
             continue
         r = out.get(key, {})
