@@ -22,4 +22,7 @@ def get_config():
     c = paper_config("llama-7b", peak_lr=3.0e-4, train_tokens=1.0e12)
     c.mesh = (1, -1, 1)
     c.micro_batches = 4
+    # Packed rows on cuDNN's packed attention kernel, 16 runs per row (docs/attention.md);
+    # a batch with a row of more documents runs a dense-mask step (train/packed_guard.py).
+    c.run.packed_segments = 16
     return c

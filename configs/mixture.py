@@ -16,4 +16,7 @@ def get_config(root: str = "data/llama_mixture"):
     c = paper_config("llama-7b", peak_lr=3.0e-4, train_tokens=1.0e12)
     c.micro_batches = 4
     c.data.sources = sources_list(paper_mixture(root))
+    # Packed rows on cuDNN's packed attention kernel, 16 runs per row (docs/attention.md);
+    # a batch with a row of more documents runs a dense-mask step (train/packed_guard.py).
+    c.run.packed_segments = 16
     return c

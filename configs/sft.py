@@ -33,4 +33,7 @@ def get_config():
     c.optimizer.weight_decay = 0.0
     c.data.sources = [{"kind": "chat_jsonl", "path": "data/train.jsonl"}]
     c.eval_data.sources = [{"kind": "chat_jsonl", "path": "data/eval.jsonl"}]
+    # Packed rows on cuDNN's packed attention kernel, 16 runs per row (docs/attention.md);
+    # a batch with a row of more documents runs a dense-mask step (train/packed_guard.py).
+    c.run.packed_segments = 16
     return c
