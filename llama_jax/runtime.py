@@ -40,6 +40,12 @@ class MatmulPrecision(enum.Enum):
     #                a training option: cached decoding stays in `dtype`
 
 
+class Fp8Scaling(enum.Enum):
+    CURRENT = "current"  # each tensor scaled by its own amax: an amax pass before quantising
+    DELAYED = "delayed"  # scaled by an amax history (llama_jax.fp8): per call site state in the
+    #                      model's "fp8" collection, carried in the train state and checkpoint
+
+
 class LayerLoop(enum.Enum):
     SCAN = "scan"          # nn.scan over the stacked layers: compile time independent of depth
     UNROLLED = "unrolled"  # the same stacked params, one layer after another in the program:
@@ -48,7 +54,7 @@ class LayerLoop(enum.Enum):
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop,
-          "matmul_precision": MatmulPrecision}
+          "matmul_precision": MatmulPrecision, "fp8_scaling": Fp8Scaling}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,8 @@ class RunOptions:
     fuse_gate_up: bool = False         # w1|w3 as one matmul, SwiGLU's backward as one kernel (GPUs)
     interpret_kernels: bool = False    # run Pallas kernels in interpret mode on any backend (tests)
     matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # fp8: a quality cost, off unless asked
+    fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs only
+    fp8_history: int = 16              # delayed scaling: amaxes kept per tensor
 
     def __post_init__(self):
         def bad(field, expected):
@@ -80,9 +88,10 @@ class RunOptions:
                     object.__setattr__(self, f, enum_cls(v))
                 except ValueError:
                     bad(f, f"one of {[e.value for e in enum_cls]}")
-        v = self.scan_unroll
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-            bad("scan_unroll", "a positive integer")
+        for f in ("scan_unroll", "fp8_history"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                bad(f, "a positive integer")
         for f in ("fuse_gate_up", "interpret_kernels"):
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 bad(f, "True or False")
@@ -94,6 +103,11 @@ class RunOptions:
         leaves = [x for x in _leaves(params) if _dtype(getattr(x, "dtype", None)) is not None]
         dt = leaves[0].dtype if leaves else DTYPES["float32"]
         return cls(dtype=dt, param_dtype=dt)
+
+    @property
+    def fp8_delayed(self) -> bool:
+        """Whether the weight matmuls run in FP8 with delayed scaling (state in the "fp8" collection)."""
+        return self.matmul_precision is MatmulPrecision.FP8 and self.fp8_scaling is Fp8Scaling.DELAYED
 
     def replace(self, **changes: Any) -> "RunOptions":
         return dataclasses.replace(self, **changes)
