@@ -130,7 +130,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         from llama_jax import load_checkpoint
         log.info("loading the params of %s", cfg.init_from)
         _, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
-        state = train_state.state_from_params(params, tx, shardings)
+        state = train_state.state_from_params(params, tx, shardings, net)
     else:
         log.info("initialising the parameters")
         state = train_state.init_state(net, tx, mesh, jax.random.PRNGKey(cfg.seed))
@@ -190,7 +190,7 @@ def evaluate(run: Run) -> float:
                       train_state.batch_sharding(run.mesh))
     loss_sum = tokens = 0.0
     for _ in range(cfg.eval_batches):
-        out = run.eval_step(run.state.params, next(it))
+        out = run.eval_step(run.state.params, next(it), run.state.fp8 or None)
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     return loss_sum / max(tokens, 1.0)
 
