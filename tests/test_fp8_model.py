@@ -15,14 +15,16 @@ A missing quantisation (error ~0) or a wrong scale (error ~1 or more) fails both
 """
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import Llama, ModelConfig, RunOptions, generate
-from llama_jax.runtime import MatmulPrecision
+from llama_jax import Llama, ModelConfig, RunOptions, generate, model as model_lib
+from llama_jax.runtime import Fp8Scaling, MatmulPrecision
 from llama_jax.train import loop as trainer
+from llama_jax.train import state as TS
 from llama_jax.train.config import run_options
 from train_helpers import STEPS, assert_same_losses, losses, tiny_config
 from train_helpers import reference, tokenizer_path  # noqa: F401  (fixtures)
@@ -162,3 +164,115 @@ def test_sharded_training_matches_unsharded(tmp_path, tokenizer_path):
     trainer.train(tiny_config(**over, mesh=(8, 1, 1)), one)
     trainer.train(tiny_config(**over, mesh=(2, 2, 2)), two)
     assert_same_losses(losses(two), losses(one), rtol=1e-4)
+
+
+# --- delayed scaling (RunOptions.fp8_scaling="delayed": amax histories in the "fp8" collection) ---
+
+DELAYED = FP8.replace(fp8_scaling="delayed", fp8_history=4)
+SITES = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
+
+
+def _fresh(config, run):
+    return TS.fresh_fp8(Llama(config, run))
+
+
+def _delayed_grads(config, run, params, fp8_state, tokens):
+    """(loss, param gradients, new fp8 state) of a next-token loss: one delayed-scaling step."""
+    def loss(p, f):
+        logits = Llama(config, run).apply({"params": p, "fp8": f}, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, fp8_state)
+
+
+def test_delayed_option_parses_and_validates():
+    assert RunOptions().fp8_scaling is Fp8Scaling.CURRENT and RunOptions().fp8_history == 16
+    assert DELAYED.fp8_delayed and not FP8.fp8_delayed
+    assert not RunOptions(fp8_scaling="delayed").fp8_delayed  # bf16 matmuls: no FP8 state
+    assert RunOptions.from_dict(DELAYED.to_dict()) == DELAYED
+    assert DELAYED.to_dict()["fp8_scaling"] == "delayed"
+    cfg = tiny_config(**{"run.matmul_precision": "fp8", "run.fp8_scaling": "delayed", "run.fp8_history": 8})
+    assert run_options(cfg).fp8_scaling is Fp8Scaling.DELAYED and run_options(cfg).fp8_history == 8
+    with pytest.raises(ValueError, match="fp8_scaling"):
+        RunOptions(fp8_scaling="lazy")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="fp8_history"):
+            RunOptions(fp8_history=bad)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_delayed_state_layout(setup, fuse):
+    config, _, tokens = setup
+    run = DELAYED.replace(fuse_gate_up=fuse)
+    boxed = Llama(config, run).init(jax.random.PRNGKey(0), tokens)["fp8"]["layers"]
+    mlp = ("w1_w3", "w2") if fuse else ("w1", "w2", "w3")
+    assert sorted(boxed["attention"]) == sorted(SITES["attention"]) and sorted(boxed["feed_forward"]) == sorted(mlp)
+    for box in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names")):
+        assert box.names == ("layers", None, None)  # stacked over layers like the params
+        assert box.value.shape == (config.n_layers, 3, 4) and box.value.dtype == jnp.float32
+        assert not np.any(np.asarray(box.value))
+    for run in (RunOptions(), FP8, RunOptions(fp8_scaling="delayed")):  # nothing for bf16 / current runs
+        assert "fp8" not in Llama(config, run).init(jax.random.PRNGKey(0), tokens)
+        assert _fresh(config, run) == {}
+
+
+def test_delayed_first_step_is_current_and_later_steps_within_fp8_error(setup):
+    config, params, tokens = setup
+    want = Llama(config, RunOptions()).apply({"params": params}, tokens)
+    current = Llama(config, FP8).apply({"params": params}, tokens)
+    model = Llama(config, DELAYED)
+    fresh = nn.unbox(_fresh(config, DELAYED))
+    # An all-zero history: every tensor scaled by its own amax, as current scaling does.
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params, "fp8": fresh}, tokens)),
+                                  np.asarray(current))
+    # Applied without a state: current scaling too (e.g. evaluation of a params-only checkpoint).
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, tokens)), np.asarray(current))
+    # With the histories of a step on other tokens: other scales, the same FP8 error bound.
+    other = jax.random.randint(jax.random.PRNGKey(2), tokens.shape, 0, config.vocab_size)
+    _, (_, state) = _delayed_grads(config, DELAYED, params, fresh, other)
+    got = model.apply({"params": params, "fp8": state}, tokens)
+    assert not np.array_equal(np.asarray(got), np.asarray(current))
+    assert E / 4 < _rel(got, want) < math.sqrt(2) * E
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_delayed_histories_roll_and_record_the_amaxes(setup, fuse):
+    config, params, tokens = setup
+    run = DELAYED.replace(fuse_gate_up=fuse, interpret_kernels=True)
+    _, (grads, s1) = _delayed_grads(config, run, params, nn.unbox(_fresh(config, run)), tokens)
+    _, (_, s2) = _delayed_grads(config, run, params, s1, tokens)
+    layers, p = s1["layers"], params["layers"]
+    for module, sites in layers.items():
+        for name, h in sites.items():
+            h, h2 = np.asarray(h), np.asarray(s2["layers"][module][name])
+            assert np.all(h[:, :, 1:] == 0) and np.all(h[:, :, 0] > 0), (name, h)  # pushed once, newest first
+            np.testing.assert_array_equal(h2[:, :, 1], h[:, :, 0])  # rolled on the second step
+            assert np.all(h2[:, :, 2:] == 0)
+            # The weight row: max |W| of each layer's weight (w1 and w3 together when fused).
+            ws = [p[module][n].value for n in name.split("_")]
+            want = np.max([np.max(np.abs(np.asarray(w)), axis=tuple(range(1, w.ndim))) for w in ws], axis=0)
+            np.testing.assert_array_equal(h[:, 1, 0], want)
+    # Projections of one input record one input amax; the dX path feeds the gradient row.
+    att = layers["attention"]
+    np.testing.assert_array_equal(np.asarray(att["wq"])[:, 0], np.asarray(att["wk"])[:, 0])
+    np.testing.assert_array_equal(np.asarray(att["wq"])[:, 0], np.asarray(att["wv"])[:, 0])
+    x0 = model_lib.rms_norm(model_lib.embed(params["tok_embeddings"].value, tokens[:, :-1], jnp.float32),
+                            p["attention_norm"]["weight"].value[0], config.norm_eps)
+    np.testing.assert_allclose(np.asarray(att["wq"])[0, 0, 0], np.max(np.abs(np.asarray(x0))), rtol=1e-6)
+    # The state's "gradient" is no gradient of the loss: the optimizer never sees it.
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_delayed_scan_and_unrolled_agree(setup):
+    config, params, tokens = setup
+    fresh = nn.unbox(_fresh(config, DELAYED))
+    out = {}
+    for loop in ("scan", "unrolled"):
+        run = DELAYED.replace(layer_loop=loop)
+        _, (_, s1) = _delayed_grads(config, run, params, fresh, tokens)
+        out[loop] = _delayed_grads(config, run, params, s1, tokens[::-1])
+    (la, (ga, sa)), (lb, (gb, sb)) = out["scan"], out["unrolled"]
+    assert abs(float(la) - float(lb)) < 1e-5 * abs(float(la))
+    for a, b in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):  # the same amaxes (up to the float32 sums' order)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert _rel(a, b) < 2.0 ** -6
