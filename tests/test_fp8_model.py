@@ -13,7 +13,9 @@ e4m3 operands has relative RMS error E = 0.0376; a gradient dot (e5m2 x e4m3) Eg
   sqrt(3 Eg^2 + 2 E^2) = 0.116 at most, and at least its own Eg.
 A missing quantisation (error ~0) or a wrong scale (error ~1 or more) fails both.
 """
+import json
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -276,3 +278,110 @@ def test_delayed_scan_and_unrolled_agree(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         assert _rel(a, b) < 2.0 ** -6
+
+
+def _lora_batch(config, b=8, t=32):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, config.vocab_size, (b, t + 1)).astype(np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "segment_ids": np.ones((b, t), np.int32)}
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_lora_with_delayed_scaling_trains_adapters_and_updates_the_state(layer_loop):
+    import optax
+    from llama_jax import lora as L, sharding as S
+    from llama_jax.train.optim import OptimizerConfig, make_optimizer
+    config = ModelConfig.preset("tiny")
+    lora = L.LoraConfig(rank=4, alpha=8, targets=("wq", "wo", "w2"))
+    model = Llama(config, DELAYED.replace(layer_loop=layer_loop), lora=lora)
+    mesh = S.make_mesh((1, 4, 2))
+    tx = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=0), 10)
+    shardings = TS.state_shardings(TS.abstract_state(model, tx), mesh)
+    base = TS.init_base(model, mesh, jax.random.PRNGKey(0))
+    state = TS.init_state(model, tx, mesh, jax.random.PRNGKey(1))
+    assert jax.tree.structure(state.params) == jax.tree.structure(L.init_adapters(config, lora, jax.random.PRNGKey(0)))
+    assert set(state.fp8["layers"]["attention"]) == {"wq", "wk", "wv", "wo"}  # every base matmul, adapted or not
+    step = TS.make_train_step(model, tx, optax.constant_schedule(1e-2), mesh, shardings, 2, base=base)
+    batch = jax.device_put(_lora_batch(config), TS.batch_sharding(mesh))
+    # The base's projections are FP8 dots (with delayed scales), the adapters' are not.
+    jaxpr = jax.make_jaxpr(lambda a, f: model.apply({"params": base, "lora": a, "fp8": f}, batch["tokens"]))(
+        state.params, state.fp8).jaxpr
+    assert _fp8_dots(jaxpr)[0] == 7 * (1 if layer_loop == "scan" else config.n_layers)  # (scan: one body)
+    losses_ = []
+    for _ in range(3):
+        state, m = step(state, batch)
+        losses_.append(float(m["loss"]))
+    assert losses_[-1] < losses_[0]
+    for h in jax.tree.leaves(state.fp8):  # two micro-batches a step: 6 amaxes pushed of 4 kept
+        h = np.asarray(h)
+        assert np.all(np.isfinite(h)) and np.all(h[:, :2] > 0), h
+    # The eval step scales with the state when given one, currently without.
+    ev = TS.make_eval_step(model, mesh, shardings.params, base=base)
+    with_state, without = ev(state.params, batch, state.fp8), ev(state.params, batch)
+    assert float(with_state["tokens"]) == float(without["tokens"]) == 256
+    assert float(with_state["loss_sum"]) != float(without["loss_sum"])
+    assert abs(float(with_state["loss_sum"]) - float(without["loss_sum"])) < 0.01 * float(without["loss_sum"])
+
+
+def _step_dir(workdir, step=STEPS):
+    return os.path.join(workdir, "checkpoints", str(step))
+
+
+def _restore_item(workdir, item):
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(_step_dir(workdir), item)))
+
+
+def test_delayed_training_resumes_exactly(tmp_path, tokenizer_path, reference):
+    over = {"data.tokenizer": tokenizer_path, "run.matmul_precision": "fp8", "run.fp8_scaling": "delayed",
+            "run.fp8_history": 4, "mesh": (1, 8, 1), "micro_batches": 2}
+    full = str(tmp_path / "full")
+    trainer.train(tiny_config(**over), full)
+    got = losses(full)
+    assert got[STEPS] < got[1] - 0.1, got
+    for s in reference:  # within a few FP8 roundings of the float32 run's loss
+        assert 0 < abs(got[s] - reference[s]) < 0.01 * reference[s], (s, got[s], reference[s])
+    sums = json.loads(open(os.path.join(_step_dir(full), "checksums.json")).read())["arrays"]
+    assert any(k.startswith("fp8/") for k in sums)
+    # 3 steps, stop, resume to 6: bit for bit, amax histories included (restored from fp8/).
+    resumed = str(tmp_path / "resumed")
+    trainer.train(tiny_config(**over, steps=3, **{"optimizer.total_steps": STEPS}), resumed)
+    assert os.path.isdir(os.path.join(_step_dir(resumed, 3), "fp8"))
+    trainer.train(tiny_config(**over), resumed)
+    assert_same_losses(losses(resumed), got, rtol=0)
+    for item in ("params", "fp8"):
+        a, b = _restore_item(full, item), _restore_item(resumed, item)
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    h = _restore_item(full, "fp8")["layers"]["attention"]["wq"]
+    assert h.shape == (2, 3, 4) and np.all(h > 0)  # 12 micro-batch steps: every slot written
+
+
+def test_current_run_checkpoints_stay_without_fp8_and_resume_as_delayed(tmp_path, tokenizer_path):
+    # A current-scaling run: an empty fp8 state, no fp8/ item, no fp8 checksums (as before).
+    over = {"data.tokenizer": tokenizer_path, "run.matmul_precision": "fp8", "mesh": (1, 8, 1), "steps": 3,
+            "optimizer.total_steps": STEPS}
+    workdir = str(tmp_path / "run")
+    trainer.train(tiny_config(**over), workdir)
+    step = _step_dir(workdir, 3)
+    assert not os.path.exists(os.path.join(step, "fp8"))
+    sums = json.loads(open(os.path.join(step, "checksums.json")).read())["arrays"]
+    assert sums and not any(k.startswith("fp8") for k in sums)
+    # Such a step (or one from before fp8 states existed) resumed with delayed scaling: fresh histories.
+    trainer.train(tiny_config(**{**over, "steps": STEPS, "run.fp8_scaling": "delayed"}), workdir)
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in got.values())
+    assert os.path.isdir(os.path.join(_step_dir(workdir), "fp8"))
+
+
+def test_bf16_and_current_states_carry_no_fp8():
+    import optax
+    config = ModelConfig.preset("tiny")
+    tx = optax.adam(1e-3)
+    for run in (RunOptions(), FP8):
+        abstract = TS.abstract_state(Llama(config, run), tx)
+        assert abstract.fp8 == {}
+    assert TS.abstract_state(Llama(config, DELAYED), tx).fp8 != {}
