@@ -36,7 +36,7 @@ class RematPolicy(enum.Enum):
 
 class MatmulPrecision(enum.Enum):
     BF16 = "bf16"  # the layers' weight matmuls in the compute dtype (`dtype`)
-    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, e5m2 gradients, current scaling);
+    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, e5m2 gradients, scaled per fp8_scaling);
     #                a training option: cached decoding stays in `dtype`
 
 
