@@ -256,7 +256,8 @@ def _stacked_blocks(config: ModelConfig, run: RunOptions):
     block = Block
     if run.remat_policy is not RematPolicy.NONE:
         block = nn.remat(Block, policy=checkpoint_policy(run.remat_policy), prevent_cse=False)
-    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "fp8": 0}, split_rngs={"params": True, "dropout": True},
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "fp8": 0},
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,), length=config.n_layers, unroll=run.scan_unroll,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
