@@ -10,6 +10,7 @@ fused into the base matmul (x @ [W | A]) against apart (x @ W + (x @ A) @ B).
 
     python benchmarks/lora_step.py                 # one H200: LoRA 8B b4 x 2048 + SFT 1.1B b8 x 2048, peers
     python benchmarks/lora_step.py --no-peer --lora-remat attention,dots_flash --fusion
+    python benchmarks/lora_step.py --no-peer --lora-remat "" --sft-remat dots_flash,dots_flash:bf16,dots_flash:fp8:bf16
     python benchmarks/lora_step.py --cpu-smoke     # tiny shapes, CPU, no peer (tests/test_benchmarks.py)
 Writes $OUT/lora_step.json (or ./lora_step.json) and prints it.
 """
@@ -36,7 +37,8 @@ def _shape(name: str):
     return ModelConfig.preset("llama3.1-8b") if name == "8b" else shape(name)
 
 
-def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str, fuse: bool = True) -> dict:
+def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str, fuse: bool = True,
+         precision: str = "bf16", param_dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
     from llama_jax import Llama, RunOptions, lora as L, sharding
@@ -44,8 +46,8 @@ def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str
     from train_step import random_batch, timed_steps
     cfg = _shape(name)
     lora = L.LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, targets=ALL) if lora_rank else None
-    run = RunOptions(dtype="bfloat16", param_dtype="float32", remat_policy=remat, layer_loop="unrolled",
-                     fuse_gate_up=fuse and jax.default_backend() == "gpu")
+    run = RunOptions(dtype="bfloat16", param_dtype=param_dtype, remat_policy=remat, layer_loop="unrolled",
+                     fuse_gate_up=fuse and jax.default_backend() == "gpu", matmul_precision=precision)
     model = Llama(cfg, run, lora=lora)
     mesh = sharding.make_mesh((1, -1, 1))
     ocfg = optim.OptimizerConfig(warmup_steps=10)
@@ -70,7 +72,8 @@ def ours(name: str, lora_rank: int, batch: int, seq: int, steps: int, remat: str
     return {"shape": name, "lora_rank": lora_rank, "batch": b, "seq": seq, "remat": remat,
             "step_s": round(dt, 4), "tokens_per_s": round(b * seq / dt), "compile_s": round(compile_s, 1),
             "peak_mem_gb": round(stats.get("peak_bytes_in_use", 0) / 1e9, 1), "trainable": int(trainable),
-            "fuse_gate_up": run.fuse_gate_up, "in_use_before_step_gb": round(before.get("bytes_in_use", 0) / 1e9, 1),
+            "fuse_gate_up": run.fuse_gate_up, "matmul_precision": precision, "param_dtype": param_dtype,
+            "in_use_before_step_gb": round(before.get("bytes_in_use", 0) / 1e9, 1),
             "peak_before_step_gb": round(before.get("peak_bytes_in_use", 0) / 1e9, 1),
             "loss": float(m["loss"])}
 
@@ -149,7 +152,9 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lora-remat", default="attention",
                    help="remat policies of our LoRA runs (comma list; POLICY:nofuse keeps w1, w3 apart)")
-    p.add_argument("--sft-remat", default="dots_flash", help="remat policies of our full-SFT runs (comma list)")
+    p.add_argument("--sft-remat", default="dots_flash",
+                   help="remat policies of our full-SFT runs (comma list; POLICY:fp8 runs the layers' matmuls in "
+                        "FP8, POLICY:bf16 holds params and AdamW state in bf16 as the peer does; both: POLICY:fp8:bf16)")
     p.add_argument("--fusion", action="store_true", help="also time the LoRA A matmul fused into the base one")
     args = p.parse_args()
     res = {}
@@ -163,13 +168,17 @@ def main():
         if not args.no_peer:
             res["peer"] = peer()
             res["sft_peer"] = sft_peer()
-        for variant in args.lora_remat.split(","):  # "POLICY" or "POLICY:nofuse" (w1, w3 apart)
+        for variant in filter(None, args.lora_remat.split(",")):  # "POLICY" or "POLICY:nofuse" (w1, w3 apart)
             remat, _, fuse = variant.partition(":")
             res[f"lora_8b_b4_s2048_{variant}"] = in_subprocess("ours", name="8b", lora_rank=16, batch=4, seq=2048,
                                                                steps=args.steps, remat=remat, fuse=fuse != "nofuse")
-        for remat in filter(None, args.sft_remat.split(",")):
-            res[f"sft_1b_b8_s2048_{remat}"] = in_subprocess("ours", name="1b", lora_rank=0, batch=8, seq=2048,
-                                                            steps=args.steps, remat=remat)
+        for variant in filter(None, args.sft_remat.split(",")):
+            remat, *opts = variant.split(":")
+            if set(opts) - {"fp8", "bf16"}:
+                p.error(f"--sft-remat {variant!r}: options after POLICY are fp8 and/or bf16, got {opts}")
+            res[f"sft_1b_b8_s2048_{variant}"] = in_subprocess(
+                "ours", name="1b", lora_rank=0, batch=8, seq=2048, steps=args.steps, remat=remat,
+                precision="fp8" if "fp8" in opts else "bf16", param_dtype="bfloat16" if "bf16" in opts else "float32")
         if args.fusion:
             res["fusion"] = in_subprocess("fusion")
         import jax
