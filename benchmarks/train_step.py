@@ -15,9 +15,12 @@ in a subprocess, so the frameworks never share GPU memory.
     python benchmarks/train_step.py --param-dtypes float32,bfloat16  # also pure bf16, as the peer
     python benchmarks/train_step.py --precision bf16,fp8  # FP8 layer matmuls too, + torchao float8 peer
     python benchmarks/train_step.py --no-peer --precision fp8   # two GPUs: 7B FSDP in FP8
+    python benchmarks/train_step.py --no-peer --precision fp8 --fp8-scaling current,delayed  # key 1b_fp8_delayed
     python benchmarks/train_step.py --shapes tiny --no-peer --steps 2   # CPU smoke test
 `--precision fp8` (RunOptions.matmul_precision) runs the layers' weight matmuls in FP8; FLOPs
 are still counted as bf16-equivalent model FLOPs, so TFLOP/s compare across precisions.
+`--fp8-scaling` (RunOptions.fp8_scaling): current (key `1b_fp8`) and/or delayed (`1b_fp8_delayed`:
+scales from amax histories of `--fp8-history` steps, carried in the train state).
 With fp8 and the peer, the torchao float8 peer (peers/hf_torch_float8.py: transformers +
 torch.compile, bf16 and float8 tensorwise, all Linear but lm_head) runs instead of the
 eager/compile peer, before JAX.
@@ -88,7 +91,7 @@ def timed_steps(step, state, batch, n: int, warm: int = 2):
     return state, (time.perf_counter() - t0) / n
 
 
-def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16") -> dict:
+def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16", scaling: str = "current") -> dict:
     import jax
     from llama_jax import sharding
     from llama_jax.train import metrics
@@ -100,7 +103,7 @@ def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16")
     run = RunOptions(dtype="bfloat16", param_dtype=param_dtype,
                      remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
                      layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up),
-                     matmul_precision=precision)
+                     matmul_precision=precision, fp8_scaling=scaling, fp8_history=args.fp8_history)
     model = Llama(cfg, run)
     mesh = sharding.make_mesh((1, -1, 1))
     tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
@@ -132,6 +135,7 @@ def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16")
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
     return {**prof, "devices": n_dev, "param_dtype": run.param_dtype.name, "remat": run.remat_policy.value,
             "matmul_precision": run.matmul_precision.value,
+            **({"fp8_scaling": run.fp8_scaling.value, "fp8_history": run.fp8_history} if precision == "fp8" else {}),
             "layer_loop": run.layer_loop.value, "fuse_gate_up": run.fuse_gate_up,
             "attention": run.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
@@ -199,6 +203,9 @@ def main(argv=None):
                          "bfloat16 (pure bf16 params and AdamW state, as the peer trains); each its own run")
     ap.add_argument("--precision", default="bf16", help="comma-separated: bf16 and/or fp8 (the layers' weight "
                     "matmuls, RunOptions.matmul_precision); each its own run")
+    ap.add_argument("--fp8-scaling", default="current", help="comma-separated: current and/or delayed "
+                    "(RunOptions.fp8_scaling), each its own run of --precision fp8")
+    ap.add_argument("--fp8-history", type=int, default=16, help="delayed scaling: amaxes kept per tensor")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json", default="train_step.json", help="results file, under $OUT if set (an absolute path as is)")
@@ -221,12 +228,16 @@ def main(argv=None):
         args.shapes = "1b" if jax.device_count() == 1 else "7b"
     out["jax"] = jax.__version__
     out["device"] = jax.devices()[0].device_kind
-    runs = [(name + ("" if pd == "float32" else f"_{pd}") + ("" if prec == "bf16" else f"_{prec}"), name, pd, prec)
+    def variants(prec):  # (key suffix, scaling): an FP8 run per scaling; current's key as before
+        if prec == "bf16":
+            return [("", "current")]
+        return [(f"_{prec}" + ("" if sc == "current" else f"_{sc}"), sc) for sc in args.fp8_scaling.split(",")]
+    runs = [(name + ("" if pd == "float32" else f"_{pd}") + suffix, name, pd, prec, sc)
             for name in args.shapes.split(",") for pd in args.param_dtypes.split(",")
-            for prec in args.precision.split(",")]
-    for i, (key, name, pd, prec) in enumerate(runs):
+            for prec in args.precision.split(",") for suffix, sc in variants(prec)]
+    for i, (key, name, pd, prec, sc) in enumerate(runs):
         try:
-            out[key] = ours(name, args, pd, prec)
+            out[key] = ours(name, args, pd, prec, sc)
             if i:  # the device's peak spans the process: after the first run it is not this run's
                 out[key]["peak_mem_gb_process"] = out[key].pop("peak_mem_gb")
         except Exception as e:  # record and go on: a failed shape is a result too

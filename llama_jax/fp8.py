@@ -6,6 +6,19 @@ largest finite value (448 for float8_e4m3fn, 57344 for float8_e5m2). Current sca
 amax from this step's tensor; delayed scaling (`fp8_dot_delayed`) takes it from an amax
 history carried in an `Fp8State` pytree.
 
+Delayed scaling (`RunOptions.fp8_scaling=delayed`; Transformer Engine's recipe with its "max"
+algorithm, torchao's former "delayed" float8): the scale is fmax over the max of the last H
+amaxes, so quantising needs no pass over the tensor first, and this step's amax (recorded for
+the next steps) can be computed in the quantising pass. An all-zero history (a fresh run)
+means "no history yet": that tensor is scaled by its own amax (current scaling), once.
+How the new histories leave the step: as flax's fp8_ops does (its OVERWRITE_WITH_GRADIENT
+collection), the custom VJP returns the updated history as the COTANGENT of the state, so
+`jax.grad` with respect to the state yields the new state, the gradient's amax included
+(known only in the backward pass). The model keeps each call site's state in the "fp8"
+variable collection (model.py); the train step differentiates with respect to it, stores
+the result in place of the old state and never hands it to the optimizer. Chosen over a
+mutable collection because the gradient's amax exists only inside the backward pass.
+
 The FP8 operands go STRAIGHT into `lax.dot_general(..., preferred_element_type=bfloat16)` and
 the product of the inverse scales multiplies the output afterwards. (On jax 0.11.2 the
 dequantise-then-dot form, `convert(q) * inv_scale` fed to a bf16 dot, ran a bf16 GEMM plus
@@ -156,7 +169,7 @@ class Fp8State(NamedTuple):
 
 
 def init_fp8_state(history_len: int = 16) -> Fp8State:
-    """An empty history: all zeros, which scales by 1 until the first step records amaxes."""
+    """An empty history: all zeros, so the first step scales each tensor by its own amax."""
     return Fp8State(jnp.zeros((3, history_len), _F32))
 
 
@@ -165,9 +178,22 @@ def _push(history: jax.Array, amax: jax.Array) -> jax.Array:
 
 
 def _delayed(x, row, dtype, recipe):
-    """(q, inv_scale, amax now): the scale from the history's max, not from this tensor."""
-    scale = scale_from_amax(jnp.max(row), dtype, recipe.margin, recipe.power_of_two)
-    return quantize(x, dtype, scale), 1.0 / scale, amax_of(x)
+    """(q, inv_scale, amax now): the scale from the history's max, not from this tensor.
+
+    An all-zero history (no step recorded yet) takes this tensor's own amax instead. A
+    `lax.cond`, not a `where`: the delayed branch's quantise must not wait on a reduction
+    over x (its amax can then be computed in the same pass)."""
+    def quantized(x, amax_for_scale, amax_now):
+        scale = scale_from_amax(amax_for_scale, dtype, recipe.margin, recipe.power_of_two)
+        return quantize(x, dtype, scale), 1.0 / scale, amax_now
+
+    def delayed(x):
+        return quantized(x, jnp.max(row), amax_of(x))
+
+    def current(x):
+        amax = amax_of(x)
+        return quantized(x, amax, amax)
+    return lax.cond(jnp.max(row) > 0, delayed, current, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

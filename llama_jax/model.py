@@ -12,6 +12,9 @@ Parameters, the one schema (layers stacked on a leading L axis by nn.scan;
   tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
   [L,D]; norm/weight [D]; output [D,V] (none when `tie_word_embeddings`: tok_embeddings.T).
+FP8 with delayed scaling (`RunOptions.fp8_delayed`) adds the "fp8" collection: per weight
+matmul call site an amax history [L,3,history] (fp8.Fp8State's rows), at the layers' paths
+(layers/attention/{wq,wk,wv,wo}, layers/feed_forward/{w1,w3 or w1_w3 when fused, w2}).
 
 The layer math (`attention`, `swiglu_gate_up`, `rms_norm`) is shared by these modules and
 by cached decoding, which runs it on a per-layer fused runtime form: see inference/decode.py.
@@ -93,15 +96,18 @@ def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
     return qkv[..., :g, :].reshape(*qkv.shape[:2], n_heads, qkv.shape[-1]), qkv[..., g, :], qkv[..., g + 1, :]
 
 
-def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = MatmulPrecision.BF16) -> Array:
-    """`jnp.einsum(spec, x, w.astype(dtype))`, or in FP8 from x and the stored w (dW in w's dtype)."""
+def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = MatmulPrecision.BF16,
+            state: fp8.Fp8State | None = None) -> Array:
+    """`jnp.einsum(spec, x, w.astype(dtype))`, or in FP8 from x and the stored w (dW in w's dtype);
+    with `state`, FP8 with delayed scaling."""
     if precision is MatmulPrecision.FP8:
-        return fp8.fp8_einsum(spec, x, w).astype(jnp.result_type(x.dtype, dtype))
+        return fp8.fp8_einsum(spec, x, w, state=state).astype(jnp.result_type(x.dtype, dtype))
     return jnp.einsum(spec, x, w.astype(dtype))
 
 
 def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None, wo_extra=None,
-              precision: MatmulPrecision = MatmulPrecision.BF16, packed_segments: int = 0):
+              precision: MatmulPrecision = MatmulPrecision.BF16, packed_segments: int = 0,
+              wo_state: fp8.Fp8State | None = None):
     """Rotary, attention and the output projection -> (y [B,T,D], new (k, v) cache or None).
 
     With `cache` ((k, v) [B,S,K,H]), this block's k, v are written at slot
@@ -126,7 +132,7 @@ def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None,
                      kv_segment_ids=inputs.kv_segment_ids, q_offset=i)
         cache = (ck, cv)
     out = checkpoint_name(out, "attention_out")
-    y = project("BTNH,NHD->BTD", out, wo, dt, precision)
+    y = project("BTNH,NHD->BTD", out, wo, dt, precision, wo_state)
     if wo_extra is not None:
         y = y + wo_extra(out)
     return checkpoint_name(y, "attention_proj"), cache
@@ -138,9 +144,20 @@ def swiglu_gate_up(gate_up: Array, w2: Array, interpret: bool) -> Array:
     return _down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, interpret), w2)
 
 
-def _down(hidden: Array, w2: Array, precision: MatmulPrecision = MatmulPrecision.BF16) -> Array:
+def _down(hidden: Array, w2: Array, precision: MatmulPrecision = MatmulPrecision.BF16,
+          state: fp8.Fp8State | None = None) -> Array:
     hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "mlp"))
-    return checkpoint_name(project("BTF,FD->BTD", hidden, w2, hidden.dtype, precision), "mlp_out")
+    return checkpoint_name(project("BTF,FD->BTD", hidden, w2, hidden.dtype, precision, state), "mlp_out")
+
+
+def _fp8_state(module: nn.Module, name: str) -> fp8.Fp8State | None:
+    """The delayed-scaling state of call site `name` (created at init), or None: current
+    scaling (also when apply is given no "fp8" collection) or no FP8 at all."""
+    r = module.run
+    if not r.fp8_delayed or not (module.is_initializing() or module.has_variable("fp8", name)):
+        return None
+    init = nn.with_logical_partitioning(lambda: fp8.init_fp8_state(r.fp8_history).amax_history, (None, None))
+    return fp8.Fp8State(module.variable("fp8", name, init).value)
 
 
 def _plus_adapter(module: nn.Module, lora, name: str, x: Array, y: Array) -> Array:
@@ -176,15 +193,16 @@ class Attention(nn.Module):
         wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), r.param_dtype)
-        q = _plus_adapter(self, lo, "wq", x, project("BTD,DNH->BTNH", x, wq, dt, p))
-        k = _plus_adapter(self, lo, "wk", x, project("BTD,DKH->BTKH", x, wk, dt, p))
-        v = _plus_adapter(self, lo, "wv", x, project("BTD,DKH->BTKH", x, wv, dt, p))
+        s = {name: _fp8_state(self, name) for name in ("wq", "wk", "wv", "wo")}
+        q = _plus_adapter(self, lo, "wq", x, project("BTD,DNH->BTNH", x, wq, dt, p, s["wq"]))
+        k = _plus_adapter(self, lo, "wk", x, project("BTD,DKH->BTKH", x, wk, dt, p, s["wk"]))
+        v = _plus_adapter(self, lo, "wv", x, project("BTD,DKH->BTKH", x, wv, dt, p, s["wv"]))
         q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
         wo_extra = None
         if lo is not None and "wo" in lo.targets:
             wo_extra = lambda out: _plus_adapter(self, lo, "wo", out, 0)  # noqa: E731
         return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra, precision=p,
-                         packed_segments=r.packed_segments)[0]
+                         packed_segments=r.packed_segments, wo_state=s["wo"])[0]
 
 
 class FeedForward(nn.Module):
@@ -206,18 +224,20 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (d, f), ("embed", "mlp"), r.param_dtype)
         w3 = _param(self, "w3", (d, f), ("embed", "mlp"), r.param_dtype)
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), r.param_dtype)
-        down = lambda hidden: _plus_adapter(self, lo, "w2", hidden, _down(hidden, w2, p))  # noqa: E731
+        s2 = _fp8_state(self, "w2")
+        down = lambda hidden: _plus_adapter(self, lo, "w2", hidden, _down(hidden, w2, p, s2))  # noqa: E731
         if r.fuse_gate_up:
-            gate_up = project("BTD,DJF->BTJF", x, stack_gate_up(w1, w3), dt, p)
+            gate_up = project("BTD,DJF->BTJF", x, stack_gate_up(w1, w3), dt, p, _fp8_state(self, "w1_w3"))
             if lo is not None and ({"w1", "w3"} & set(lo.targets)):
                 zero = jnp.zeros(gate_up.shape[:2] + gate_up.shape[3:], gate_up.dtype)
                 gate_up = gate_up + jnp.stack([_plus_adapter(self, lo, "w1", x, zero),
                                                _plus_adapter(self, lo, "w3", x, zero)], axis=2)
             gate_up = nn.with_logical_constraint(checkpoint_name(gate_up, "mlp_gate_up"), kernels.GATE_UP_AXES)
             return down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, r.interpret_kernels))
-        gate = checkpoint_name(_plus_adapter(self, lo, "w1", x, project("BTD,DF->BTF", x, w1, dt, p)),
+        s1, s3 = _fp8_state(self, "w1"), _fp8_state(self, "w3")
+        gate = checkpoint_name(_plus_adapter(self, lo, "w1", x, project("BTD,DF->BTF", x, w1, dt, p, s1)),
                                "mlp_gate")
-        up = checkpoint_name(_plus_adapter(self, lo, "w3", x, project("BTD,DF->BTF", x, w3, dt, p)), "mlp_up")
+        up = checkpoint_name(_plus_adapter(self, lo, "w3", x, project("BTD,DF->BTF", x, w3, dt, p, s3)), "mlp_up")
         return down(nn.silu(gate) * up)
 
 
@@ -241,7 +261,8 @@ def _stacked_blocks(config: ModelConfig, run: RunOptions):
     block = Block
     if run.remat_policy is not RematPolicy.NONE:
         block = nn.remat(Block, policy=checkpoint_policy(run.remat_policy), prevent_cse=False)
-    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "fp8": 0},
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,), length=config.n_layers, unroll=run.scan_unroll,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
@@ -263,7 +284,8 @@ def _unrolled_blocks(config: ModelConfig, run: RunOptions, lora, layers, x, inpu
     (`lax.split` of an undifferentiated base is a copy of all of it, live from the first
     layer's forward to its backward: +16 GB on the 8B shape).
 
-    `layers`: {"params": ..., "lora": ...} (the adapters only with `lora`), each stacked.
+    `layers`: {"params": ..., "lora": ..., "fp8": ...} (the adapters only with `lora`, the
+    delayed-scaling state only with it), each stacked.
     """
     frozen = layers["params"] if lora is not None else None
     trained = {k: v for k, v in layers.items() if frozen is None or k != "params"}
@@ -313,7 +335,7 @@ class Llama(nn.Module):
         x = embed(emb, tokens, r.dtype)
         inputs = LayerInputs(*rope_tables(positions, c), segment_ids=segment_ids)
         if r.layer_loop is LayerLoop.UNROLLED and not self.is_initializing():
-            layers = {k: nn.unbox(v["layers"]) for k, v in self.variables.items() if k in ("params", "lora")}
+            layers = {k: nn.unbox(v["layers"]) for k, v in self.variables.items() if k in ("params", "lora", "fp8")}
             rng = self.make_rng("dropout") if self.lora is not None and self.has_rng("dropout") else None
             x = _unrolled_blocks(c, r, self.lora, layers, x, inputs, rng)
         else:

@@ -36,8 +36,14 @@ class RematPolicy(enum.Enum):
 
 class MatmulPrecision(enum.Enum):
     BF16 = "bf16"  # the layers' weight matmuls in the compute dtype (`dtype`)
-    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, e5m2 gradients, current scaling);
+    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, e5m2 gradients, scaled per fp8_scaling);
     #                a training option: cached decoding stays in `dtype`
+
+
+class Fp8Scaling(enum.Enum):
+    CURRENT = "current"  # each tensor scaled by its own amax: an amax pass before quantising
+    DELAYED = "delayed"  # scaled by an amax history (llama_jax.fp8): per call site state in the
+    #                      model's "fp8" collection, carried in the train state and checkpoint
 
 
 class LayerLoop(enum.Enum):
@@ -48,7 +54,7 @@ class LayerLoop(enum.Enum):
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop,
-          "matmul_precision": MatmulPrecision}
+          "matmul_precision": MatmulPrecision, "fp8_scaling": Fp8Scaling}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,8 @@ class RunOptions:
     matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # fp8: a quality cost, off unless asked
     packed_segments: int = 0           # packed rows on cuDNN: 0 the dense mask, M >= 2 the packed kernel
     #                                    with M runs per row (the caller checks rows: train/packed_guard.py)
+    fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs only
+    fp8_history: int = 16              # delayed scaling: amaxes kept per tensor
 
     def __post_init__(self):
         def bad(field, expected):
@@ -82,9 +90,10 @@ class RunOptions:
                     object.__setattr__(self, f, enum_cls(v))
                 except ValueError:
                     bad(f, f"one of {[e.value for e in enum_cls]}")
-        v = self.scan_unroll
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-            bad("scan_unroll", "a positive integer")
+        for f in ("scan_unroll", "fp8_history"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                bad(f, "a positive integer")
         v = self.packed_segments
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 or v == 1:
             bad("packed_segments", "0 (the dense mask) or an integer >= 2")
@@ -99,6 +108,11 @@ class RunOptions:
         leaves = [x for x in _leaves(params) if _dtype(getattr(x, "dtype", None)) is not None]
         dt = leaves[0].dtype if leaves else DTYPES["float32"]
         return cls(dtype=dt, param_dtype=dt)
+
+    @property
+    def fp8_delayed(self) -> bool:
+        """Whether the weight matmuls run in FP8 with delayed scaling (state in the "fp8" collection)."""
+        return self.matmul_precision is MatmulPrecision.FP8 and self.fp8_scaling is Fp8Scaling.DELAYED
 
     def replace(self, **changes: Any) -> "RunOptions":
         return dataclasses.replace(self, **changes)

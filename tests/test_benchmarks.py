@@ -41,16 +41,20 @@ def test_train_step_smoke(tmp_path):
 
 def test_train_step_fp8_smoke(tmp_path):
     res = _run("train_step", ["--shapes", "tiny", "--no-peer", "--steps", "2", "--seq", "128", "--batch", "2",
-                              "--precision", "bf16,fp8"], tmp_path)
+                              "--precision", "bf16,fp8", "--fp8-scaling", "current,delayed"], tmp_path)
     ln_vocab = math.log(ModelConfig.preset("tiny").vocab_size)
-    for key, precision in (("tiny", "bf16"), ("tiny_fp8", "fp8")):
+    for key, precision in (("tiny", "bf16"), ("tiny_fp8", "fp8"), ("tiny_fp8_delayed", "fp8")):
         run = res[key]
         assert run["matmul_precision"] == precision and run["devices"] == 8
+        assert run.get("fp8_scaling") == {"tiny": None, "tiny_fp8": "current", "tiny_fp8_delayed": "delayed"}[key]
         assert run["step_s"] > 0 and run["tokens_per_s"] > 0 and run["tflops_per_device"] >= 0
         assert abs(run["loss"] - ln_vocab) < 0.05, (key, run["loss"], ln_vocab)
     # Same data, same init: FP8's first losses within a few of its roundings of bf16's.
     assert res["tiny_fp8"]["loss"] != res["tiny"]["loss"]
     assert abs(res["tiny_fp8"]["loss"] - res["tiny"]["loss"]) < 0.01 * ln_vocab
+    # Delayed scaling (scales from the previous steps' amaxes): within a few roundings of current.
+    assert res["tiny_fp8_delayed"]["fp8_history"] == 16
+    assert abs(res["tiny_fp8_delayed"]["loss"] - res["tiny_fp8"]["loss"]) < 0.01 * ln_vocab
 
 
 def test_fp8_quality_smoke(tmp_path):

@@ -180,6 +180,17 @@ def test_delayed_state_update():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_delayed_first_step_is_current_scaling():
+    """A zero history (a fresh run) scales each tensor by its own amax: step 0 is current scaling."""
+    x, w, g = _normal(30, (64, 32), 40.0), _normal(31, (32, 16), 1e-3), _normal(32, (64, 16), 1e-5)
+    got = jax.jit(_delayed_step)(x, w, g, fp8.init_fp8_state(4))[:3]
+    ref = jax.jit(fwd_bwd_of(fp8.fp8_dot))(x, w, g)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # (A scale of 1 would flush w and g, far below e4m3's and e5m2's smallest values, to zero.)
+    assert _rel(got[0], x @ w) < 0.1 and _rel(got[2], x.T @ g) < 0.1
+
+
 def test_delayed_stale_scale_saturates_and_resumes_exactly():
     x, w, g = _normal(17, (64, 32)), _normal(18, (32, 16), 0.1), _normal(19, (64, 16), 1e-3)
     step = jax.jit(_delayed_step)

@@ -3,12 +3,14 @@
 Layout of one step (`WORKDIR/checkpoints/<step>/`), item names in STEP_ITEMS:
   params/            the float32 parameters (StandardSave), sharded writes by every process
   opt_state/         the optax state
+  fp8/               FP8 delayed-scaling runs only (FP8_ITEM): the amax histories (TrainState.fp8);
+                     a delayed run resumed from a step without it starts them afresh
   data/              data-iterator state, one JSON per input shard (`shard_<i>-of-<n>.json`)
   meta/              {"step": ...}
   model_config.json  checksums.json, tokenizer.model: the files a params-only checkpoint
                      holds beside params/ (llama_jax.checkpoint.files_beside_params), so that
                      `llama_jax.load_checkpoint(step_dir)` reads a training step directly.
-                     The checksums cover params/ and opt_state/ and are verified on restore;
+                     The checksums cover params/, opt_state/ (and fp8/) and are verified on restore;
                      a step is saved only when its state is finite.
   lora.json          LoRA runs only (LORA_FILE): {"lora": LoraConfig's fields, "base": the
                      base checkpoint's absolute path ("" = random init from the seed)}; then
@@ -38,6 +40,7 @@ DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
 # Orbax items of a step (each its own directory); params/ is the params-only format's.
 PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM = ckpt_format.PARAMS_DIR, "opt_state", "data", "meta"
 FILES_ITEM = "files"
+FP8_ITEM = "fp8"
 LORA_FILE = "lora.json"
 ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's own file in each step (no public name for it)
 # What a complete step holds (the files item writes nothing in its own directory).
@@ -134,7 +137,7 @@ def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], sha
 
     Raises `integrity.NonFiniteState` (saving nothing) if any array holds NaN or inf."""
     step = int(state.step)
-    sums, bad = integrity.summarize({PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state})
+    sums, bad = integrity.summarize(_checked(state))
     if bad:
         raise integrity.NonFiniteState(f"step {step}: {len(bad)} arrays of the state hold NaN or inf "
                                        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
@@ -142,13 +145,23 @@ def save(manager: ocp.CheckpointManager, state, data_states: dict[int, Any], sha
     files = ckpt_format.files_beside_params(config, sums, tokenizers)
     if lora is not None:
         files[LORA_FILE] = json.dumps(lora, indent=1).encode()
+    fp8 = {FP8_ITEM: ocp.args.StandardSave(state.fp8)} if state.fp8 else {}
     manager.save(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardSave(state.params),
         OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
+        **fp8,
         DATA_ITEM: DataStateSave(data_states, shard_count),
         META_ITEM: ocp.args.JsonSave({"step": step}),
         FILES_ITEM: StepFilesSave(files),
     }), force=True)
+
+
+def _checked(state) -> dict:
+    """The arrays a step's checksums cover: params, optimizer state, and the fp8 state if any."""
+    trees = {PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state}
+    if state.fp8:
+        trees[FP8_ITEM] = state.fp8
+    return trees
 
 
 def lora_record(step_dir: str | os.PathLike) -> dict | None:
@@ -178,18 +191,28 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
     (which may describe another mesh than the one that saved it)."""
     def target(tree, shard_tree):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard_tree)
+    step_dir = os.path.join(str(manager.directory), str(step))
+    # A delayed-scaling run's amax histories; a step saved without them (another scaling,
+    # or before they existed) leaves them to start afresh.
+    with_fp8 = bool(abstract_state.fp8) and os.path.isdir(os.path.join(step_dir, FP8_ITEM))
+    fp8 = {FP8_ITEM: ocp.args.StandardRestore(target(abstract_state.fp8, shardings.fp8))} if with_fp8 else {}
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardRestore(target(abstract_state.params, shardings.params)),
         OPT_STATE_ITEM: ocp.args.StandardRestore(target(abstract_state.opt_state, shardings.opt_state)),
+        **fp8,
         DATA_ITEM: DataStateRestore(tuple(shards), shard_count),
         META_ITEM: ocp.args.JsonRestore(),
     }))
     params, opt_state = restored[PARAMS_ITEM], restored[OPT_STATE_ITEM]
     if restored[META_ITEM]["step"] != step:
         raise ValueError(f"checkpoint {step}: meta says step {restored[META_ITEM]['step']}")
-    integrity.verify(os.path.join(str(manager.directory), str(step)),
-                     {PARAMS_ITEM: params, OPT_STATE_ITEM: opt_state})
+    if with_fp8:
+        fp8_state = restored[FP8_ITEM]
+    else:
+        fp8_state = jax.tree.map(lambda a, s: jax.device_put(jax.numpy.zeros(a.shape, a.dtype), s),
+                                 abstract_state.fp8, shardings.fp8)
     state = abstract_state.replace(
         step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
-        params=params, opt_state=opt_state)
+        params=params, opt_state=opt_state, fp8=fp8_state)
+    integrity.verify(step_dir, _checked(state) if with_fp8 else {PARAMS_ITEM: params, OPT_STATE_ITEM: opt_state})
     return state, restored[DATA_ITEM]

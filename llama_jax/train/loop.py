@@ -133,7 +133,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         from llama_jax import load_checkpoint
         log.info("loading the params of %s", cfg.init_from)
         _, params = load_checkpoint(cfg.init_from, dtype="float32", mesh=mesh)
-        state = train_state.state_from_params(params, tx, shardings)
+        state = train_state.state_from_params(params, tx, shardings, net)
     else:
         log.info("initialising the parameters")
         state = train_state.init_state(net, tx, mesh, jax.random.PRNGKey(cfg.seed))
@@ -201,7 +201,8 @@ def evaluate(run: Run) -> float:
     for _ in range(cfg.eval_batches):
         local = it.next_local()
         step = run.guard.step_for(local, run.eval_step, "eval")
-        out = step(run.state.params, make_global_batch(local, train_state.batch_sharding(run.mesh)))
+        out = step(run.state.params, make_global_batch(local, train_state.batch_sharding(run.mesh)),
+                   run.state.fp8 or None)
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     return loss_sum / max(tokens, 1.0)
 

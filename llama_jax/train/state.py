@@ -5,6 +5,12 @@ abstract state with its logical axis names,
 `sharding.logical_to_shardings` turns them into NamedShardings, and a jitted init with
 those `out_shardings` creates every parameter directly in its shard: no process ever
 holds the full unsharded parameters.
+
+FP8 with delayed scaling (`RunOptions.fp8_delayed`): `TrainState.fp8` holds the model's
+"fp8" collection (amax histories, llama_jax/fp8.py). The step differentiates the loss with
+respect to it too; that "gradient" is the updated state (the overwrite-with-gradient
+convention), stored in its place, never seen by the optimizer. With micro-batches the state
+is threaded through them (each forward and backward pushes one amax per tensor).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class TrainState:
     step: jax.Array      # int32 scalar: optimizer updates applied so far
     params: Any          # float32 master parameters: the trainable ones (with LoRA: the adapters)
     opt_state: Any       # optax state (float32)
+    fp8: Any = flax.struct.field(default_factory=dict)  # delayed FP8 scaling's state; {} otherwise
 
 
 def _init_fn(model: Llama, tx: optax.GradientTransformation) -> Callable:
@@ -38,8 +45,18 @@ def _init_fn(model: Llama, tx: optax.GradientTransformation) -> Callable:
         else:
             # Batch 1: the forward pass init traces is dead code for the outputs (params only).
             params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          fp8=fresh_fp8(model))
     return init
+
+
+def fresh_fp8(model: Llama) -> dict:
+    """The "fp8" collection of a fresh run (zero amax histories, in logical-axis boxes);
+    {} unless the model runs FP8 with delayed scaling."""
+    if not model.run.fp8_delayed:
+        return {}
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["fp8"]
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
 def base_shardings(model: Llama, mesh: Mesh, dtype="float32"):
@@ -74,11 +91,14 @@ def init_state(model: Llama, tx: optax.GradientTransformation, mesh: Mesh, rng) 
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
-def state_from_params(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-    """A step-0 state around given (already sharded) params: fine-tuning from a checkpoint."""
+def state_from_params(params, tx: optax.GradientTransformation, shardings: TrainState,
+                      model: Llama | None = None) -> TrainState:
+    """A step-0 state around given (already sharded) params: fine-tuning from a checkpoint.
+    `model`: the run's model, whose delayed-scaling state (if any) starts fresh."""
     def make(p):
         p = jax.tree.map(lambda x: x.astype(jnp.float32), p)  # float32 master copy
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+        fp8 = {} if model is None else nn.unbox(fresh_fp8(model))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), fp8=fp8)
     return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
 
@@ -87,12 +107,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return sharding.logical_sharding(mesh, BATCH_AXES)
 
 
-def token_losses(model: Llama, params, batch, base=None, rng=None) -> tuple[jax.Array, jax.Array]:
+def token_losses(model: Llama, params, batch, base=None, rng=None, fp8=None) -> tuple[jax.Array, jax.Array]:
     """(sum of masked next-token cross-entropies, number of counted tokens), float32.
 
     With LoRA (`model.lora`), `params` are the adapters and `base` the frozen params; `rng`
-    drives the adapters' dropout (None: none)."""
+    drives the adapters' dropout (None: none). `fp8`: the delayed-scaling state (None or {}:
+    none given, so a delayed-scaling model scales FP8 currently)."""
     variables = {"params": params} if model.lora is None else {"params": base, "lora": params}
+    if fp8:
+        variables["fp8"] = fp8
     rngs = {} if rng is None or model.lora is None or model.lora.dropout == 0 else {"dropout": rng}
     # The loss straight from the final activations: the [B,T,V] logits exist one chunk at a time.
     x, out = model.apply(variables, batch["tokens"], positions=batch["positions"],
@@ -111,26 +134,32 @@ def _micro_batches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
-def _gradients(model: Llama, params, batch, micro_batches: int, base=None, rng=None):
-    """Mean loss and its gradient over the whole batch, by token count of the loss mask.
+def _gradients(model: Llama, params, batch, micro_batches: int, base=None, rng=None, fp8=None):
+    """(mean loss, its gradient, token count, new fp8 state) over the whole batch, by token
+    count of the loss mask.
 
     Micro-batch m contributes grad(sum_m / N) with N the whole batch's token count, so
-    the sum over micro-batches is exactly the gradient of the global mean.
+    the sum over micro-batches is exactly the gradient of the global mean. The fp8 state's
+    "gradient" is its update (fp8.py): passed on from micro-batch to micro-batch, never summed.
     """
+    fp8 = {} if fp8 is None else fp8
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    def part(p, mb, r):
-        s, _ = token_losses(model, p, mb, base, r)  # (base: closed over, so never differentiated)
+    def part(p, f, mb, r):
+        s, _ = token_losses(model, p, mb, base, r, f)  # (base: closed over, so never differentiated)
         return s / total
-    grad_fn = jax.value_and_grad(part)
+    grad_fn = jax.value_and_grad(part, argnums=(0, 1))
     if micro_batches == 1:
-        return (*grad_fn(params, batch, rng), total)
-    def body(acc, i_mb):
+        loss, (grads, fp8) = grad_fn(params, fp8, batch, rng)
+        return loss, grads, total, fp8
+    def body(carry, i_mb):
+        acc, f = carry
         i, mb = i_mb
-        loss, g = grad_fn(params, mb, None if rng is None else jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, acc, (loss, g)), None
+        loss, (g, f) = grad_fn(params, f, mb, None if rng is None else jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, acc, (loss, g)), f), None
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)))
-    return loss, grads, total
+    ((loss, grads), fp8), _ = jax.lax.scan(body, (zeros, fp8),
+                                           (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)))
+    return loss, grads, total, fp8
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -141,19 +170,20 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
     metrics: loss (mean over counted tokens), tokens (counted), grad_norm (before
     clipping), lr (the rate this update used). With LoRA, `base` (sharded frozen params)
     is an argument of every call, not donated, never differentiated; dropout's rng is
-    (seed, step), so a resumed run draws the same masks.
+    (seed, step), so a resumed run draws the same masks. Delayed FP8 scaling: the state's
+    amax histories are updated by every step (`TrainState.fp8`).
     """
     if (model.lora is None) != (base is None):
         raise ValueError("make_train_step: a LoRA model needs `base` params, and only a LoRA model takes them")
 
     def step(state: TrainState, batch, base):
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-        loss, grads, total = _gradients(model, state.params, batch, micro_batches, base, rng)
+        loss, grads, total, fp8 = _gradients(model, state.params, batch, micro_batches, base, rng, state.fp8)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "tokens": total, "grad_norm": optax.global_norm(grads),
                    "lr": schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, fp8=fp8), metrics
 
     bs = batch_sharding(mesh)
     rep = sharding.replicated(mesh)
@@ -164,23 +194,30 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
 
 
 def make_eval_step(model: Llama, mesh: Mesh, param_shardings, base=None) -> Callable:
-    """jitted `(params, batch) -> {"loss_sum", "tokens"}` (sum, so batches can be pooled);
-    with LoRA, `params` are the adapters and `base` the frozen params."""
-    def step(params, batch, base):
-        s, n = token_losses(model, params, batch, base)
+    """jitted `(params, batch, fp8=None) -> {"loss_sum", "tokens"}` (sum, so batches can be
+    pooled); with LoRA, `params` are the adapters and `base` the frozen params. `fp8`: the
+    delayed-scaling state to scale with (read, not updated); None: current scaling."""
+    def step(params, batch, base, fp8):
+        s, n = token_losses(model, params, batch, base, fp8=fp8)
         return {"loss_sum": s, "tokens": n}
     base_sh = None if base is None else jax.tree.map(lambda x: x.sharding, base)
-    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh), base_sh),
+    # The fp8 state (small) keeps the sharding it comes with.
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh), base_sh, None),
                      out_shardings=sharding.replicated(mesh))
-    return _traced_under(mesh, _bound(jitted, base))
+    bound = _bound(jitted, base)
+
+    def call(params, batch, fp8=None):
+        return bound(params, batch, fp8)
+    call.lower = lambda params, batch, fp8=None: bound.lower(params, batch, fp8)
+    return _traced_under(mesh, call)
 
 
 def _bound(jitted, base) -> Callable:
-    """`(x, batch) -> jitted(x, batch, base)`: the frozen base travels as an argument (a
-    closed-over array would be baked into the executable as a constant)."""
-    def call(x, batch):
-        return jitted(x, batch, base)
-    call.lower = lambda x, batch: jitted.lower(x, batch, base)
+    """`(x, batch, *rest) -> jitted(x, batch, base, *rest)`: the frozen base travels as an
+    argument (a closed-over array would be baked into the executable as a constant)."""
+    def call(x, batch, *rest):
+        return jitted(x, batch, base, *rest)
+    call.lower = lambda x, batch, *rest: jitted.lower(x, batch, base, *rest)
     return call
 
 
