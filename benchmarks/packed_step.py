@@ -159,7 +159,6 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def row_stats(rows: dict, max_segments: int) -> dict:
-    import numpy as np
     seg = rows["segment_ids"]
     runs = 1 + (seg[:, 1:] != seg[:, :-1]).sum(axis=1)
     return {"documents_per_row_mean": round(float(runs.mean()), 2), "documents_per_row_max": int(runs.max()),
