@@ -192,7 +192,7 @@ def parse(argv=None):
             "--xla_force_host_platform_device_count=8", "") + " --xla_force_host_platform_device_count=1").strip()
     # The fields train_step.ours reads, at train_step.py's defaults.
     args.remat, args.attention, args.layer_loop, args.fuse_gate_up = "", "auto", "unrolled", int(not args.cpu_smoke)
-    args.hlo, args.profile, args.top, args.peak = "", False, 15, 989.0
+    args.hlo, args.profile, args.top, args.peak, args.fp8_history = "", False, 15, 989.0, 16
     from llama_jax.attention import default_max_segments  # (jax imported, not started: no GPU memory taken)
     args.max_segments = args.max_segments or (8 if args.cpu_smoke else default_max_segments(args.seq))
     return args
