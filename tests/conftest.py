@@ -14,10 +14,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 # The slowest tests (each tens of seconds or more on a busy 2-core CPU, measured with
-# --durations): marked `slow` here, in one list, so that `-m "not slow"` gives a quick loop
-# while editing. CI (README's command) runs them all. A whole file, or file::test (every
-# parametrization of it).
+# --durations): marked `slow` here, in one list. README's test command runs the rest
+# (`-m "not slow"`, ~15 minutes on 2 cores); .ci/run runs that command and then these
+# (`-m slow`). A whole file, or file::test (every parametrization of it).
 SLOW = {
+    "test_fp8_model.py::test_sharded_training_matches_unsharded",
+    "test_fp8_model.py::test_train_loss_falls_near_float32_and_resume_is_exact",
+    "test_sft_task.py::test_sft_learns_the_answers_and_the_inverted_mask_does_not",
+    "test_run_output.py::test_train_on_a_local_text_file_given_on_the_command_line",
+    "test_tied.py::test_train_eval_and_generate_sharded_equal_one_device",
+    "test_model.py::test_packed_row_gives_each_document_its_own_logits",
+    "test_train.py::test_loss_falls_on_the_tiny_config",
+    "test_train.py::test_same_losses_on_every_mesh",
+    "test_lora_train.py::test_only_adapters_train_and_the_base_stays_bit_identical",
+    "test_lora_train.py::test_resume_is_exact",
+    "test_relative_paths.py::test_the_run_keeps_its_tokenizer_in_its_steps_only",
     "test_benchmarks.py", "test_notebooks.py",
     "test_attention.py::test_splash_gradients_match_xla",
     "test_chat.py::test_session_turns_equal_generate_on_the_whole_dialog",
