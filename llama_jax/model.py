@@ -12,9 +12,8 @@ Parameters, the one schema (layers stacked on a leading L axis by nn.scan;
   tok_embeddings [V,D]; layers/attention/{wq [L,D,N,H], wk, wv [L,D,K,H], wo [L,N,H,D]};
   layers/feed_forward/{w1, w3 [L,D,F], w2 [L,F,D]}; layers/{attention_norm, ffn_norm}/weight
   [L,D]; norm/weight [D]; output [D,V] (none when `tie_word_embeddings`: tok_embeddings.T).
-FP8 with delayed scaling (`RunOptions.fp8_delayed`) adds the "fp8" collection: per weight
-matmul call site an amax history [L,3,history] (fp8.Fp8State's rows), at the layers' paths
-(layers/attention/{wq,wk,wv,wo}, layers/feed_forward/{w1,w3 or w1_w3 when fused, w2}).
+FP8 with delayed scaling adds the "fp8" collection: per weight matmul an amax history [L,3,history]
+(fp8.Fp8State) at layers/attention/{wq,wk,wv,wo}, layers/feed_forward/{w1,w3 or fused w1_w3,w2}.
 
 The layer math (`attention`, `swiglu_gate_up`, `rms_norm`) is shared by these modules and
 by cached decoding, which runs it on a per-layer fused runtime form: see inference/decode.py.
@@ -98,8 +97,7 @@ def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
 
 def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = MatmulPrecision.BF16,
             state: fp8.Fp8State | None = None) -> Array:
-    """`jnp.einsum(spec, x, w.astype(dtype))`, or in FP8 from x and the stored w (dW in w's dtype);
-    with `state`, FP8 with delayed scaling."""
+    """`jnp.einsum(spec, x, w.astype(dtype))`, or FP8 from x and the stored w (`state`: delayed scaling)."""
     if precision is MatmulPrecision.FP8:
         return fp8.fp8_einsum(spec, x, w, state=state).astype(jnp.result_type(x.dtype, dtype))
     return jnp.einsum(spec, x, w.astype(dtype))
@@ -151,8 +149,7 @@ def _down(hidden: Array, w2: Array, precision: MatmulPrecision = MatmulPrecision
 
 
 def _fp8_state(module: nn.Module, name: str) -> fp8.Fp8State | None:
-    """The delayed-scaling state of call site `name` (created at init), or None: current
-    scaling (also when apply is given no "fp8" collection) or no FP8 at all."""
+    """Call site `name`'s delayed-scaling state (made at init), or None: current scaling or no FP8."""
     r = module.run
     if not r.fp8_delayed or not (module.is_initializing() or module.has_variable("fp8", name)):
         return None
