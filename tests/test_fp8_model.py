@@ -28,7 +28,7 @@ from llama_jax.runtime import Fp8Scaling, MatmulPrecision
 from llama_jax.train import loop as trainer
 from llama_jax.train import state as TS
 from llama_jax.train.config import run_options
-from train_helpers import STEPS, assert_same_losses, losses, tiny_config
+from train_helpers import STEPS, assert_same_losses, losses, random_batch, tiny_config
 from train_helpers import reference, tokenizer_path  # noqa: F401  (fixtures)
 
 E = math.hypot(2.0 ** -3 * 0.2125, 2.0 ** -3 * 0.2125)    # e4m3 x e4m3
@@ -280,14 +280,6 @@ def test_delayed_scan_and_unrolled_agree(setup):
         assert _rel(a, b) < 2.0 ** -6
 
 
-def _lora_batch(config, b=8, t=32):
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, config.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": np.ones((b, t), np.int32)}
-
-
 @pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
 def test_lora_with_delayed_scaling_trains_adapters_and_updates_the_state(layer_loop):
     import optax
@@ -304,7 +296,7 @@ def test_lora_with_delayed_scaling_trains_adapters_and_updates_the_state(layer_l
     assert jax.tree.structure(state.params) == jax.tree.structure(L.init_adapters(config, lora, jax.random.PRNGKey(0)))
     assert set(state.fp8["layers"]["attention"]) == {"wq", "wk", "wv", "wo"}  # every base matmul, adapted or not
     step = TS.make_train_step(model, tx, optax.constant_schedule(1e-2), mesh, shardings, 2, base=base)
-    batch = jax.device_put(_lora_batch(config), TS.batch_sharding(mesh))
+    batch = jax.device_put(random_batch(config.vocab_size), TS.batch_sharding(mesh))
     # The base's projections are FP8 dots (with delayed scales), the adapters' are not.
     jaxpr = jax.make_jaxpr(lambda a, f: model.apply({"params": base, "lora": a, "fp8": f}, batch["tokens"]))(
         state.params, state.fp8).jaxpr

@@ -10,18 +10,11 @@ import pytest
 from llama_jax import Llama, ModelConfig, lora as L, sharding as S
 from llama_jax.train import state as TS
 from llama_jax.train.optim import OptimizerConfig, make_optimizer
+from train_helpers import random_batch
 from train_helpers import tokenizer_path  # noqa: F401  (fixture)
 
 CFG = ModelConfig.preset("tiny")
 LORA = L.LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
-
-
-def _batch(b=8, t=32):
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, CFG.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": np.ones((b, t), np.int32)}
 
 
 def _setup(mesh, base_dtype="float32", micro_batches=1):
@@ -46,7 +39,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(base_dtype):
     n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert n_opt == 2 * n_adapter
     assert tuple(state.params["layers"]["attention"]["wq"]["a"].sharding.spec) == (None, "fsdp", None)
-    batch = jax.device_put(_batch(), TS.batch_sharding(mesh))
+    batch = jax.device_put(random_batch(CFG.vocab_size), TS.batch_sharding(mesh))
     losses = []
     for _ in range(4):
         state, metrics = step(state, batch)
@@ -60,7 +53,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(base_dtype):
 def test_resume_is_exact():
     mesh = S.make_mesh((1, 4, 2))
     _, base, state, step, shardings = _setup(mesh, micro_batches=2)
-    batch = jax.device_put(_batch(), TS.batch_sharding(mesh))
+    batch = jax.device_put(random_batch(CFG.vocab_size), TS.batch_sharding(mesh))
     for _ in range(2):
         state, _ = step(state, batch)
     saved = jax.tree.map(np.asarray, state)  # what a checkpoint holds: the adapters' state
@@ -77,7 +70,7 @@ def test_resume_is_exact():
 def test_eval_step_reads_base_and_adapters():
     mesh = S.make_mesh((1, 4, 2))
     model, base, state, _, shardings = _setup(mesh)
-    batch = jax.device_put(_batch(), TS.batch_sharding(mesh))
+    batch = jax.device_put(random_batch(CFG.vocab_size), TS.batch_sharding(mesh))
     got = TS.make_eval_step(model, mesh, shardings.params, base=base)(state.params, batch)
     want = TS.make_eval_step(Llama(CFG), mesh, jax.tree.map(lambda x: x.sharding, base))(base, batch)
     assert float(got["loss_sum"]) == pytest.approx(float(want["loss_sum"]), rel=1e-6)  # b = 0: the base

@@ -10,6 +10,7 @@ import optax
 from llama_jax import Llama, ModelConfig, generate, sharding as S
 from llama_jax.train import state as TS
 from llama_jax.checkpoint import abstract_params
+from train_helpers import random_batch
 
 TIED = ModelConfig.preset("tiny").replace(tie_word_embeddings=True)
 UNTIED = TIED.replace(tie_word_embeddings=False)
@@ -21,14 +22,6 @@ def _params(cfg, seed=0):
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _batch(cfg, b=8, t=32):
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": np.ones((b, t), np.int32)}
-
-
 def test_tied_has_no_output_and_counts_one_matrix():
     assert "output" not in abstract_params(TIED)
     assert UNTIED.num_params() - TIED.num_params() == TIED.vocab_size * TIED.dim
@@ -37,7 +30,7 @@ def test_tied_has_no_output_and_counts_one_matrix():
 def test_tied_gradient_is_the_sum_of_both_uses():
     tied = _params(TIED)
     untied = {**tied, "output": tied["tok_embeddings"].T.copy()}
-    batch = _batch(TIED)
+    batch = random_batch(TIED.vocab_size)
 
     def loss(cfg, p):
         s, n = TS.token_losses(Llama(cfg), p, batch)
@@ -56,7 +49,7 @@ def _train_and_eval(mesh):
     params = jax.device_put(_params(TIED), shardings.params)
     state = TS.state_from_params(params, tx, shardings)
     step = TS.make_train_step(Llama(TIED), tx, optax.constant_schedule(0.5), mesh, shardings)
-    batch = jax.device_put(_batch(TIED), TS.batch_sharding(mesh))
+    batch = jax.device_put(random_batch(TIED.vocab_size), TS.batch_sharding(mesh))
     state, metrics = step(state, batch)
     evaluated = TS.make_eval_step(Llama(TIED), mesh, shardings.params)(state.params, batch)
     return state, metrics, evaluated

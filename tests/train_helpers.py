@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +16,15 @@ STEPS = 6
 TEST_OVERRIDES = {"steps": STEPS, "log_every": 1, "eval_every": 0, "eval_batches": 0, "checkpoint_every": 100,
                   "batch_size": 16, "seq_len": 32, "model.n_kv_heads": 4, "optimizer.warmup_steps": 2,
                   "data.shards": 2}
+
+
+def random_batch(vocab_size: int, b: int = 8, t: int = 32) -> dict:
+    """A train-step batch of b unpacked rows of t random tokens, every token counted (seeded)."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, vocab_size, (b, t + 1)).astype(np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "segment_ids": np.ones((b, t), np.int32)}
 
 
 def tiny_config(**overrides):

@@ -46,8 +46,12 @@ class ShardedInput:
         parts = [next(it) for it in self._its.values()]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    def to_global(self, local: dict[str, np.ndarray]) -> dict[str, Any]:
+        """This process's rows (`next_local`) as the global batch, sharded as the input's batches."""
+        return make_global_batch(local, self._sharding)
+
     def __next__(self) -> dict[str, Any]:
-        return make_global_batch(self.next_local(), self._sharding)
+        return self.to_global(self.next_local())
 
     def __iter__(self):
         return self

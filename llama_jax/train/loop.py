@@ -34,7 +34,7 @@ from llama_jax.train import state as train_state
 from llama_jax.train import workdir_lock
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
-from llama_jax.data import DataConfig, make_global_batch
+from llama_jax.data import DataConfig
 from llama_jax.errors import input_error
 from llama_jax.data.input import ShardedInput, tokenizer_for
 
@@ -201,8 +201,7 @@ def evaluate(run: Run) -> float:
     for _ in range(cfg.eval_batches):
         local = it.next_local()
         step = run.guard.step_for(local, run.eval_step, "eval")
-        out = step(run.state.params, make_global_batch(local, train_state.batch_sharding(run.mesh)),
-                   run.state.fp8 or None)
+        out = step(run.state.params, it.to_global(local), run.state.fp8 or None)
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     return loss_sum / max(tokens, 1.0)
 
@@ -251,7 +250,7 @@ def _loop(run: Run, stop: StopRequest, on_log: Callable | None) -> int:
     while step < cfg.steps and not stop.requested:
         local = run.input.next_local()  # this process's rows, checked here before they become a global batch
         train_step = run.guard.step_for(local, run.train_step)
-        run.state, m = train_step(run.state, make_global_batch(local, train_state.batch_sharding(run.mesh)))
+        run.state, m = train_step(run.state, run.input.to_global(local))
         step += 1
         if pending is not None:  # read the previous step while this one runs
             logger.read(*pending)
