@@ -222,7 +222,12 @@ def test_long_examples_keep_their_end_counted_and_warned_once(tok, tmp_path, cap
 BAD_ROWS = [
     ({"text": "hi"}, "c.jsonl:2: no field 'messages'; the record has \\['text'\\]"),
     ({"messages": [m(U, "a"), m(U, "b"), m(A, "c")]}, "c.jsonl:2: messages\\[1\\]: .*alternate"),
-    ({"messages": [m(U, "a"), m(A, "b"), m(A, "c")]}, "c.jsonl:2: messages\\[1\\]"),
+    # the second answer in a row is the message named, with the rule it breaks
+    ({"messages": [m(U, "a"), m(A, "b"), m(A, "c")]}, "c.jsonl:2: messages\\[2\\]: .*alternate .*"
+                                                      "\\(expected user( or ipython)?, got 'assistant'\\)"),
+    ({"messages": [m(S, "a"), m(A, "b")]}, "c.jsonl:2: messages\\[1\\]: .*alternate .*\\(expected user, got "),
+    ({"messages": [m(U, "a"), m(A, "b"), m(U, "c"), m(S, "d"), m(A, "e")]},
+     "c.jsonl:2: messages\\[3\\]: a system message may only come first"),
     ({"messages": [m(U, "a"), m(A, "b"), m(U, "c")]}, "c.jsonl:2: messages\\[2\\]: a training dialog ends with "
                                                       "the assistant's answer"),
     ({"messages": [m(U, "a"), m("bot", "b")]}, "c.jsonl:2: .*expected role 'assistant'"),
@@ -230,17 +235,25 @@ BAD_ROWS = [
      "c.jsonl:2: messages\\[3\\]: unknown role"),
     ({"messages": "hello"}, "c.jsonl:2: messages: a dialog is a non-empty list"),
     ({"messages": []}, "c.jsonl:2: messages: a dialog is a non-empty list"),
-    ({"messages": [m(U, "a"), m(A, 3)]}, "c.jsonl:2: answer: content must be a string"),
+    ({"messages": [m(U, "a"), m(A, 3)]}, "c.jsonl:2: messages\\[1\\]: content must be a string"),
 ]
 
 
 @pytest.mark.parametrize("row,match", BAD_ROWS)
-def test_bad_chat_rows_name_file_line_and_message(sp, tmp_path, row, match):
+def test_bad_chat_rows_name_file_line_and_message(tok, tmp_path, row, match):
     (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [m(U, "ok"), m(A, "ok")]}) + "\n"
                                       + json.dumps(row) + "\n")
     cfg = DataConfig(sources=(SourceConfig(kind="chat_jsonl", path=str(tmp_path / "c.jsonl")),), shuffle=False)
-    with pytest.raises(DataError, match=match):
-        next(make_dataset(cfg, sp, 64, 2, shard_index=0, shard_count=1))
+    with pytest.raises(DataError, match=match) as e:
+        next(make_dataset(cfg, tok, 64, 2, shard_index=0, shard_count=1))
+    assert "\n" not in e.value.args[0].split("\n-----")[0]  # (grain appends a note on its traceback filter)
+
+
+def test_tool_results_between_answers_are_a_valid_llama3_dialog(tik):
+    # user, assistant (a tool call), ipython (its result), assistant: alternation allows it
+    ids, w = encode_example(tik, _example("chat_jsonl", [m(U, "a"), m(A, "b"), m("tool", "c"), m(A, "d")]))
+    assert list(ids) == encode_dialog(tik, [m(U, "a"), m(A, "b"), m("tool", "c")]) + encode_answer(tik, "d")
+    assert w.sum() == len(encode_answer(tik, "b")) + len(encode_answer(tik, "d"))
 
 
 def test_bad_prompt_completion_rows(sp, tmp_path):

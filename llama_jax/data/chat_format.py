@@ -143,6 +143,15 @@ def encode_dialog(tokenizer, messages) -> list[int]:
     return ids + _encode(tokenizer, family, turns)
 
 
+def check_training_dialog(tokenizer, messages) -> None:
+    """Check a dialog that ends with the assistant's answer (a training example) by the rules
+    of `tokenizer`'s family; one InputError naming the first bad message by its index."""
+    family = chat_family(tokenizer)
+    # An answer may always be followed by a user turn: checking the dialog plus one puts every
+    # error at the message of `messages` that breaks a rule.
+    _checked(family, list(messages) + [{"role": "user", "content": ""}], None)
+
+
 def encode_answer(tokenizer, content: str) -> list[int]:
     """Ids of a finished assistant answer as a dialog holds it: LLaMA 2 `encode("{content.strip()} ")`
     + eos (the space before it belongs to `[/INST]`'s side); LLaMA 3 content.strip() + <|eot_id|>

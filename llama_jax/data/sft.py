@@ -125,21 +125,18 @@ def chat_pieces(tokenizer, messages, loss_mask: LossMask = LossMask.ASSISTANT) -
         got = last.get("role") if isinstance(last, Mapping) else type(last).__name__
         raise input_error(f"messages[{len(messages) - 1}]", "a training dialog ends with the assistant's answer",
                           "role 'assistant'", got)
-    answers = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"]
+    # Checked whole first, so that an error names the message by its index in the row (the
+    # turns below are encoded piece by piece, each counting its messages from 0).
+    chat.check_training_dialog(tokenizer, messages)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     pieces, start = [], 0
-    try:
-        for a in answers:
-            context = messages[start:a]
-            pieces.append((chat.encode_dialog(tokenizer, context) if start == 0
-                           else chat.encode_next_turn(tokenizer, context), 0))
-            train = loss_mask is LossMask.ASSISTANT or a == answers[-1]
-            pieces.append((chat.encode_answer(tokenizer, messages[a].get("content")), int(train)))
-            start = a + 1
-    except InputError:
-        # A later turn's error counts messages from that turn: check the whole dialog once
-        # more so the error names the message by its index in the row.
-        chat.encode_dialog(tokenizer, messages[:-1])
-        raise
+    for a in answers:
+        context = messages[start:a]
+        pieces.append((chat.encode_dialog(tokenizer, context) if start == 0
+                       else chat.encode_next_turn(tokenizer, context), 0))
+        train = loss_mask is LossMask.ASSISTANT or a == answers[-1]
+        pieces.append((chat.encode_answer(tokenizer, messages[a]["content"]), int(train)))
+        start = a + 1
     return pieces
 
 
