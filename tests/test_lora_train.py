@@ -92,6 +92,7 @@ def test_train_loop_lora_from_init_from_resumes_exactly(tmp_path, tokenizer_path
     import os
 
     from llama_jax import checkpoint
+    from llama_jax.interop import convert
     from llama_jax.train import checkpoint as train_checkpoint, config as train_config, loop as trainer
     from train_helpers import STEPS, assert_same_losses, losses, tiny_config
 
@@ -113,6 +114,17 @@ def test_train_loop_lora_from_init_from_resumes_exactly(tmp_path, tokenizer_path
     assert base_path == str(tmp_path / "base") and np.any(adapters["layers"]["attention"]["wq"]["b"])
     assert jax.tree.structure(adapters) == jax.tree.structure(L.init_adapters(
         train_config.model_config(cfg), got_lora, jax.random.PRNGKey(0)))
+    # A LoRA step is not a params-only checkpoint: loaders and exports say so and how to merge,
+    # and merge_lora_step (given the workdir: its latest step) writes the one they read.
+    for read in (checkpoint.load_checkpoint, lambda d: convert.from_orbax("hf", d, tmp_path / "hf")):
+        with pytest.raises(ValueError, match=rf"^{step_dir}: a LoRA run's step \(lora.json\): params/ holds only "
+                                             r"the adapters, .*merge_lora_step\('"):
+            read(step_dir)
+    train_checkpoint.merge_lora_step(tmp_path / "full", tmp_path / "merged")
+    config, merged = checkpoint.load_checkpoint(tmp_path / "merged")
+    assert config == train_config.model_config(cfg) and (tmp_path / "merged" / "tokenizer.model").is_file()
+    want_merged = L.merge(checkpoint.load_checkpoint(tmp_path / "base")[1], adapters, got_lora)
+    jax.tree.map(np.testing.assert_array_equal, merged, want_merged)
     part = str(tmp_path / "part")
     trainer.train(tiny_config(**lora, mesh=(2, 2, 2), steps=3, **{"optimizer.total_steps": STEPS}), part)
     assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["3"]

@@ -11,8 +11,8 @@ loader call these; nobody else spells a file name of the format.
 import importlib
 
 from llama_jax.checkpoint.layout import (
-    CHECKPOINTS_DIR, CHECKSUMS_FILE, CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILES, TOKENIZER_MODEL, absolute,
-    checkpoints_dir, copy_tokenizer_files, find_tokenizer_file, foreign_format, resolve_checkpoint, tokenizer_file,
+    CHECKPOINTS_DIR, CHECKSUMS_FILE, CONFIG_FILE, LORA_FILE, PARAMS_DIR, TOKENIZER_FILES, TOKENIZER_MODEL, absolute,
+    check_not_lora_step, checkpoints_dir, copy_tokenizer_files, find_tokenizer_file, foreign_format, resolve_checkpoint, tokenizer_file,
     tokenizer_files_in)
 
 # The rest loads on first use (PEP 562): the names of the format (layout, above) are read by
@@ -32,8 +32,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "CHECKPOINTS_DIR", "CHECKSUMS_FILE", "CONFIG_FILE", "PARAMS_DIR", "TOKENIZER_FILES", "TOKENIZER_MODEL", "Draft",
-    "absolute", "abstract_params", "check_output_apart", "check_params", "checkpoints_dir", "config_json",
+    "CHECKPOINTS_DIR", "CHECKSUMS_FILE", "CONFIG_FILE", "LORA_FILE", "PARAMS_DIR", "TOKENIZER_FILES", "TOKENIZER_MODEL", "Draft",
+    "absolute", "abstract_params", "check_not_lora_step", "check_output_apart", "check_params", "checkpoints_dir", "config_json",
     "copy_tokenizer_files", "files_beside_params", "find_tokenizer_file", "foreign_format", "load_checkpoint",
     "output_dir", "read_config", "resolve_checkpoint", "save_params", "tokenizer_file", "tokenizer_files_in",
     "writing",

@@ -26,6 +26,9 @@ CHECKSUMS_FILE = "checksums.json"
 CHECKPOINTS_DIR = "checkpoints"  # a training workdir's steps: WORKDIR/checkpoints/<step>/
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_MODEL, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# A LoRA run's step holds this beside params/, which then holds the adapters only
+# (llama_jax.train.checkpoint writes and reads it).
+LORA_FILE = "lora.json"
 
 
 def absolute(path: str | os.PathLike) -> Path:
@@ -63,6 +66,16 @@ def _check_not_foreign(d: Path) -> None:
         raise ValueError(f"{d} holds a {'Meta' if source == 'meta' else 'Hugging Face'} PyTorch checkpoint, "
                          f"not a llama_jax one; convert it first: python convert/to_orbax.py --source {source} "
                          f"--input {d} --output OUT_DIR")
+
+
+def check_not_lora_step(d: str | os.PathLike) -> None:
+    """Raise, saying how to merge, when the resolved checkpoint `d` is a LoRA run's step:
+    its params/ holds adapters, not the model's params."""
+    if (Path(d) / LORA_FILE).is_file():
+        raise ValueError(f"{d}: a LoRA run's step ({LORA_FILE}): {PARAMS_DIR}/ holds only the adapters, not a "
+                         "params-only checkpoint; merge them into their base first: "
+                         f"python -c \"from llama_jax.train.checkpoint import merge_lora_step; "
+                         f"merge_lora_step('{d}', 'OUT_DIR')\"")
 
 
 def _existing_dir(path: str | os.PathLike) -> Path:

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 
 from llama_jax import model as model_lib
 from llama_jax.checkpoint import integrity, streaming
-from llama_jax.checkpoint.layout import CONFIG_FILE, PARAMS_DIR, resolve_checkpoint, tokenizer_files_in
+from llama_jax.checkpoint.layout import (CONFIG_FILE, PARAMS_DIR, check_not_lora_step, resolve_checkpoint,
+                                        tokenizer_files_in)
 from llama_jax.checkpoint.output import output_dir
 from llama_jax.config import ModelConfig
 
@@ -163,6 +164,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh
     from llama_jax import sharding as sharding_lib  # jax mesh helpers; only needed here
 
     d = resolve_checkpoint(path)
+    check_not_lora_step(d)
     config = read_config(d)
     stored = _stored_tree(d)
     check_params(config, stored, str(d / PARAMS_DIR))

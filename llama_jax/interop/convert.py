@@ -170,6 +170,7 @@ def from_orbax(target: Format | str, input_dir: str | os.PathLike, output_dir: s
     if target is Format.META:
         import_torch(str(output_dir))  # consolidated.NN.pth are torch files: say so before any work
     d = checkpoint.resolve_checkpoint(input_dir)
+    checkpoint.check_not_lora_step(d)
     config = checkpoint.read_config(d)
     if generation is not None:
         config = config.replace(generation=generation)

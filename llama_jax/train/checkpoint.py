@@ -41,7 +41,7 @@ DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
 PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM = ckpt_format.PARAMS_DIR, "opt_state", "data", "meta"
 FILES_ITEM = "files"
 FP8_ITEM = "fp8"
-LORA_FILE = "lora.json"
+LORA_FILE = ckpt_format.LORA_FILE
 ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's own file in each step (no public name for it)
 # What a complete step holds (the files item writes nothing in its own directory).
 STEP_ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM, ckpt_format.CONFIG_FILE, ORBAX_STEP_METADATA)
@@ -183,6 +183,23 @@ def load_lora_step(step_dir: str | os.PathLike):
         raise input_error(str(step_dir), f"is not a LoRA run's step (no {LORA_FILE})")
     adapters = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(step_dir, PARAMS_ITEM)))
     return jax.device_get(adapters), LoraConfig(**record["lora"]), record["base"]
+
+
+def merge_lora_step(step_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False):
+    """A params-only checkpoint at `output` of a LoRA run's step (a step, or a workdir's
+    latest): its adapters merged into its base (`lora.merge`, in the base's stored dtype),
+    the step's tokenizer files beside them; convert/from_orbax.py, generate and eval.py read
+    it as any checkpoint. Returns its path."""
+    from llama_jax.errors import input_error
+    from llama_jax.lora import merge
+    step_dir = ckpt_format.resolve_checkpoint(step_dir)
+    adapters, lora, base = load_lora_step(step_dir)
+    if not base:
+        raise input_error(step_dir / LORA_FILE, "names no base checkpoint (the run started from random weights, "
+                          "which only the run itself rebuilds)", "a base checkpoint path", base)
+    config, params = ckpt_format.load_checkpoint(base)
+    return ckpt_format.save_params(output, merge(params, adapters, lora), config, overwrite=overwrite,
+                                   tokenizer_dir=step_dir)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings, shards: tuple[int, ...],
