@@ -58,6 +58,10 @@ TARGETS: dict[str, Target] = {
     "w2": Target(("layers", "feed_forward", "w2"), "F", "D"),
     "w3": Target(("layers", "feed_forward", "w3"), "D", "F"),
 }
+# transformers' module names of the targets (peft's target_modules), to point a user who
+# writes them at ours; interop/peft.py derives the same from interop/mapping.py.
+PEFT_NAMES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1", "down_proj": "w2",
+              "up_proj": "w3"}
 # Logical axis names of the letters (model.py's parameter axes); the rank stays unsharded.
 AXIS_NAMES = {"L": "layers", "D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp", "R": None}
 
@@ -76,7 +80,8 @@ class LoraConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         for t in self.targets:
             if t not in TARGETS:
-                raise input_error("lora.targets", f"unknown target {t!r}", f"any of {', '.join(TARGETS)}", t)
+                hint = f" (peft's name for {PEFT_NAMES[t]})" if t in PEFT_NAMES else ""
+                raise input_error("lora.targets", f"unknown target {t!r}{hint}", f"any of {', '.join(TARGETS)}", t)
         if not self.targets or len(set(self.targets)) != len(self.targets):
             raise input_error("lora.targets", "must name each weight once, at least one", tuple(TARGETS),
                               self.targets)

@@ -195,6 +195,8 @@ def test_adapters_trained_elsewhere_load_onto_our_model(base, tmp_path):
 
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(targets=("wq", "wz")), "lora.targets: unknown target 'wz' (expected any of wq, wk, wv, wo, w1, w2, w3"),
+    (dict(targets=("wq", "v_proj")), "lora.targets: unknown target 'v_proj' (peft's name for wv) (expected any of "
+                                     "wq, wk, wv, wo, w1, w2, w3, got 'v_proj')"),
     (dict(targets="wq"), "lora.targets: must be a tuple"),
     (dict(targets=()), "lora.targets: must name each weight once"),
     (dict(rank=0), "lora.rank: must be a positive integer"),
@@ -205,6 +207,10 @@ def test_bad_lora_config(kwargs, needle):
     with pytest.raises(InputError) as e:
         L.LoraConfig(**kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_peft_names_of_the_targets_are_the_mapping_s():
+    assert L.PEFT_NAMES == {P.hf_target_name(t): t for t in L.TARGETS}
 
 
 def test_rank_larger_than_a_target_names_it():
