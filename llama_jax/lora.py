@@ -127,6 +127,12 @@ def factor_shape(letters: str, config: ModelConfig, rank: int) -> tuple[int, ...
     return tuple(sizes[c] for c in letters)
 
 
+def num_params(config: ModelConfig, lora: LoraConfig) -> int:
+    """How many adapter parameters (the trained ones) `lora` gives `config`, every layer."""
+    return sum(int(np.prod(factor_shape("L" + letters, config, lora.rank)))
+               for t in lora.targets for letters in (TARGETS[t].a, TARGETS[t].b))
+
+
 def factor_axes(letters: str) -> tuple[str | None, ...]:
     """The logical axis names of a factor with these axis letters."""
     return tuple(AXIS_NAMES[c] for c in letters)

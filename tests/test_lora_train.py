@@ -130,3 +130,23 @@ def test_train_loop_lora_from_init_from_resumes_exactly(tmp_path, tokenizer_path
     assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["3"]
     trainer.train(tiny_config(**{**lora, "init_from": ""}, mesh=(1, 2, 4)), part)  # the base from lora.json
     assert_same_losses(losses(part), want)
+
+
+def test_run_summary_names_the_adapters_and_what_they_train():
+    """The start-of-run summary's LoRA line: settings, adapter parameters counted by hand, base dtype."""
+    from types import SimpleNamespace
+
+    from llama_jax.train import report
+    from train_helpers import tiny_config
+
+    def lines(**overrides):
+        run = SimpleNamespace(cfg=tiny_config(**overrides), model=CFG, start_step=0, workdir="w", tokenizer=None,
+                              mesh=SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1}))
+        return report.summary_lines(run)
+    # wq: a [2, 64, 4] + b [2, 4, 4, 16]; wv: a [2, 64, 4] + b [2, 4, 2, 16] (2 layers, dim 64, 4 heads, 2 kv)
+    n = 2 * 64 * 4 + 2 * 4 * 4 * 16 + 2 * 64 * 4 + 2 * 4 * 2 * 16
+    assert L.num_params(CFG, L.LoraConfig(rank=4, targets=("wq", "wv"))) == n == 1792
+    got = lines(**{"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "wq,wv", "lora.base_dtype": "bfloat16"})
+    assert got[2] == (f"LoRA: rank 4, alpha 8, dropout 0 on wq,wv: 1.79k adapter parameters trained "
+                      f"({n / CFG.num_params():.2%}); the base frozen, held in bfloat16")
+    assert not any(line.startswith("LoRA") for line in lines())  # full fine-tuning: no such line

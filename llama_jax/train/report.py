@@ -14,7 +14,9 @@ import os
 
 import jax
 
+from llama_jax import lora as lora_lib
 from llama_jax.checkpoint import CHECKPOINTS_DIR, checkpoints_dir
+from llama_jax.train import config as train_config
 from llama_jax.train.plot import plot_run, read_metrics
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def summary_lines(run) -> list[str]:
     mesh = " x ".join(f"{name} {size}" for name, size in run.mesh.shape.items())
     ckpt = checkpoints_dir(run.workdir)
     kv = f", {m.n_kv_heads} kv" if m.n_kv_heads and m.n_kv_heads != m.n_heads else ""
-    return [
+    lines = [
         f"run: {how}; steps {run.start_step} -> {cfg.steps}",
         f"model: {_count(m.num_params())} parameters ({_count(m.num_params(embeddings=False))} without the "
         f"embedding): {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads{kv}, vocab {m.vocab_size}; "
@@ -92,6 +94,13 @@ def summary_lines(run) -> list[str]:
         f"output: {os.path.abspath(run.workdir)} (config.json, metrics.jsonl, tensorboard/, plot.png); "
         f"checkpoints in {ckpt} every {cfg.checkpoint_every} steps, the last {cfg.keep_checkpoints} kept",
     ]
+    lora = train_config.lora_config(cfg)
+    if lora is not None:  # the params above are the frozen base, in lora.base_dtype, not params_dtype
+        lines.insert(2, f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on "
+                        f"{','.join(lora.targets)}: {_count(lora_lib.num_params(m, lora))} adapter parameters "
+                        f"trained ({lora_lib.num_params(m, lora) / m.num_params():.2%}); the base frozen, held in "
+                        f"{cfg.lora.base_dtype}")
+    return lines
 
 
 def train_loss_tail(rows: list[dict], last_step: int) -> tuple[float, int] | None:
