@@ -208,6 +208,9 @@ def test_long_examples_keep_their_end_counted_and_warned_once(tok, tmp_path, cap
         it = make_dataset(cfg, tok, 32, 1, shard_index=0, shard_count=1)
         batches = list(it)
     assert it.stats.truncated_documents == 3
+    lines = (tmp_path / "c.jsonl").read_bytes().splitlines(keepends=True)
+    offsets = [sum(len(x) for x in lines[:i]) for i in (0, 2, 3)]  # the long rows' byte offsets
+    assert it.stats.truncated_examples == {(str(tmp_path / "c.jsonl"), o) for o in offsets}
     warned = [r for r in caplog.records if "longer than a row" in r.getMessage()]
     # Tokenizing threads race for the first warning: any long row's file:line.
     assert len(warned) == 1 and re.match(rf"{re.escape(str(tmp_path / 'c.jsonl'))}:[134]: ", warned[0].getMessage())
@@ -306,3 +309,20 @@ def test_fine_tuning_sources_feed_tokenizer_training_not_pretokenize(sp, files, 
     assert "\n".join(x["content"] for x in _dialog(0)) in docs
     with pytest.raises(DataError, match="pretokenize: fine-tuning sources .*chat_jsonl"):
         pretokenize(src, sp, str(tmp_path / "pt"))
+
+
+def test_a_run_counts_each_cut_example_once_and_says_so_at_its_end(sp, tmp_path):
+    from llama_jax.data.input import ShardedInput
+    from llama_jax.train.console import final_lines
+    long = [m(U, " ".join(WORDS * 4)), m(A, "alpha beta")]
+    rows = [long, [m(U, "hi"), m(A, "alpha")], long]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    cfg = DataConfig(sources=(SourceConfig(kind="chat_jsonl", path=str(tmp_path / "c.jsonl")),), shuffle=False)
+    it = ShardedInput(cfg, sp, 32, 1, 0, 1, sharding=None)
+    for _ in range(8):  # several epochs: the same two rows are cut again and again
+        it.next_local()
+    reads = sum(x.stats.truncated_documents for x in it._its.values())
+    assert reads > 2 and it.truncated_examples() == 2
+    lines = final_lines({"step": 8, "truncated_examples": 2}, "w")
+    assert "truncated: 2 fine-tuning examples longer than seq_len + 1 tokens kept their last seq_len + 1" in lines[1]
+    assert not any(line.startswith("truncated") for line in final_lines({"step": 8}, "w"))

@@ -56,6 +56,11 @@ class ShardedInput:
     def __iter__(self):
         return self
 
+    def truncated_examples(self) -> int:
+        """How many distinct fine-tuning examples longer than a row this process's shards have
+        cut to their end so far (read-ahead included; counted from this process's start)."""
+        return len(set().union(*(it.stats.truncated_examples for it in self._its.values())))
+
     def get_states(self) -> dict[int, Any]:
         return {i: it.get_state() for i, it in self._its.items()}
 

@@ -50,6 +50,7 @@ class PipelineStats:
         self.split_documents = 0  # documents longer than a row, spread over several rows
         self.empty_documents = 0  # documents with no tokens: they still add bos + eos
         self.truncated_documents = 0  # documents longer than a row where documents are packed whole
+        self.truncated_examples: set = set()  # (path, byte offset) of the fine-tuning examples among them
 
     def add(self, n_tokens: int, row_len: int):
         with self._lock:
@@ -58,13 +59,18 @@ class PipelineStats:
             self.split_documents += n_tokens > row_len
             self.empty_documents += n_tokens == 2
 
-    def add_truncated(self, where: str, n_tokens: int, row_len: int, kept: str):
+    def add_truncated(self, doc, n_tokens: int, row_len: int, kept: str):
+        """Count a document cut to a row; `doc`: an SftExample, or a description of a text one.
+        Its file:line is counted (a read of the file's start) only for the warning."""
         with self._lock:
             self.truncated_documents += 1
             first = self.truncated_documents == 1
+            if isinstance(doc, SftExample):
+                self.truncated_examples.add((doc.path, doc.offset))
         if first:
             log.warning("%s: %d tokens, longer than a row (%d): it keeps its %s %d tokens; further ones "
-                        "are counted in stats.truncated_documents", where, n_tokens, row_len, kept, row_len)
+                        "are counted (a training run says how many at its end)",
+                        doc.where if isinstance(doc, SftExample) else doc, n_tokens, row_len, kept, row_len)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("documents", "tokens", "split_documents", "empty_documents",
@@ -96,7 +102,7 @@ class TokenizeDocument:
 
     def _fine_tuning(self, doc, ids: np.ndarray, weights: np.ndarray) -> dict:
         if len(ids) > self._row_len:
-            self._stats.add_truncated(doc.where, len(ids), self._row_len, "last")
+            self._stats.add_truncated(doc, len(ids), self._row_len, "last")
             ids, weights = ids[-self._row_len:], weights[-self._row_len:]
         if not weights[1:].any():  # the first token is never a target
             raise DataError(f"{doc.where}: no token to train on (the loss mask is all zero)")

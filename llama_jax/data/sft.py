@@ -17,7 +17,8 @@ Two source kinds, one example a line:
 
 Truncation: an example longer than a packed row (seq_len + 1 tokens) keeps its last
 seq_len + 1 tokens (the prompt loses its start first; the answer's end is always kept),
-is counted in `PipelineStats.truncated_documents`, and the first one logs a warning.
+is counted in `PipelineStats.truncated_documents` (`truncated_examples`: which ones), and the
+first one logs a warning naming its file:line.
 Bad rows raise one DataError naming `file:line` and the key or message.
 """
 from __future__ import annotations

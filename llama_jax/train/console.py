@@ -67,6 +67,9 @@ def final_lines(out: dict, workdir: str, stopped: bool = False) -> list[str]:
         parts.append(f"train loss {rounded(out['train_loss'])} (mean of steps "
                      f"{out['train_loss_from_step']}-{out['step']})")
     lines = [head + (": " + ", ".join(parts) if parts else "")]
+    if out.get("truncated_examples"):
+        lines.append(f"truncated: {out['truncated_examples']} fine-tuning examples longer than seq_len + 1 tokens "
+                     "kept their last seq_len + 1 (their start cut, the answer's end kept; read ahead included)")
     lines.append(f"checkpoints: {os.path.join(workdir, CHECKPOINTS_DIR)}")
     if out.get("plot_path"):
         lines.append(f"plot: {out['plot_path']}")

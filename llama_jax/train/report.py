@@ -123,6 +123,9 @@ def train_loss_tail(rows: list[dict], last_step: int) -> tuple[float, int] | Non
 def finish(run, out: dict) -> dict:
     """Writes the sample and the plot (process 0); adds the smoothed train loss to `out`."""
     rows = read_metrics(run.workdir)
+    truncated = run.input.truncated_examples()
+    if truncated:  # the first one was a warning naming its file:line; the count is said at the end
+        out["truncated_examples"] = truncated
     tail = train_loss_tail(rows, out["step"])
     if tail is not None:
         out["train_loss"], out["train_loss_from_step"] = tail
