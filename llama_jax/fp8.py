@@ -70,6 +70,13 @@ class Fp8Recipe:
 CURRENT = Fp8Recipe()
 
 
+def recipe_of(run) -> Fp8Recipe | None:
+    """The recipe of a RunOptions (`fp8_grad_format`), or None when its matmuls are not FP8."""
+    if run.matmul_precision.value != "fp8":
+        return None
+    return Fp8Recipe(grad_dtype={"e5m2": E5M2, "e4m3": E4M3}[run.fp8_grad_format.value])
+
+
 def fp8_max(dtype) -> float:
     """Largest finite value of an FP8 format (448 for e4m3fn, 57344 for e5m2)."""
     return float(jnp.finfo(dtype).max)

@@ -168,6 +168,29 @@ def test_sharded_training_matches_unsharded(tmp_path, tokenizer_path):
     assert_same_losses(losses(two), losses(one), rtol=1e-4)
 
 
+def test_gradient_format_option(setup):
+    """RunOptions.fp8_grad_format: e5m2 (default) or e4m3 gradients; the gradient dots take that format."""
+    config, params, tokens = setup
+    assert fp8.recipe_of(RunOptions()) is None and fp8.recipe_of(FP8).grad_dtype == jnp.float8_e5m2
+    e4m3 = FP8.replace(fp8_grad_format="e4m3")
+    assert fp8.recipe_of(e4m3).grad_dtype == jnp.float8_e4m3fn and RunOptions.from_dict(e4m3.to_dict()) == e4m3
+    with pytest.raises(ValueError, match="fp8_grad_format"):
+        RunOptions(fp8_grad_format="e3m4")
+
+    def grads(run):
+        loss = lambda p: jnp.sum(Llama(config, run).apply({"params": p}, tokens).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)), loss
+    g5, loss = grads(FP8)
+    g4, _ = grads(e4m3)
+    ref = jax.grad(lambda p: jnp.sum(Llama(config, RunOptions()).apply({"params": p}, tokens) ** 2))(params)
+    assert "f8_e5m2" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert "f8_e5m2" not in str(jax.make_jaxpr(jax.grad(grads(e4m3)[1]))(params))
+    a, b = g5(params)["layers"]["feed_forward"]["w2"].value, g4(params)["layers"]["feed_forward"]["w2"].value
+    r = ref["layers"]["feed_forward"]["w2"].value
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert _rel(b, r) < _rel(a, r) < 2 * EG  # e4m3's extra mantissa bit: closer to float32
+
+
 # --- delayed scaling (RunOptions.fp8_scaling="delayed": amax histories in the "fp8" collection) ---
 
 DELAYED = FP8.replace(fp8_scaling="delayed", fp8_history=4)
