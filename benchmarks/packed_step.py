@@ -14,6 +14,7 @@ guard), steady state from its metrics.jsonl: the mean of the logged rows coverin
 train_step.py's peer does.
 
     python benchmarks/packed_step.py --checked  # one H200: about 3 minutes
+    python benchmarks/packed_step.py --precision fp8 --variants packed_cudnn_thd  # FP8: unpacked, packed, train.py
     python benchmarks/packed_step.py --cpu-smoke  # tiny shapes on CPUs (tests/test_benchmarks.py)
 Writes $OUT/packed_step.json (or ./packed_step.json) and prints a table.
 """
@@ -84,11 +85,13 @@ def step_runs(args, rows: dict) -> dict:
     }
     if args.checked:  # what the run-time fallback (lax.cond to the dense mask) costs
         variants["packed_cudnn_thd_checked"] = (packed_batch_fn(rows), attend(args.max_segments, True))
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",") or k == "unpacked"}
     out = {}
     for key, (batch_fn, attend_fn) in variants.items():
         try:
             with patched(train_step, "random_batch", batch_fn), patched(model, "attend", attend_fn):
-                out[key] = train_step.ours(args.shape, args)
+                out[key] = train_step.ours(args.shape, args, precision=args.precision)
         except Exception as e:  # a failed variant is a result too; the others still run
             out[key] = {"error": repr(e)[:500]}
         print(key, json.dumps(out[key]), flush=True)
@@ -106,7 +109,7 @@ def train_py_command(args, workdir: str) -> list[str]:
     model = [f"--config.model.{k}={v}" for k, v in d.items() if v is not None and not isinstance(v, (dict, list))]
     run = {"dtype": "bfloat16", "remat_policy": args.remat or train_step.default_remat(args.shape, 1),
            "layer_loop": args.layer_loop, "fuse_gate_up": bool(args.fuse_gate_up), "attention_impl": args.attention,
-           "packed_segments": args.max_segments}
+           "packed_segments": args.max_segments, "matmul_precision": args.precision}
     return [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", workdir,
             # Far more steps than run, no eval, no checkpoint: the run is stopped once timed,
             # so neither a last-step eval nor a 17 GB save falls into (or after) the window.
@@ -181,6 +184,10 @@ def parse(argv=None):
     ap.add_argument("--no-train", action="store_true", help="skip the train.py run")
     ap.add_argument("--checked", action="store_true", help="also (c) behind attend's run-time lax.cond fallback "
                     "to the dense mask (the rows here all fit: it measures what that check costs)")
+    ap.add_argument("--precision", default="bf16", help="bf16 or fp8 (RunOptions.matmul_precision, current "
+                    "scaling), every variant and train.py")
+    ap.add_argument("--variants", default="", help="comma-separated subset of packed_dense_mask, packed_cudnn_thd, "
+                    "packed_cudnn_thd_checked (unpacked always runs); default all but the checked one")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, 2 steps, train.py for 4 steps")
     ap.add_argument("--json", default="packed_step.json")
     args = ap.parse_args(argv)

@@ -33,7 +33,7 @@ from llama_jax.attention import attend
 from llama_jax import lora as lora_lib
 from llama_jax.config import ModelConfig
 from llama_jax.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (model.rope_* names kept)
-from llama_jax.runtime import AttentionImpl, LayerLoop, MatmulPrecision, RematPolicy, RunOptions, checkpoint_policy
+from llama_jax.runtime import AttentionImpl, LayerLoop, RematPolicy, RunOptions, checkpoint_policy
 
 Array = Any
 _init = nn.initializers.normal(stddev=0.02)
@@ -95,16 +95,16 @@ def split_qkv(qkv: Array, n_heads: int) -> tuple[Array, Array, Array]:
     return qkv[..., :g, :].reshape(*qkv.shape[:2], n_heads, qkv.shape[-1]), qkv[..., g, :], qkv[..., g + 1, :]
 
 
-def project(spec: str, x: Array, w: Array, dtype, precision: MatmulPrecision = MatmulPrecision.BF16,
+def project(spec: str, x: Array, w: Array, dtype, recipe: fp8.Fp8Recipe | None = None,
             state: fp8.Fp8State | None = None) -> Array:
-    """`jnp.einsum(spec, x, w.astype(dtype))`, or FP8 from x and the stored w (`state`: delayed scaling)."""
-    if precision is MatmulPrecision.FP8:
-        return fp8.fp8_einsum(spec, x, w, state=state).astype(jnp.result_type(x.dtype, dtype))
+    """`jnp.einsum(spec, x, w.astype(dtype))`; with a `recipe`, FP8 (`state`: delayed scaling)."""
+    if recipe is not None:
+        return fp8.fp8_einsum(spec, x, w, recipe, state).astype(jnp.result_type(x.dtype, dtype))
     return jnp.einsum(spec, x, w.astype(dtype))
 
 
 def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None, wo_extra=None,
-              precision: MatmulPrecision = MatmulPrecision.BF16, packed_segments: int = 0,
+              recipe: fp8.Fp8Recipe | None = None, packed_segments: int = 0,
               wo_state: fp8.Fp8State | None = None):
     """Rotary, attention and the output projection -> (y [B,T,D], new (k, v) cache or None).
 
@@ -130,7 +130,7 @@ def attention(q, k, v, wo, inputs: LayerInputs, impl: AttentionImpl, cache=None,
                      kv_segment_ids=inputs.kv_segment_ids, q_offset=i)
         cache = (ck, cv)
     out = checkpoint_name(out, "attention_out")
-    y = project("BTNH,NHD->BTD", out, wo, dt, precision, wo_state)
+    y = project("BTNH,NHD->BTD", out, wo, dt, recipe, wo_state)
     if wo_extra is not None:
         y = y + wo_extra(out)
     return checkpoint_name(y, "attention_proj"), cache
@@ -142,10 +142,10 @@ def swiglu_gate_up(gate_up: Array, w2: Array, interpret: bool) -> Array:
     return _down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, interpret), w2)
 
 
-def _down(hidden: Array, w2: Array, precision: MatmulPrecision = MatmulPrecision.BF16,
+def _down(hidden: Array, w2: Array, recipe: fp8.Fp8Recipe | None = None,
           state: fp8.Fp8State | None = None) -> Array:
     hidden = nn.with_logical_constraint(hidden, ("batch", "seq", "mlp"))
-    return checkpoint_name(project("BTF,FD->BTD", hidden, w2, hidden.dtype, precision, state), "mlp_out")
+    return checkpoint_name(project("BTF,FD->BTD", hidden, w2, hidden.dtype, recipe, state), "mlp_out")
 
 
 def _fp8_state(module: nn.Module, name: str) -> fp8.Fp8State | None:
@@ -185,7 +185,7 @@ class Attention(nn.Module):
     def __call__(self, x, inputs: LayerInputs):
         c, r, lo = self.config, self.run, self.lora
         d, n, kh, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
-        dt, p = r.dtype, r.matmul_precision
+        dt, p = r.dtype, fp8.recipe_of(r)
         wq = _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), r.param_dtype)
         wk = _param(self, "wk", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
         wv = _param(self, "wv", (d, kh, h), ("embed", "kv_heads", "head_dim"), r.param_dtype)
@@ -198,7 +198,7 @@ class Attention(nn.Module):
         wo_extra = None
         if lo is not None and "wo" in lo.targets:
             wo_extra = lambda out: _plus_adapter(self, lo, "wo", out, 0)  # noqa: E731
-        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra, precision=p,
+        return attention(q, k, v, wo, inputs, r.attention_impl, wo_extra=wo_extra, recipe=p,
                          packed_segments=r.packed_segments, wo_state=s["wo"])[0]
 
 
@@ -217,7 +217,7 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         c, r, lo = self.config, self.run, self.lora
         d, f = c.dim, c.ffn_hidden_dim
-        dt, p = r.dtype, r.matmul_precision
+        dt, p = r.dtype, fp8.recipe_of(r)
         w1 = _param(self, "w1", (d, f), ("embed", "mlp"), r.param_dtype)
         w3 = _param(self, "w3", (d, f), ("embed", "mlp"), r.param_dtype)
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), r.param_dtype)

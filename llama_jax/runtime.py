@@ -36,7 +36,7 @@ class RematPolicy(enum.Enum):
 
 class MatmulPrecision(enum.Enum):
     BF16 = "bf16"  # the layers' weight matmuls in the compute dtype (`dtype`)
-    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, e5m2 gradients, scaled per fp8_scaling);
+    FP8 = "fp8"    # ... in FP8 (llama_jax.fp8: e4m3 forward, gradients per fp8_grad_format, scaled per fp8_scaling);
     #                a training option: cached decoding stays in `dtype`
 
 
@@ -44,6 +44,11 @@ class Fp8Scaling(enum.Enum):
     CURRENT = "current"  # each tensor scaled by its own amax: an amax pass before quantising
     DELAYED = "delayed"  # scaled by an amax history (llama_jax.fp8): per call site state in the
     #                      model's "fp8" collection, carried in the train state and checkpoint
+
+
+class Fp8GradFormat(enum.Enum):
+    E5M2 = "e5m2"  # the output gradient in float8_e5m2: range (2 mantissa bits; Transformer Engine's HYBRID)
+    E4M3 = "e4m3"  # ... in float8_e4m3fn: precision (3 mantissa bits, 17 binades below the amax)
 
 
 class LayerLoop(enum.Enum):
@@ -54,7 +59,7 @@ class LayerLoop(enum.Enum):
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _ENUMS = {"attention_impl": AttentionImpl, "remat_policy": RematPolicy, "layer_loop": LayerLoop,
-          "matmul_precision": MatmulPrecision, "fp8_scaling": Fp8Scaling}
+          "matmul_precision": MatmulPrecision, "fp8_scaling": Fp8Scaling, "fp8_grad_format": Fp8GradFormat}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,7 @@ class RunOptions:
     #                                    with M runs per row (the caller checks rows: train/packed_guard.py)
     fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs only
     fp8_history: int = 16              # delayed scaling: amaxes kept per tensor
+    fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format
 
     def __post_init__(self):
         def bad(field, expected):

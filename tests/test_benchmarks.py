@@ -59,8 +59,14 @@ def test_train_step_fp8_smoke(tmp_path):
 
 def test_fp8_quality_smoke(tmp_path):
     res = _run("fp8_quality", ["--shape", "tiny", "--steps", "10", "--batch", "8", "--seq", "64", "--warmup", "2",
-                               "--log-every", "2"], tmp_path)
+                               "--log-every", "2", "--runs", "bf16,fp8,fp8_e4m3"], tmp_path)
     assert [s for s, _ in res["curves"]["bf16"]] == [s for s, _ in res["curves"]["fp8"]] == [2, 4, 6, 8, 10]
+    e4m3 = res["compared"]["fp8_e4m3"]  # gradients in e4m3: another FP8 run, as close to bf16
+    assert [r["fp8_e4m3"] for r in e4m3["table"]] != [r["fp8"] for r in res["table"]]
+    assert e4m3["max_abs_rel_diff_after_warmup"] < 0.01 and e4m3["table_loss_mean"][0]["step"] == 4
+    means = res["compared"]["fp8"]["table_loss_mean"]  # train.py's mean over the steps since the last log
+    assert [r["step"] for r in means] == [4, 6, 8, 10] and all(r["fp8"] != dict(res["curves"]["fp8"])[r["step"]]
+                                                             for r in means)
     assert [r["step"] for r in res["table"]] == [4, 6, 8, 10]  # after warmup
     for r in res["table"]:  # the same data and init: close, but not the same run twice
         assert r["bf16"] != r["fp8"] and abs(r["rel_diff"]) < 0.01

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import Llama, ModelConfig, RunOptions, generate, model as model_lib
+from llama_jax import Llama, ModelConfig, RunOptions, fp8, generate, model as model_lib
 from llama_jax.runtime import Fp8Scaling, MatmulPrecision
 from llama_jax.train import loop as trainer
 from llama_jax.train import state as TS
@@ -168,6 +168,29 @@ def test_sharded_training_matches_unsharded(tmp_path, tokenizer_path):
     assert_same_losses(losses(two), losses(one), rtol=1e-4)
 
 
+def test_gradient_format_option(setup):
+    """RunOptions.fp8_grad_format: e5m2 (default) or e4m3 gradients; the gradient dots take that format."""
+    config, params, tokens = setup
+    assert fp8.recipe_of(RunOptions()) is None and fp8.recipe_of(FP8).grad_dtype == jnp.float8_e5m2
+    e4m3 = FP8.replace(fp8_grad_format="e4m3")
+    assert fp8.recipe_of(e4m3).grad_dtype == jnp.float8_e4m3fn and RunOptions.from_dict(e4m3.to_dict()) == e4m3
+    with pytest.raises(ValueError, match="fp8_grad_format"):
+        RunOptions(fp8_grad_format="e3m4")
+
+    def grads(run):
+        loss = lambda p: jnp.sum(Llama(config, run).apply({"params": p}, tokens).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)), loss
+    g5, loss = grads(FP8)
+    g4, _ = grads(e4m3)
+    ref = jax.grad(lambda p: jnp.sum(Llama(config, RunOptions()).apply({"params": p}, tokens) ** 2))(params)
+    assert "f8_e5m2" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert "f8_e5m2" not in str(jax.make_jaxpr(jax.grad(grads(e4m3)[1]))(params))
+    a, b = g5(params)["layers"]["feed_forward"]["w2"].value, g4(params)["layers"]["feed_forward"]["w2"].value
+    r = ref["layers"]["feed_forward"]["w2"].value
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert _rel(b, r) < _rel(a, r) < 2 * EG  # e4m3's extra mantissa bit: closer to float32
+
+
 # --- delayed scaling (RunOptions.fp8_scaling="delayed": amax histories in the "fp8" collection) ---
 
 DELAYED = FP8.replace(fp8_scaling="delayed", fp8_history=4)
@@ -217,15 +240,19 @@ def test_delayed_state_layout(setup, fuse):
         assert _fresh(config, run) == {}
 
 
-def test_delayed_first_step_is_current_and_later_steps_within_fp8_error(setup):
+def test_delayed_calibration_is_current_and_later_steps_within_fp8_error(setup):
     config, params, tokens = setup
     want = Llama(config, RunOptions()).apply({"params": params}, tokens)
     current = Llama(config, FP8).apply({"params": params}, tokens)
     model = Llama(config, DELAYED)
     fresh = nn.unbox(_fresh(config, DELAYED))
-    # An all-zero history: every tensor scaled by its own amax, as current scaling does.
-    np.testing.assert_array_equal(np.asarray(model.apply({"params": params, "fp8": fresh}, tokens)),
-                                  np.asarray(current))
+    # Calibrating (a fresh run's first pass): every tensor scaled by its own amax, as current
+    # scaling does; outside, an all-zero history scales by 1 (not the calibrating trace reused).
+    with fp8.calibrating():
+        calibrated = jax.jit(lambda p, f: model.apply({"params": p, "fp8": f}, tokens))(params, fresh)
+    np.testing.assert_array_equal(np.asarray(calibrated), np.asarray(current))
+    unscaled = jax.jit(lambda p, f: model.apply({"params": p, "fp8": f}, tokens))(params, fresh)
+    assert not np.array_equal(np.asarray(unscaled), np.asarray(current))
     # Applied without a state: current scaling too (e.g. evaluation of a params-only checkpoint).
     np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, tokens)), np.asarray(current))
     # With the histories of a step on other tokens: other scales, the same FP8 error bound.
@@ -315,6 +342,41 @@ def test_lora_with_delayed_scaling_trains_adapters_and_updates_the_state(layer_l
     assert float(with_state["tokens"]) == float(without["tokens"]) == 256
     assert float(with_state["loss_sum"]) != float(without["loss_sum"])
     assert abs(float(with_state["loss_sum"]) - float(without["loss_sum"])) < 0.01 * float(without["loss_sum"])
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_train_step_calibrates_a_fresh_state_so_step_0_is_current_scaling(remat):
+    """make_train_step on all-zero histories: one calibrating pass first, so the first step
+    equals a current-scaling step bit for bit (loss, grad norm, params); then delayed scales.
+    Traced after the calibration (remat: jax.checkpoint's trace caches), the step does not
+    reuse its calibrating traces: the second step differs from current scaling's."""
+    import optax
+    from llama_jax import sharding as S
+    config = ModelConfig.preset("tiny")
+    mesh = S.make_mesh((1, 4, 2))
+    tx = optax.adam(1e-2)
+    batch = jax.device_put(random_batch(config.vocab_size), TS.batch_sharding(mesh))
+    out = {}
+    for name, run in (("current", FP8), ("delayed", DELAYED)):
+        model = Llama(config, run.replace(remat_policy=remat))
+        shardings = TS.state_shardings(TS.abstract_state(model, tx), mesh)
+        state = TS.init_state(model, tx, mesh, jax.random.PRNGKey(1))
+        step = TS.make_train_step(model, tx, optax.constant_schedule(1e-2), mesh, shardings)
+        state, m0 = step(state, batch)
+        p0 = jax.tree.map(np.asarray, state.params)
+        state, m1 = step(state, batch)
+        out[name] = (m0, p0, m1, state.fp8)
+    (c0, cp, c1, _), (d0, dp, d1, f) = out["current"], out["delayed"]
+    for k in ("loss", "grad_norm"):
+        assert float(c0[k]) == float(d0[k]), k
+    for a, b in zip(jax.tree.leaves(cp), jax.tree.leaves(dp)):
+        np.testing.assert_array_equal(a, b)
+    assert float(c1["loss"]) != float(d1["loss"])  # step 1: scales from the history's max
+    assert abs(float(c1["loss"]) - float(d1["loss"])) < 0.01 * float(c1["loss"])
+    for h in jax.tree.leaves(f):  # calibration, step 0, step 1: three amaxes pushed
+        h = np.asarray(h)
+        assert np.all(h[:, :, :3] > 0) and np.all(h[:, :, 3:] == 0), h
+        np.testing.assert_array_equal(h[:, :2, 1], h[:, :2, 2])  # step 0's x and w amaxes: the calibration's
 
 
 def _step_dir(workdir, step=STEPS):

@@ -201,7 +201,8 @@ def evaluate(run: Run) -> float:
     for _ in range(cfg.eval_batches):
         local = it.next_local()
         step = run.guard.step_for(local, run.eval_step, "eval")
-        out = step(run.state.params, it.to_global(local), run.state.fp8 or None)
+        # No fp8 state: FP8 runs evaluate with current scaling (delayed scales are for the step).
+        out = step(run.state.params, it.to_global(local), None)
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     return loss_sum / max(tokens, 1.0)
 

@@ -10,7 +10,9 @@ FP8 with delayed scaling (`RunOptions.fp8_delayed`): `TrainState.fp8` holds the 
 "fp8" collection (amax histories, llama_jax/fp8.py). The step differentiates the loss with
 respect to it too; that "gradient" is the updated state (the overwrite-with-gradient
 convention), stored in its place, never seen by the optimizer. With micro-batches the state
-is threaded through them (each forward and backward pushes one amax per tensor).
+is threaded through them (each forward and backward pushes one amax per tensor). A fresh
+run's all-zero histories are filled by one calibrating forward and backward before its first
+step (`make_train_step`; a second, smaller compile).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax import lora as lora_lib, losses, sharding
+from llama_jax import fp8 as fp8_lib, lora as lora_lib, losses, sharding
 from llama_jax.model import Llama
 
 BATCH_AXES = ("batch", "seq")
@@ -190,7 +192,37 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
     base_sh = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     jitted = jax.jit(step, in_shardings=(shardings, bs, base_sh), out_shardings=(shardings, rep),
                      donate_argnums=0)
-    return _traced_under(mesh, _bound(jitted, base))
+    call = _traced_under(mesh, _bound(jitted, base))
+    if not model.run.fp8_delayed:
+        return call
+    calibrate = _traced_under(mesh, _bound(jax.jit(
+        _calibration(model, micro_batches), in_shardings=(shardings.params, bs, base_sh, shardings.fp8),
+        out_shardings=shardings.fp8), base))
+    fresh_checked = []
+
+    def calibrated_call(state: TrainState, batch):
+        # Once per step function: a state whose amax histories are all zero (a fresh run) is
+        # calibrated on this batch first, so that step 0 scales as current scaling would.
+        if not fresh_checked:
+            fresh_checked.append(True)
+            if not float(jax.jit(lambda f: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(f)])))(state.fp8)):
+                state = state.replace(fp8=calibrate(state.params, batch, state.fp8))
+        return call(state, batch)
+    calibrated_call.lower = call.lower
+    return calibrated_call
+
+
+def _calibration(model: Llama, micro_batches: int) -> Callable:
+    """`(params, batch, base, fp8) -> fp8`: the histories with one amax pushed per tensor,
+    from a forward and backward (no weight gradients, no update) of the batch's first
+    micro-batch with current scaling (fp8.calibrating). The loss is scaled as the train step
+    scales it (by the whole batch's token count), so the gradients' amaxes are the step's."""
+    def calibrate(params, batch, base, f):
+        total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        mb = batch if micro_batches == 1 else jax.tree.map(lambda x: x[0], _micro_batches(batch, micro_batches))
+        with fp8_lib.calibrating():
+            return jax.grad(lambda f: token_losses(model, params, mb, base, None, f)[0] / total)(f)
+    return calibrate
 
 
 def make_eval_step(model: Llama, mesh: Mesh, param_shardings, base=None) -> Callable:
