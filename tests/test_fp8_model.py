@@ -383,9 +383,9 @@ def _step_dir(workdir, step=STEPS):
     return os.path.join(workdir, "checkpoints", str(step))
 
 
-def _restore_item(workdir, item):
+def _restore_item(workdir, item, step=STEPS):
     import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(_step_dir(workdir), item)))
+    return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(_step_dir(workdir, step), item)))
 
 
 def test_delayed_training_resumes_exactly(tmp_path, tokenizer_path, reference):
@@ -429,6 +429,24 @@ def test_current_run_checkpoints_stay_without_fp8_and_resume_as_delayed(tmp_path
     got = losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in got.values())
     assert os.path.isdir(os.path.join(_step_dir(workdir), "fp8"))
+
+
+def test_delayed_resume_with_other_call_sites_starts_the_histories_afresh(tmp_path, tokenizer_path, caplog):
+    """fuse_gate_up toggled between runs: the step's fp8/ holds w1 and w3 histories, the run
+    has one w1_w3 site. The params resume, the histories start afresh (calibrated), with a warning."""
+    over = {"data.tokenizer": tokenizer_path, "run.matmul_precision": "fp8", "run.fp8_scaling": "delayed",
+            "run.fp8_history": 4, "mesh": (1, 8, 1), "optimizer.total_steps": STEPS}
+    workdir = str(tmp_path / "run")
+    trainer.train(tiny_config(**over, steps=3), workdir)
+    assert set(_restore_item(workdir, "fp8", 3)["layers"]["feed_forward"]) == {"w1", "w2", "w3"}
+    with caplog.at_level("WARNING"):
+        trainer.train(tiny_config(**over, steps=STEPS, **{"run.fuse_gate_up": True, "run.interpret_kernels": True}),
+                      workdir)
+    assert any("start afresh" in r.getMessage() and "w1_w3" in r.getMessage() for r in caplog.records)
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in got.values())
+    h = _restore_item(workdir, "fp8")["layers"]["feed_forward"]
+    assert set(h) == {"w1_w3", "w2"} and np.all(np.asarray(h["w1_w3"])[:, :, :3] > 0)
 
 
 def test_bf16_and_current_states_carry_no_fp8():

@@ -102,6 +102,11 @@ def _device_summary(x):
     return sums, finite
 
 
+def leaf_names(tree, prefix: str) -> set[str]:
+    """The names `summarize` gives the leaves of `tree` under `prefix` (as checksums.json keys them)."""
+    return set(_named_leaves(tree, prefix))
+
+
 def _named_leaves(tree, prefix: str) -> dict[str, object]:
     def name(path):
         return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)

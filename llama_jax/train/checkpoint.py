@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -36,6 +37,7 @@ from llama_jax import checkpoint as ckpt_format
 from llama_jax.checkpoint import integrity
 from llama_jax.config import ModelConfig
 
+log = logging.getLogger(__name__)
 DELETED_DIR = ".deleted"  # pruned steps are renamed here, then removed
 # Orbax items of a step (each its own directory); params/ is the params-only format's.
 PARAMS_ITEM, OPT_STATE_ITEM, DATA_ITEM, META_ITEM = ckpt_format.PARAMS_DIR, "opt_state", "data", "meta"
@@ -210,8 +212,17 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard_tree)
     step_dir = os.path.join(str(manager.directory), str(step))
     # A delayed-scaling run's amax histories; a step saved without them (another scaling,
-    # or before they existed) leaves them to start afresh.
+    # or before they existed) or with other call sites (fuse_gate_up toggled: w1_w3 against
+    # w1 and w3) leaves them to start afresh: the first step calibrates them (train/state.py).
     with_fp8 = bool(abstract_state.fp8) and os.path.isdir(os.path.join(step_dir, FP8_ITEM))
+    if with_fp8:
+        saved = {k for k in integrity.stored(step_dir) or {} if k.startswith(FP8_ITEM + "/")}
+        wanted = integrity.leaf_names(abstract_state.fp8, FP8_ITEM)
+        if saved and saved != wanted:
+            log.warning("%s: its FP8 amax histories are of other call sites (%s) than this run's (%s): they "
+                        "start afresh", os.path.join(step_dir, FP8_ITEM), ", ".join(sorted(saved - wanted)),
+                        ", ".join(sorted(wanted - saved)))
+            with_fp8 = False
     fp8 = {FP8_ITEM: ocp.args.StandardRestore(target(abstract_state.fp8, shardings.fp8))} if with_fp8 else {}
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardRestore(target(abstract_state.params, shardings.params)),
