@@ -11,6 +11,7 @@ fused into the base matmul (x @ [W | A]) against apart (x @ W + (x @ A) @ B).
     python benchmarks/lora_step.py                 # one H200: LoRA 8B b4 x 2048 + SFT 1.1B b8 x 2048, peers
     python benchmarks/lora_step.py --no-peer --lora-remat attention,dots_flash --fusion
     python benchmarks/lora_step.py --no-peer --lora-remat "" --sft-remat dots_flash,dots_flash:bf16,dots_flash:fp8:bf16
+    python benchmarks/lora_step.py --peer-runs sft --lora-remat "" --sft-remat dots_flash:fp8:bf16  # SFT, its peer
     python benchmarks/lora_step.py --cpu-smoke     # tiny shapes, CPU, no peer (tests/test_benchmarks.py)
 Writes $OUT/lora_step.json (or ./lora_step.json) and prints it.
 """
@@ -148,6 +149,8 @@ def fusion(rows: int = 8192, dim: int = 4096, rank: int = 16, steps: int = 20) -
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--peer-runs", default="lora,sft", help="which peers run: lora (transformers + peft, 8B) "
+                   "and/or sft (transformers + torch, 1.1B)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, no peer")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lora-remat", default="attention",
@@ -166,8 +169,13 @@ def main():
         res["fusion_tiny"] = fusion(rows=64, dim=64, rank=4, steps=2)
     else:
         if not args.no_peer:
-            res["peer"] = peer()
-            res["sft_peer"] = sft_peer()
+            peers = set(args.peer_runs.split(","))
+            if peers - {"lora", "sft"}:
+                p.error(f"--peer-runs {args.peer_runs!r}: lora and/or sft")
+            if "lora" in peers:
+                res["peer"] = peer()
+            if "sft" in peers:
+                res["sft_peer"] = sft_peer()
         for variant in filter(None, args.lora_remat.split(",")):  # "POLICY" or "POLICY:nofuse" (w1, w3 apart)
             remat, _, fuse = variant.partition(":")
             res[f"lora_8b_b4_s2048_{variant}"] = in_subprocess("ours", name="8b", lora_rank=16, batch=4, seq=2048,
