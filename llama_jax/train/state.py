@@ -205,11 +205,21 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
         # calibrated on this batch first, so that step 0 scales as current scaling would.
         if not fresh_checked:
             fresh_checked.append(True)
-            if not float(jax.jit(lambda f: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(f)])))(state.fp8)):
+            if _all_zero(state.fp8):
                 state = state.replace(fp8=calibrate(state.params, batch, state.fp8))
         return call(state, batch)
     calibrated_call.lower = call.lower
     return calibrated_call
+
+
+@jax.jit
+def _largest(tree) -> jax.Array:
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _all_zero(tree) -> bool:
+    """Whether every array of `tree` is zero (one replicated scalar read back to the host)."""
+    return not float(_largest(tree))
 
 
 def _calibration(model: Llama, micro_batches: int) -> Callable:
