@@ -457,3 +457,33 @@ def test_bf16_and_current_states_carry_no_fp8():
         abstract = TS.abstract_state(Llama(config, run), tx)
         assert abstract.fp8 == {}
     assert TS.abstract_state(Llama(config, DELAYED), tx).fp8 != {}
+
+
+def test_fit_histories_keeps_the_newest_amaxes():
+    from llama_jax.train.checkpoint import fit_histories
+    h = jnp.asarray(np.arange(1, 2 * 3 * 4 + 1, dtype=np.float32).reshape(2, 3, 4))  # [..., 0] newest
+    tree = {"wq": h}
+    sh = {"wq": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    short = fit_histories(tree, {"wq": jax.ShapeDtypeStruct((2, 3, 2), jnp.float32)}, sh)["wq"]
+    np.testing.assert_array_equal(np.asarray(short), np.asarray(h)[..., :2])
+    long = np.asarray(fit_histories(tree, {"wq": jax.ShapeDtypeStruct((2, 3, 6), jnp.float32)}, sh)["wq"])
+    np.testing.assert_array_equal(long[..., :4], np.asarray(h))
+    assert long.shape == (2, 3, 6) and np.all(long[..., 4:] == 0)
+
+
+def test_delayed_resume_with_another_history_length_carries_the_newest(tmp_path, tokenizer_path, caplog):
+    """run.fp8_history 4 -> 8 between runs: the saved histories are padded (not a failed restore)."""
+    over = {"data.tokenizer": tokenizer_path, "run.matmul_precision": "fp8", "run.fp8_scaling": "delayed",
+            "run.fp8_history": 4, "mesh": (1, 8, 1), "optimizer.total_steps": STEPS}
+    workdir = str(tmp_path / "run")
+    trainer.train(tiny_config(**over, steps=3), workdir)
+    saved = np.asarray(_restore_item(workdir, "fp8", 3)["layers"]["attention"]["wq"])
+    assert saved.shape[-1] == 4 and np.all(saved > 0)
+    with caplog.at_level("WARNING"):
+        trainer.train(tiny_config(**{**over, "run.fp8_history": 8}), workdir)
+    assert any("histories of 4 steps, this run keeps 8" in r.getMessage() for r in caplog.records)
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in got.values())
+    h = np.asarray(_restore_item(workdir, "fp8")["layers"]["attention"]["wq"])
+    # 3 more steps pushed in front of the 4 carried over (fresh histories would hold 3 or 4).
+    assert h.shape[-1] == 8 and np.all(h[..., :7] > 0) and np.all(h[..., 7] == 0), h[0]
