@@ -73,12 +73,12 @@ class RunOptions:
     scan_unroll: int = 1               # layers per nn.scan iteration
     fuse_gate_up: bool = False         # w1|w3 as one matmul, SwiGLU's backward as one kernel (GPUs)
     interpret_kernels: bool = False    # run Pallas kernels in interpret mode on any backend (tests)
-    matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # fp8: a quality cost, off unless asked
+    matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # bf16: in run.dtype; fp8: FP8 (Hopper GPUs), a quality cost
     packed_segments: int = 0           # packed rows on cuDNN: 0 the dense mask, M >= 2 the packed kernel
     #                                    with M runs per row (the caller checks rows: train/packed_guard.py)
-    fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs only
-    fp8_history: int = 16              # delayed scaling: amaxes kept per tensor
-    fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format
+    fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs: current (each step's amax) or delayed (a history)
+    fp8_history: int = 16              # FP8 delayed scaling: amaxes kept per tensor (>= 1)
+    fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format, e5m2 or e4m3
 
     def __post_init__(self):
         def bad(field, expected):

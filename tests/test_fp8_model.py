@@ -487,3 +487,33 @@ def test_delayed_resume_with_another_history_length_carries_the_newest(tmp_path,
     h = np.asarray(_restore_item(workdir, "fp8")["layers"]["attention"]["wq"])
     # 3 more steps pushed in front of the 4 carried over (fresh histories would hold 3 or 4).
     assert h.shape[-1] == 8 and np.all(h[..., :7] > 0) and np.all(h[..., 7] == 0), h[0]
+
+
+def test_run_summary_says_how_the_matmuls_run():
+    """The start-of-run summary names FP8 and its settings, and notes FP8 keys set without FP8."""
+    from types import SimpleNamespace
+
+    from llama_jax.train import report
+
+    def lines(**overrides):
+        run = SimpleNamespace(cfg=tiny_config(**overrides), model=ModelConfig.preset("tiny"), start_step=0,
+                              workdir="w", tokenizer=None, mesh=SimpleNamespace(shape={"data": 1}))
+        return report.summary_lines(run)
+    assert lines()[1].endswith("compute float32, params float32") and not any("note" in x for x in lines())
+    assert lines(**{"run.matmul_precision": "fp8"})[1].endswith(
+        "compute float32, params float32; weight matmuls in FP8 (current scaling, e5m2 gradients)")
+    got = lines(**{"run.matmul_precision": "fp8", "run.fp8_scaling": "delayed", "run.fp8_history": 8,
+                   "run.fp8_grad_format": "e4m3"})
+    assert got[1].endswith("; weight matmuls in FP8 (delayed scaling over 8 steps, e4m3 gradients)")
+    got = lines(**{"run.fp8_scaling": "delayed", "run.fp8_history": 8})
+    assert got[2] == ("note: run.fp8_scaling=delayed, run.fp8_history=8 set, but the weight matmuls run in the "
+                      "compute dtype (FP8 needs --config.run.matmul_precision=fp8): no effect")
+
+
+def test_help_names_the_fp8_choices():
+    from llama_jax.train.config_file import key_help
+    h = key_help()
+    assert "bf16" in h["run.matmul_precision"] and "fp8" in h["run.matmul_precision"]
+    assert "current" in h["run.fp8_scaling"] and "delayed" in h["run.fp8_scaling"]
+    assert "e5m2" in h["run.fp8_grad_format"] and "e4m3" in h["run.fp8_grad_format"]
+    assert "delayed" in h["run.fp8_history"]
