@@ -82,7 +82,7 @@ class RunOptions:
 
     def __post_init__(self):
         def bad(field, expected):
-            raise ValueError(f"RunOptions.{field}={getattr(self, field)!r}: must be {expected}")
+            raise _Invalid(field, expected, getattr(self, field))
 
         for f in ("dtype", "param_dtype"):
             dt = _dtype(getattr(self, f))
@@ -132,7 +132,7 @@ class RunOptions:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "run options") -> "RunOptions":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "RunOptions") -> "RunOptions":
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -140,8 +140,18 @@ class RunOptions:
             raise input_error(source, f"unknown RunOptions keys {unknown}", sorted(known))
         try:
             return cls(**d)
+        except _Invalid as e:  # the key as the user wrote it: config.run.fp8_history
+            raise input_error(f"{source}.{e.field}", "invalid value", e.expected, e.got) from None
         except ValueError as e:
             raise input_error(source, str(e)) from None
+
+
+class _Invalid(ValueError):
+    """A RunOptions field's bad value: `RunOptions.<field>=<value>: must be <expected>`."""
+
+    def __init__(self, field: str, expected: str, got: Any):
+        super().__init__(f"RunOptions.{field}={got!r}: must be {expected}")
+        self.field, self.expected, self.got = field, expected, got
 
 
 def _leaves(tree):

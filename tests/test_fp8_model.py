@@ -517,3 +517,17 @@ def test_help_names_the_fp8_choices():
     assert "current" in h["run.fp8_scaling"] and "delayed" in h["run.fp8_scaling"]
     assert "e5m2" in h["run.fp8_grad_format"] and "e4m3" in h["run.fp8_grad_format"]
     assert "delayed" in h["run.fp8_history"]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("fp8_grad_format", "e3m4", "one of ['e5m2', 'e4m3']"),
+    ("fp8_history", 0, "a positive integer"),
+    ("fp8_scaling", "lazy", "one of ['current', 'delayed']"),
+    ("matmul_precision", "fp16", "one of ['bf16', 'fp8']"),
+])
+def test_bad_fp8_option_names_the_config_key(key, value, expected):
+    from llama_jax.errors import InputError
+    with pytest.raises(InputError) as e:
+        run_options(tiny_config(**{f"run.{key}": value}))
+    got = f"'{value}'" if isinstance(value, str) else value
+    assert str(e.value) == f"config.run.{key}: invalid value (expected {expected}, got {got})"
