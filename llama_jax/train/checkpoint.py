@@ -220,8 +220,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
         saved = {k for k in integrity.stored(step_dir) or {} if k.startswith(FP8_ITEM + "/")}
         wanted = integrity.leaf_names(abstract_state.fp8, FP8_ITEM)
         if saved and saved != wanted:
-            log.warning("%s: its FP8 amax histories are of other call sites (%s) than this run's (%s): they "
-                        "start afresh", os.path.join(step_dir, FP8_ITEM), ", ".join(sorted(saved - wanted)),
+            log.warning("%s: its FP8 amax histories are of other call sites (%s) than this run's (%s): all "
+                        "histories start afresh", os.path.join(step_dir, FP8_ITEM), ", ".join(sorted(saved - wanted)),
                         ", ".join(sorted(wanted - saved)))
             with_fp8 = False
     # Histories as saved (their length may be another run.fp8_history): fitted after the checksums.
