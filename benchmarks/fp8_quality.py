@@ -4,9 +4,9 @@ The LLaMA-1.1B shape of benchmarks/train_step.py ("1b") trained by the trainer i
 (llama_jax.train.loop.train, what train.py runs) on the embedded default corpus (Python's
 stdlib, train.py's default source), twice: `run.matmul_precision` bf16, then fp8. Same seed,
 same tokenizer (trained once, by the first run, then passed to the second), same data order,
-same schedule. Loss logged every 10 steps: the step's own loss ("loss") and the mean over the
-10 steps since the previous log ("loss_mean", train.py's smoothed figure); the table compares
-both. The goal: FP8 within 1% of bf16 at every logged step after warmup.
+same schedule. Loss logged every 10 steps (--log-every): the step's own loss ("loss") and the
+mean over the steps since the previous log ("loss_mean", train.py's smoothed figure); the
+table compares both. The goal: FP8 within 1% of bf16 at every logged step after warmup.
 
 `--runs` picks the runs (the first is the reference the others are compared with):
   bf16          RunOptions.matmul_precision=bf16
@@ -111,18 +111,30 @@ def draw(curves: dict, rows: list[dict], path: str) -> None:
         f.write(plot.png_bytes(img))
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written; each option's default shown (not a switch's False, an empty one)."""
+
+    def _get_help_string(self, action):
+        shown = action.default is not None and action.default is not False and action.default != ""
+        if not shown or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     ap.add_argument("--shape", default="1b", help="1b (LLaMA-1.1B, train_step.py's) or tiny (CPU smoke)")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=500, help="optimizer steps a run")
     ap.add_argument("--batch", type=int, default=8, help="global rows a step")
-    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--seq", type=int, default=2048, help="tokens a row")
     ap.add_argument("--warmup", type=int, default=50, help="optimizer warmup steps; the table starts after")
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default="", help="default: $OUT/fp8_quality_runs (removed at the end)")
+    ap.add_argument("--log-every", type=int, default=10, help="steps between logged (compared) losses")
+    ap.add_argument("--seed", type=int, default=0, help="parameters and data order, the same for every run")
+    ap.add_argument("--workdir", default="", help="the runs' workdirs; default: $OUT/fp8_quality_runs (. without "
+                    "$OUT), removed at the end unless --keep (a given --workdir is kept)")
     ap.add_argument("--keep", action="store_true", help="keep the workdirs (checkpoints)")
-    ap.add_argument("--runs", default="bf16,fp8", help=f"comma-separated, the first the reference: {sorted(RUNS)}")
+    ap.add_argument("--runs", default="bf16,fp8",
+                    help=f"comma-separated, the first the reference (above): {', '.join(sorted(RUNS))}")
     ap.add_argument("--json", default="fp8_quality.json", help="results file under $OUT (the PNG beside it)")
     args = ap.parse_args(argv)
     runs = args.runs.split(",")
@@ -166,15 +178,22 @@ def main(argv=None):
         json.dump(res, f, indent=1)
     os.remove(os.path.join(out_dir, "partial_" + args.json))
     draw(curves, compared[runs[1]]["table"], os.path.splitext(path)[0] + ".png")
-    for name, c in compared.items():
-        print(f"\n{name} against {ref}: {'step':>6s} {ref:>9s} {name:>9s} {'rel':>8s} | 10-step means {'rel':>8s}")
-        for r, m in zip(c["table"], c["table_loss_mean"]):
-            print(f"{'':>{len(name) + len(ref) + 10}s}{r['step']:6d} {r[ref]:9.4f} {r[name]:9.4f} "
-                  f"{100 * r['rel_diff']:7.3f}% | {100 * m['rel_diff']:7.3f}%")
-        print(f"{name}: max |{name}/{ref} - 1| after warmup: {100 * c['max_abs_rel_diff_after_warmup']:.3f}% per step, "
-              f"{100 * c['max_abs_rel_diff_loss_mean']:.3f}% of 10-step means, mean {100 * c['mean_rel_diff']:.3f}% "
-              f"(goal: 1%)")
+    print("\n".join(table_lines(compared, ref, args.log_every)))
     print(f"seconds {seconds}")
+
+
+def table_lines(compared: dict, ref: str, log_every: int) -> list[str]:
+    """The printed comparison: per logged step, the loss and the mean since the last log."""
+    out, means = [], f"{log_every}-step means"
+    for name, c in compared.items():
+        out.append(f"\n{name} against {ref}: {'step':>6s} {ref:>9s} {name:>9s} {'rel':>8s} | {means} {'rel':>8s}")
+        for r, m in zip(c["table"], c["table_loss_mean"]):
+            out.append(f"{'':>{len(name) + len(ref) + 10}s}{r['step']:6d} {r[ref]:9.4f} {r[name]:9.4f} "
+                       f"{100 * r['rel_diff']:7.3f}% | {100 * m['rel_diff']:7.3f}%")
+        out.append(f"{name}: max |{name}/{ref} - 1| after warmup: {100 * c['max_abs_rel_diff_after_warmup']:.3f}% "
+                   f"per step, {100 * c['max_abs_rel_diff_loss_mean']:.3f}% of {means}, mean "
+                   f"{100 * c['mean_rel_diff']:.3f}% (goal: 1%)")
+    return out
 
 
 if __name__ == "__main__":

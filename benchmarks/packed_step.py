@@ -168,19 +168,29 @@ def row_stats(rows: dict, max_segments: int) -> dict:
             "max_segments": max_segments, "all_rows_fit": bool((runs <= max_segments).all())}
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written; each option's default shown (not a switch's False, an empty one)."""
+
+    def _get_help_string(self, action):
+        shown = action.default is not None and action.default is not False and action.default != ""
+        if not shown or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     ap.add_argument("--shape", default="1b", help="train_step.shape: 1b, 7b, tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8, help="rows a step")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens a row")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--doc-len", default="64,1024", help="document lengths, uniform in [lo, hi] tokens")
     ap.add_argument("--max-segments", type=int, default=0, help="packed kernel's runs per row, the step's and "
                     "train.py's packed_segments (0: attention.default_max_segments(seq), 16 at 2048)")
     ap.add_argument("--train-steps", type=int, default=40, help="train.py: stop after this step")
     ap.add_argument("--train-window", type=int, default=20, help="train.py: time the last this many steps")
-    ap.add_argument("--train-log-every", type=int, default=10)
-    ap.add_argument("--train-timeout", type=float, default=420.0)
+    ap.add_argument("--train-log-every", type=int, default=10, help="train.py: steps between logged rows")
+    ap.add_argument("--train-timeout", type=float, default=420.0, help="train.py: seconds before it is stopped")
     ap.add_argument("--no-train", action="store_true", help="skip the train.py run")
     ap.add_argument("--checked", action="store_true", help="also (c) behind attend's run-time lax.cond fallback "
                     "to the dense mask (the rows here all fit: it measures what that check costs)")
@@ -189,7 +199,7 @@ def parse(argv=None):
     ap.add_argument("--variants", default="", help="comma-separated subset of packed_dense_mask, packed_cudnn_thd, "
                     "packed_cudnn_thd_checked (unpacked always runs); default all but the checked one")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, 2 steps, train.py for 4 steps")
-    ap.add_argument("--json", default="packed_step.json")
+    ap.add_argument("--json", default="packed_step.json", help="results file under $OUT (or .)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.shape, args.batch, args.seq, args.steps, args.doc_len = "tiny", 2, 128, 2, "8,48"

@@ -73,16 +73,16 @@ class RunOptions:
     scan_unroll: int = 1               # layers per nn.scan iteration
     fuse_gate_up: bool = False         # w1|w3 as one matmul, SwiGLU's backward as one kernel (GPUs)
     interpret_kernels: bool = False    # run Pallas kernels in interpret mode on any backend (tests)
-    matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # fp8: a quality cost, off unless asked
+    matmul_precision: MatmulPrecision = MatmulPrecision.BF16  # bf16: in run.dtype; fp8: FP8 (Hopper GPUs), a quality cost
     packed_segments: int = 0           # packed rows on cuDNN: 0 the dense mask, M >= 2 the packed kernel
     #                                    with M runs per row (the caller checks rows: train/packed_guard.py)
-    fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs only
-    fp8_history: int = 16              # delayed scaling: amaxes kept per tensor
-    fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format
+    fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs: current (each step's amax) or delayed (a history)
+    fp8_history: int = 16              # FP8 delayed scaling: amaxes kept per tensor (>= 1)
+    fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format, e5m2 or e4m3
 
     def __post_init__(self):
         def bad(field, expected):
-            raise ValueError(f"RunOptions.{field}={getattr(self, field)!r}: must be {expected}")
+            raise _Invalid(field, expected, getattr(self, field))
 
         for f in ("dtype", "param_dtype"):
             dt = _dtype(getattr(self, f))
@@ -132,7 +132,7 @@ class RunOptions:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "run options") -> "RunOptions":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "RunOptions") -> "RunOptions":
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -140,8 +140,18 @@ class RunOptions:
             raise input_error(source, f"unknown RunOptions keys {unknown}", sorted(known))
         try:
             return cls(**d)
+        except _Invalid as e:  # the key as the user wrote it: config.run.fp8_history
+            raise input_error(f"{source}.{e.field}", "invalid value", e.expected, e.got) from None
         except ValueError as e:
             raise input_error(source, str(e)) from None
+
+
+class _Invalid(ValueError):
+    """A RunOptions field's bad value: `RunOptions.<field>=<value>: must be <expected>`."""
+
+    def __init__(self, field: str, expected: str, got: Any):
+        super().__init__(f"RunOptions.{field}={got!r}: must be {expected}")
+        self.field, self.expected, self.got = field, expected, got
 
 
 def _leaves(tree):

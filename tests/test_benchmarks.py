@@ -125,3 +125,24 @@ def test_packed_step_smoke(tmp_path):
     assert res["packed_dense_mask"]["loss"] == res["packed_cudnn_thd"]["loss"]
     t = res["train_py"]
     assert t["window_steps"] == [4] and t["tokens_per_s"] > 0 and t["step_s"] > 0, t
+
+
+def test_fp8_and_packed_help_give_the_docstring_and_defaults():
+    for script, shown in (("fp8_quality", ["(default: 500)", "(default: 0)", "fp8_delayed"]),
+                          ("packed_step", ["(default: 2048)", "(default: 10)", "--cpu-smoke"])):
+        out = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--help"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60).stdout
+        doc = open(os.path.join(ROOT, "benchmarks", f"{script}.py")).read().split('"""')[1]
+        assert doc.splitlines()[0] in out and all(s in out for s in shown), out
+        assert "(default: )" not in out and "(default: False)" not in out
+
+
+def test_fp8_quality_table_names_the_logging_interval():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fp8_quality
+    row = {"step": 4, "bf16": 6.0, "fp8": 6.06, "rel_diff": 0.01}
+    compared = {"fp8": {"table": [row], "table_loss_mean": [row], "max_abs_rel_diff_after_warmup": 0.01,
+                        "max_abs_rel_diff_loss_mean": 0.01, "mean_rel_diff": 0.01}}
+    lines = fp8_quality.table_lines(compared, "bf16", log_every=2)
+    assert "| 2-step means" in lines[0] and lines[-1].endswith("1.000% of 2-step means, mean 1.000% (goal: 1%)")
+    assert not any("10-step" in line for line in lines)

@@ -442,7 +442,7 @@ def test_delayed_resume_with_other_call_sites_starts_the_histories_afresh(tmp_pa
     with caplog.at_level("WARNING"):
         trainer.train(tiny_config(**over, steps=STEPS, **{"run.fuse_gate_up": True, "run.interpret_kernels": True}),
                       workdir)
-    assert any("start afresh" in r.getMessage() and "w1_w3" in r.getMessage() for r in caplog.records)
+    assert any("all histories start afresh" in r.getMessage() and "w1_w3" in r.getMessage() for r in caplog.records)
     got = losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in got.values())
     h = _restore_item(workdir, "fp8")["layers"]["feed_forward"]
@@ -457,3 +457,77 @@ def test_bf16_and_current_states_carry_no_fp8():
         abstract = TS.abstract_state(Llama(config, run), tx)
         assert abstract.fp8 == {}
     assert TS.abstract_state(Llama(config, DELAYED), tx).fp8 != {}
+
+
+def test_fit_histories_keeps_the_newest_amaxes():
+    from llama_jax.train.checkpoint import fit_histories
+    h = jnp.asarray(np.arange(1, 2 * 3 * 4 + 1, dtype=np.float32).reshape(2, 3, 4))  # [..., 0] newest
+    tree = {"wq": h}
+    sh = {"wq": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    short = fit_histories(tree, {"wq": jax.ShapeDtypeStruct((2, 3, 2), jnp.float32)}, sh)["wq"]
+    np.testing.assert_array_equal(np.asarray(short), np.asarray(h)[..., :2])
+    long = np.asarray(fit_histories(tree, {"wq": jax.ShapeDtypeStruct((2, 3, 6), jnp.float32)}, sh)["wq"])
+    np.testing.assert_array_equal(long[..., :4], np.asarray(h))
+    assert long.shape == (2, 3, 6) and np.all(long[..., 4:] == 0)
+
+
+def test_delayed_resume_with_another_history_length_carries_the_newest(tmp_path, tokenizer_path, caplog):
+    """run.fp8_history 4 -> 8 between runs: the saved histories are padded (not a failed restore)."""
+    over = {"data.tokenizer": tokenizer_path, "run.matmul_precision": "fp8", "run.fp8_scaling": "delayed",
+            "run.fp8_history": 4, "mesh": (1, 8, 1), "optimizer.total_steps": STEPS}
+    workdir = str(tmp_path / "run")
+    trainer.train(tiny_config(**over, steps=3), workdir)
+    saved = np.asarray(_restore_item(workdir, "fp8", 3)["layers"]["attention"]["wq"])
+    assert saved.shape[-1] == 4 and np.all(saved > 0)
+    with caplog.at_level("WARNING"):
+        trainer.train(tiny_config(**{**over, "run.fp8_history": 8}), workdir)
+    assert any("histories of 4 steps, this run keeps 8" in r.getMessage() for r in caplog.records)
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in got.values())
+    h = np.asarray(_restore_item(workdir, "fp8")["layers"]["attention"]["wq"])
+    # 3 more steps pushed in front of the 4 carried over (fresh histories would hold 3 or 4).
+    assert h.shape[-1] == 8 and np.all(h[..., :7] > 0) and np.all(h[..., 7] == 0), h[0]
+
+
+def test_run_summary_says_how_the_matmuls_run():
+    """The start-of-run summary names FP8 and its settings, and notes FP8 keys set without FP8."""
+    from types import SimpleNamespace
+
+    from llama_jax.train import report
+
+    def lines(**overrides):
+        run = SimpleNamespace(cfg=tiny_config(**overrides), model=ModelConfig.preset("tiny"), start_step=0,
+                              workdir="w", tokenizer=None, mesh=SimpleNamespace(shape={"data": 1}))
+        return report.summary_lines(run)
+    assert lines()[1].endswith("compute float32, params float32") and not any("note" in x for x in lines())
+    assert lines(**{"run.matmul_precision": "fp8"})[1].endswith(
+        "compute float32, params float32; weight matmuls in FP8 (current scaling, e5m2 gradients)")
+    got = lines(**{"run.matmul_precision": "fp8", "run.fp8_scaling": "delayed", "run.fp8_history": 8,
+                   "run.fp8_grad_format": "e4m3"})
+    assert got[1].endswith("; weight matmuls in FP8 (delayed scaling over 8 steps, e4m3 gradients)")
+    got = lines(**{"run.fp8_scaling": "delayed", "run.fp8_history": 8})
+    assert got[2] == ("note: run.fp8_scaling=delayed, run.fp8_history=8 set, but the weight matmuls run in the "
+                      "compute dtype (FP8 needs --config.run.matmul_precision=fp8): no effect")
+
+
+def test_help_names_the_fp8_choices():
+    from llama_jax.train.config_file import key_help
+    h = key_help()
+    assert "bf16" in h["run.matmul_precision"] and "fp8" in h["run.matmul_precision"]
+    assert "current" in h["run.fp8_scaling"] and "delayed" in h["run.fp8_scaling"]
+    assert "e5m2" in h["run.fp8_grad_format"] and "e4m3" in h["run.fp8_grad_format"]
+    assert "delayed" in h["run.fp8_history"]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("fp8_grad_format", "e3m4", "one of ['e5m2', 'e4m3']"),
+    ("fp8_history", 0, "a positive integer"),
+    ("fp8_scaling", "lazy", "one of ['current', 'delayed']"),
+    ("matmul_precision", "fp16", "one of ['bf16', 'fp8']"),
+])
+def test_bad_fp8_option_names_the_config_key(key, value, expected):
+    from llama_jax.errors import InputError
+    with pytest.raises(InputError) as e:
+        run_options(tiny_config(**{f"run.{key}": value}))
+    got = f"'{value}'" if isinstance(value, str) else value
+    assert str(e.value) == f"config.run.{key}: invalid value (expected {expected}, got {got})"

@@ -4,7 +4,8 @@ Layout of one step (`WORKDIR/checkpoints/<step>/`), item names in STEP_ITEMS:
   params/            the float32 parameters (StandardSave), sharded writes by every process
   opt_state/         the optax state
   fp8/               FP8 delayed-scaling runs only (FP8_ITEM): the amax histories (TrainState.fp8);
-                     a delayed run resumed from a step without it starts them afresh
+                     a delayed run resumed from a step without it starts them afresh; one
+                     saved with another run.fp8_history is cut or zero-padded (newest kept)
   data/              data-iterator state, one JSON per input shard (`shard_<i>-of-<n>.json`)
   meta/              {"step": ...}
   model_config.json  checksums.json, tokenizer.model: the files a params-only checkpoint
@@ -219,11 +220,13 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
         saved = {k for k in integrity.stored(step_dir) or {} if k.startswith(FP8_ITEM + "/")}
         wanted = integrity.leaf_names(abstract_state.fp8, FP8_ITEM)
         if saved and saved != wanted:
-            log.warning("%s: its FP8 amax histories are of other call sites (%s) than this run's (%s): they "
-                        "start afresh", os.path.join(step_dir, FP8_ITEM), ", ".join(sorted(saved - wanted)),
+            log.warning("%s: its FP8 amax histories are of other call sites (%s) than this run's (%s): all "
+                        "histories start afresh", os.path.join(step_dir, FP8_ITEM), ", ".join(sorted(saved - wanted)),
                         ", ".join(sorted(wanted - saved)))
             with_fp8 = False
-    fp8 = {FP8_ITEM: ocp.args.StandardRestore(target(abstract_state.fp8, shardings.fp8))} if with_fp8 else {}
+    # Histories as saved (their length may be another run.fp8_history): fitted after the checksums.
+    saved_fp8 = _saved_histories(step_dir, abstract_state.fp8) if with_fp8 else None
+    fp8 = {FP8_ITEM: ocp.args.StandardRestore(target(saved_fp8, shardings.fp8))} if with_fp8 else {}
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardRestore(target(abstract_state.params, shardings.params)),
         OPT_STATE_ITEM: ocp.args.StandardRestore(target(abstract_state.opt_state, shardings.opt_state)),
@@ -243,4 +246,27 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, shardings
         step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
         params=params, opt_state=opt_state, fp8=fp8_state)
     integrity.verify(step_dir, _checked(state) if with_fp8 else {PARAMS_ITEM: params, OPT_STATE_ITEM: opt_state})
+    had, keep = (jax.tree.leaves(t)[0].shape[-1] for t in (saved_fp8, abstract_state.fp8)) if with_fp8 else (0, 0)
+    if had != keep:
+        log.warning("%s: amax histories of %d steps, this run keeps %d (run.fp8_history): the newest %d carry "
+                    "over", os.path.join(step_dir, FP8_ITEM), had, keep, min(had, keep))
+        state = state.replace(fp8=fit_histories(fp8_state, abstract_state.fp8, shardings.fp8))
     return state, restored[DATA_ITEM]
+
+
+def _saved_histories(step_dir: str, abstract_fp8):
+    """`abstract_fp8` with the shapes the step's fp8/ item was saved with."""
+    from llama_jax.checkpoint.streaming import tree_metadata
+    saved = tree_metadata(os.path.join(step_dir, FP8_ITEM))
+    saved = getattr(saved, "tree", saved)
+    return jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(tuple(m.shape), a.dtype), abstract_fp8, saved)
+
+
+def fit_histories(fp8_state, abstract_fp8, shardings):
+    """Amax histories resized to this run's length (the last axis): newest first (fp8._push),
+    so a shorter one keeps the newest amaxes and a longer one is padded with zeros (no amax)."""
+    def fit(h, a):
+        n = a.shape[-1]
+        h = h[..., :n]
+        return jax.numpy.pad(h, [(0, 0)] * (h.ndim - 1) + [(0, n - h.shape[-1])])
+    return jax.jit(lambda t: jax.tree.map(fit, t, abstract_fp8), out_shardings=shardings)(fp8_state)

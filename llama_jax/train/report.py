@@ -16,6 +16,7 @@ import jax
 
 from llama_jax import lora as lora_lib
 from llama_jax.checkpoint import CHECKPOINTS_DIR, checkpoints_dir
+from llama_jax.runtime import MatmulPrecision, RunOptions
 from llama_jax.train import config as train_config
 from llama_jax.train.plot import plot_run, read_metrics
 
@@ -84,7 +85,7 @@ def summary_lines(run) -> list[str]:
         f"run: {how}; steps {run.start_step} -> {cfg.steps}",
         f"model: {_count(m.num_params())} parameters ({_count(m.num_params(embeddings=False))} without the "
         f"embedding): {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads{kv}, vocab {m.vocab_size}; "
-        f"compute {cfg.run.dtype}, params {cfg.run.param_dtype}",
+        f"compute {cfg.run.dtype}, params {cfg.run.param_dtype}{_matmuls(cfg)}",
         f"tokens per step: {cfg.batch_size} x {cfg.seq_len} = {per_step:,}"
         + (f" in {cfg.micro_batches} micro-batches" if cfg.micro_batches > 1 else "")
         + f"; {_count(per_step * (cfg.steps - run.start_step))} tokens to go",
@@ -100,7 +101,29 @@ def summary_lines(run) -> list[str]:
                         f"{','.join(lora.targets)}: {_count(lora_lib.num_params(m, lora))} adapter parameters "
                         f"trained ({lora_lib.num_params(m, lora) / m.num_params():.2%}); the base frozen, held in "
                         f"{cfg.lora.base_dtype}")
+    unused = _unused_fp8(cfg)
+    if unused:
+        lines.insert(2, f"note: {unused} set, but the weight matmuls run in the compute dtype "
+                        "(FP8 needs --config.run.matmul_precision=fp8): no effect")
     return lines
+
+
+def _matmuls(cfg) -> str:
+    """How the layers' weight matmuls run, when not in the compute dtype."""
+    r = train_config.run_options(cfg)
+    if r.matmul_precision is not MatmulPrecision.FP8:
+        return ""
+    how = f"delayed scaling over {r.fp8_history} steps" if r.fp8_delayed else "current scaling"
+    return f"; weight matmuls in FP8 ({how}, {r.fp8_grad_format.value} gradients)"
+
+
+def _unused_fp8(cfg) -> str:
+    """The FP8 keys given other values than their defaults in a run without FP8 matmuls."""
+    r, default = train_config.run_options(cfg), RunOptions()
+    if r.matmul_precision is MatmulPrecision.FP8:
+        return ""
+    keys = ("fp8_scaling", "fp8_history", "fp8_grad_format")
+    return ", ".join(f"run.{k}={cfg.run[k]}" for k in keys if getattr(r, k) != getattr(default, k))
 
 
 def train_loss_tail(rows: list[dict], last_step: int) -> tuple[float, int] | None:
