@@ -78,6 +78,19 @@ def _did_you_mean(message: str, cfg) -> str:
     return f" (did you mean {names[close[0]]}?)" if close else ""
 
 
+def _expected(message: str, cfg) -> str:
+    """' (expected an integer: configs/tiny.py has run.fp8_history = 16)' for a config flag whose
+    value did not parse as its key's type."""
+    from llama_jax.train import config_file
+    m = re.search(r"flag --config\.([\w.]+)=", message)
+    if not m or m.group(1) not in config_file.keys(cfg):
+        return ""
+    now = config_file.keys(cfg)[m.group(1)]
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kind = kinds.get(type(now))
+    return f" (expected {kind}: the config has {m.group(1)} = {now!r})" if kind else ""
+
+
 def parse_flags(argv):
     """Load the config file once, check overrides against its keys, then let absl parse."""
     from absl import flags
@@ -98,7 +111,7 @@ def parse_flags(argv):
     try:
         fv(["train.py", *rest])
     except flags.Error as e:  # a value of the wrong type, an unknown flag
-        raise input_error("train.py", str(e).splitlines()[0] + _did_you_mean(str(e), cfg)) from None
+        raise input_error("train.py", str(e).splitlines()[0] + _did_you_mean(str(e), cfg) + _expected(str(e), cfg)) from None
     if not fv.workdir:
         raise input_error("--workdir", "missing", "--workdir DIR", None)
     for key, source_spec in source_specs.items():  # e.g. data.sources="text:notes/*.txt"

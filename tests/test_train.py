@@ -189,7 +189,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, t
 @pytest.mark.parametrize("flag, message", [
     ("--config.no_such_key=1", "error: --config.no_such_key: unknown key of configs/tiny.py"),
     ("--config.model.dimm=1", "(did you mean --config.model.dim?)"),
-    ("--config.steps=many", "error: train.py: flag --config.steps=many: invalid")])
+    ("--config.steps=many", "error: train.py: flag --config.steps=many: invalid"),
+    ("--config.run.fp8_history=2.5", "(expected an integer: the config has run.fp8_history = 16)")])
 def test_unknown_key_or_wrong_type_is_an_error(tmp_path, flag, message):
     p = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path), flag],
                        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
