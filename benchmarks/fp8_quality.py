@@ -41,6 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_help import DocstringHelp  # noqa: E402
 # Legends in plot.py's small font (digits and "aeilnoprstv"): "loss 16" is bf16, "loss 8" FP8,
 # "rel 8 vs 16" is the second run / the first - 1 in percent.
 LABELS = {"bf16": "loss 16", "fp8": "loss 8", "fp8_e4m3": "loss 8 e4", "fp8_delayed": "loss 8 late",
@@ -111,18 +112,8 @@ def draw(curves: dict, rows: list[dict], path: str) -> None:
         f.write(plot.png_bytes(img))
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written; each option's default shown (not a switch's False, an empty one)."""
-
-    def _get_help_string(self, action):
-        shown = action.default is not None and action.default is not False and action.default != ""
-        if not shown or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=DocstringHelp)
     ap.add_argument("--shape", default="1b", help="1b (LLaMA-1.1B, train_step.py's) or tiny (CPU smoke)")
     ap.add_argument("--steps", type=int, default=500, help="optimizer steps a run")
     ap.add_argument("--batch", type=int, default=8, help="global rows a step")

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from cli_help import DocstringHelp  # noqa: E402
 import train_step  # noqa: E402  (its `ours`, `shape`, timing: one definition of the step)
 
 
@@ -168,18 +169,8 @@ def row_stats(rows: dict, max_segments: int) -> dict:
             "max_segments": max_segments, "all_rows_fit": bool((runs <= max_segments).all())}
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written; each option's default shown (not a switch's False, an empty one)."""
-
-    def _get_help_string(self, action):
-        shown = action.default is not None and action.default is not False and action.default != ""
-        if not shown or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=DocstringHelp)
     ap.add_argument("--shape", default="1b", help="train_step.shape: 1b, 7b, tiny")
     ap.add_argument("--batch", type=int, default=8, help="rows a step")
     ap.add_argument("--seq", type=int, default=2048, help="tokens a row")
