@@ -21,6 +21,8 @@ in a subprocess, so the frameworks never share GPU memory.
 are still counted as bf16-equivalent model FLOPs, so TFLOP/s compare across precisions.
 `--fp8-scaling` (RunOptions.fp8_scaling): current (key `1b_fp8`) and/or delayed (`1b_fp8_delayed`:
 scales from amax histories of `--fp8-history` steps, carried in the train state).
+`--fp8-cast-kernel 1,0`: FP8 weights and gradients quantised in both layouts by the Pallas
+cast-transpose kernel (1, the default) and by XLA's fusions (0, key suffix `_xla_cast`).
 With fp8 and the peer, the torchao float8 peer (peers/hf_torch_float8.py: transformers +
 torch.compile, bf16 and float8 tensorwise, all Linear but lm_head) runs instead of the
 eager/compile peer, before JAX.
@@ -91,7 +93,8 @@ def timed_steps(step, state, batch, n: int, warm: int = 2):
     return state, (time.perf_counter() - t0) / n
 
 
-def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16", scaling: str = "current") -> dict:
+def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16", scaling: str = "current",
+         cast_kernel: bool = True) -> dict:
     import jax
     from llama_jax import sharding
     from llama_jax.train import metrics
@@ -103,7 +106,8 @@ def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16",
     run = RunOptions(dtype="bfloat16", param_dtype=param_dtype,
                      remat_policy=args.remat or default_remat(name, n_dev), attention_impl=args.attention,
                      layer_loop=args.layer_loop, fuse_gate_up=bool(args.fuse_gate_up),
-                     matmul_precision=precision, fp8_scaling=scaling, fp8_history=args.fp8_history)
+                     matmul_precision=precision, fp8_scaling=scaling, fp8_history=args.fp8_history,
+                     fp8_cast_kernel=cast_kernel)
     model = Llama(cfg, run)
     mesh = sharding.make_mesh((1, -1, 1))
     tx = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=10), total_steps=1000)
@@ -135,7 +139,8 @@ def ours(name: str, args, param_dtype: str = "float32", precision: str = "bf16",
         prof = {"profile": gpu_profile.profile(once, top=args.top)}
     return {**prof, "devices": n_dev, "param_dtype": run.param_dtype.name, "remat": run.remat_policy.value,
             "matmul_precision": run.matmul_precision.value,
-            **({"fp8_scaling": run.fp8_scaling.value, "fp8_history": run.fp8_history} if precision == "fp8" else {}),
+            **({"fp8_scaling": run.fp8_scaling.value, "fp8_history": run.fp8_history,
+                "fp8_cast_kernel": run.fp8_cast_kernel} if precision == "fp8" else {}),
             "layer_loop": run.layer_loop.value, "fuse_gate_up": run.fuse_gate_up,
             "attention": run.attention_impl.value,
             "step_s": round(dt, 4), "tokens_per_s": round(tps), "tokens_per_s_per_device": round(tps / n_dev),
@@ -205,6 +210,8 @@ def main(argv=None):
                     "matmuls, RunOptions.matmul_precision); each its own run")
     ap.add_argument("--fp8-scaling", default="current", help="comma-separated: current and/or delayed "
                     "(RunOptions.fp8_scaling), each its own run of --precision fp8")
+    ap.add_argument("--fp8-cast-kernel", default="1", help="comma-separated: 1 (the Pallas cast-transpose "
+                    "kernel, RunOptions.fp8_cast_kernel) and/or 0 (XLA's fusions; key suffix _xla_cast)")
     ap.add_argument("--fp8-history", type=int, default=16, help="delayed scaling: amaxes kept per tensor")
     ap.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device")
     ap.add_argument("--no-peer", action="store_true")
@@ -228,16 +235,17 @@ def main(argv=None):
         args.shapes = "1b" if jax.device_count() == 1 else "7b"
     out["jax"] = jax.__version__
     out["device"] = jax.devices()[0].device_kind
-    def variants(prec):  # (key suffix, scaling): an FP8 run per scaling; current's key as before
+    def variants(prec):  # (key suffix, scaling, cast kernel): an FP8 run per scaling and cast
         if prec == "bf16":
-            return [("", "current")]
-        return [(f"_{prec}" + ("" if sc == "current" else f"_{sc}"), sc) for sc in args.fp8_scaling.split(",")]
-    runs = [(name + ("" if pd == "float32" else f"_{pd}") + suffix, name, pd, prec, sc)
+            return [("", "current", True)]
+        return [(f"_{prec}" + ("" if sc == "current" else f"_{sc}") + ("" if ck == "1" else "_xla_cast"), sc, ck == "1")
+                for sc in args.fp8_scaling.split(",") for ck in args.fp8_cast_kernel.split(",")]
+    runs = [(name + ("" if pd == "float32" else f"_{pd}") + suffix, name, pd, prec, sc, ck)
             for name in args.shapes.split(",") for pd in args.param_dtypes.split(",")
-            for prec in args.precision.split(",") for suffix, sc in variants(prec)]
-    for i, (key, name, pd, prec, sc) in enumerate(runs):
+            for prec in args.precision.split(",") for suffix, sc, ck in variants(prec)]
+    for i, (key, name, pd, prec, sc, ck) in enumerate(runs):
         try:
-            out[key] = ours(name, args, pd, prec, sc)
+            out[key] = ours(name, args, pd, prec, sc, ck)
             if i:  # the device's peak spans the process: after the first run it is not this run's
                 out[key]["peak_mem_gb_process"] = out[key].pop("peak_mem_gb")
         except Exception as e:  # record and go on: a failed shape is a result too

@@ -33,7 +33,7 @@ below is written that way, the transposes being of 1-byte values, fused into the
 cuBLASLt multiplies e4m3 x e4m3, e4m3 x e5m2 and e5m2 x e4m3, never e5m2 x e5m2: only the
 gradient may be e5m2, and it always meets an e4m3 operand.
 
-Floor: imports jax only, so model.py can call `fp8_einsum` behind a run option.
+Floor: imports jax and kernels.py only, so model.py can call `fp8_einsum` behind a run option.
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import kernels
+
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 _F32 = jnp.float32
@@ -61,20 +63,27 @@ class Fp8Recipe:
     grad_dtype: Any = E5M2        # e5m2 (range) or e4m3 (precision) for the output gradient
     margin: int = 0               # amax maps to fmax / 2**margin: headroom for the next step's growth
     power_of_two: bool = False    # round scales down to powers of two (scaling is then exact)
+    # Operands needed in both layouts (weights, output gradients): "auto" the Pallas
+    # cast-transpose kernel on one GPU (kernels.cast_transpose), "xla" XLA's fusion,
+    # "interpret" the kernel in interpret mode (tests). The same values every way.
+    cast: str = "auto"
 
     def __post_init__(self):
         if jnp.dtype(self.grad_dtype) not in (jnp.dtype(E4M3), jnp.dtype(E5M2)):
             raise ValueError(f"Fp8Recipe.grad_dtype={self.grad_dtype!r}: must be float8_e4m3fn or float8_e5m2")
+        if self.cast not in ("auto", "xla", "interpret"):
+            raise ValueError(f"Fp8Recipe.cast={self.cast!r}: must be auto, xla or interpret")
 
 
 CURRENT = Fp8Recipe()
 
 
 def recipe_of(run) -> Fp8Recipe | None:
-    """The recipe of a RunOptions (`fp8_grad_format`), or None when its matmuls are not FP8."""
+    """The recipe of a RunOptions (`fp8_grad_format`, `fp8_cast_kernel`), or None when its matmuls are not FP8."""
     if run.matmul_precision.value != "fp8":
         return None
-    return Fp8Recipe(grad_dtype={"e5m2": E5M2, "e4m3": E4M3}[run.fp8_grad_format.value])
+    return Fp8Recipe(grad_dtype={"e5m2": E5M2, "e4m3": E4M3}[run.fp8_grad_format.value],
+                     cast="xla" if not run.fp8_cast_kernel else "interpret" if run.interpret_kernels else "auto")
 
 
 def fp8_max(dtype) -> float:
@@ -113,6 +122,12 @@ def quantize_current(x: jax.Array, dtype, recipe: Fp8Recipe = CURRENT) -> tuple[
     return quantize(x, dtype, scale), 1.0 / scale
 
 
+def quantize_both(x: jax.Array, dtype, scale: jax.Array, recipe: Fp8Recipe) -> tuple[jax.Array, jax.Array]:
+    """(q, q.T): `quantize(x, dtype, scale)` for a 2-D x, in both layouts, in one pass."""
+    mode = None if recipe.cast == "xla" else kernels.fp8_kernel_mode(x, recipe.cast == "interpret")
+    return kernels.cast_transpose(x, scale, dtype, mode)
+
+
 def _nt_dot(a: jax.Array, b: jax.Array, inv_a, inv_b, out_dtype) -> jax.Array:
     """a [M, K] . b [N, K] -> [M, N], both K-minor FP8 operands, the inverse scales applied after."""
     y = lax.dot_general(a, b, _NT, preferred_element_type=jnp.bfloat16)
@@ -130,12 +145,13 @@ def _named(xq, wq):
     return name(xq, "fp8_x"), name(wq, "fp8_w")
 
 
-def _dx_dw(xq, ix, wq, iw, gq, ig, x_dtype, w_dtype):
+def _dx_dw(xq, ix, wq, iw, gq, gq_t, ig, x_dtype, w_dtype):
     # dgrad dX = g . w^T: g [M, N] . w [K, N] contracting N, minor in both as they are stored.
     dx = _nt_dot(gq, wq, ig, iw, x_dtype)
     # wgrad dW = x^T . g: x^T [K, M] . g^T [N, M] contracting M (the tokens), made minor by
-    # transposing the 1-byte operands; the result is [K, N], the weight's own layout.
-    dw = _nt_dot(xq.T, gq.T, ix, ig, w_dtype)
+    # transposing the 1-byte operands (g's transpose comes from `quantize_both`); the result
+    # is [K, N], the weight's own layout.
+    dw = _nt_dot(xq.T, gq_t, ix, ig, w_dtype)
     return dx, dw
 
 
@@ -151,20 +167,27 @@ def fp8_dot(x: jax.Array, w: jax.Array, recipe: Fp8Recipe = CURRENT) -> jax.Arra
     return _fp8_dot_fwd(x, w, recipe)[0]
 
 
+def _current_both(x, dtype, recipe):
+    """(q, q.T, inv_scale) with x's own amax."""
+    scale = scale_from_amax(amax_of(x), dtype, recipe.margin, recipe.power_of_two)
+    return *quantize_both(x, dtype, scale, recipe), 1.0 / scale
+
+
 def _fp8_dot_fwd(x, w, recipe):
     xq, ix = quantize_current(x, E4M3, recipe)
-    wq, iw = quantize_current(w, E4M3, recipe)
+    wq, wq_t, iw = _current_both(w, E4M3, recipe)
     xq, wq = _named(xq, wq)
-    # forward: x [M, K] . w^T [N, K] contracting K, minor in both (w is transposed as 1-byte values).
-    y = _nt_dot(xq, wq.T, ix, iw, x.dtype)
+    # forward: x [M, K] . w^T [N, K] contracting K, minor in both (w^T is w quantised and
+    # transposed in one pass; w itself is kept for the input gradient).
+    y = _nt_dot(xq, wq_t, ix, iw, x.dtype)
     # Residuals are the FP8 operands (1 byte each, smaller than bf16 x): the backward reuses them.
     return y, (xq, ix, wq, iw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
 def _fp8_dot_bwd(recipe, res, g):
     xq, ix, wq, iw, x0, w0 = res
-    gq, ig = quantize_current(g, recipe.grad_dtype, recipe)
-    return _dx_dw(xq, ix, wq, iw, gq, ig, x0.dtype, w0.dtype)
+    gq, gq_t, ig = _current_both(g, recipe.grad_dtype, recipe)
+    return _dx_dw(xq, ix, wq, iw, gq, gq_t, ig, x0.dtype, w0.dtype)
 
 
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
@@ -204,13 +227,24 @@ def calibrating():
         _CALIBRATING.pop()
 
 
-def _delayed(x, row, dtype, recipe):
-    """(q, inv_scale, amax now): the scale from the history's max, not from this tensor
-    (an all-zero history: scale 1); inside `calibrating()`, from this tensor's own amax."""
+def _delayed_scale(x, row, dtype, recipe):
+    """(scale, amax now): the scale from the history's max, not from this tensor (an
+    all-zero history: scale 1); inside `calibrating()`, from this tensor's own amax."""
     amax_now = amax_of(x)
     amax_for_scale = amax_now if _CALIBRATING[-1] else jnp.max(row)
-    scale = scale_from_amax(amax_for_scale, dtype, recipe.margin, recipe.power_of_two)
+    return scale_from_amax(amax_for_scale, dtype, recipe.margin, recipe.power_of_two), amax_now
+
+
+def _delayed(x, row, dtype, recipe):
+    """(q, inv_scale, amax now) by `_delayed_scale`."""
+    scale, amax_now = _delayed_scale(x, row, dtype, recipe)
     return quantize(x, dtype, scale), 1.0 / scale, amax_now
+
+
+def _delayed_both(x, row, dtype, recipe):
+    """(q, q.T, inv_scale, amax now) by `_delayed_scale`."""
+    scale, amax_now = _delayed_scale(x, row, dtype, recipe)
+    return *quantize_both(x, dtype, scale, recipe), 1.0 / scale, amax_now
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -230,16 +264,16 @@ def fp8_dot_delayed(x: jax.Array, w: jax.Array, state: Fp8State, recipe: Fp8Reci
 def _delayed_fwd(x, w, state, recipe):
     h = state.amax_history
     xq, ix, ax = _delayed(x, h[0], E4M3, recipe)
-    wq, iw, aw = _delayed(w, h[1], E4M3, recipe)
+    wq, wq_t, iw, aw = _delayed_both(w, h[1], E4M3, recipe)
     xq, wq = _named(xq, wq)
-    y = _nt_dot(xq, wq.T, ix, iw, x.dtype)  # layouts as in _fp8_dot_fwd
+    y = _nt_dot(xq, wq_t, ix, iw, x.dtype)  # layouts as in _fp8_dot_fwd
     return y, (xq, ix, wq, iw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype), h, ax, aw)
 
 
 def _delayed_bwd(recipe, res, g):
     xq, ix, wq, iw, x0, w0, h, ax, aw = res
-    gq, ig, ag = _delayed(g, h[2], recipe.grad_dtype, recipe)
-    dx, dw = _dx_dw(xq, ix, wq, iw, gq, ig, x0.dtype, w0.dtype)
+    gq, gq_t, ig, ag = _delayed_both(g, h[2], recipe.grad_dtype, recipe)
+    dx, dw = _dx_dw(xq, ix, wq, iw, gq, gq_t, ig, x0.dtype, w0.dtype)
     new = jnp.stack([_push(h[0], ax), _push(h[1], aw), _push(h[2], ag)])
     return dx, dw, Fp8State(new)
 

@@ -1,4 +1,4 @@
-"""A Pallas kernel for the memory-bound part of the feed-forward layer's backward pass.
+"""Pallas kernels for memory-bound steps: SwiGLU's backward pass, FP8's cast-transpose.
 
 `swiglu(gate_up)` is silu(gate) * up for gate_up [..., 2, F]: the outputs of w1 and w3
 from one product (`RunOptions.fuse_gate_up`). Forward: the XLA expression, which XLA
@@ -105,3 +105,56 @@ def _swiglu_bwd(axes, interpret, gate_up, g):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# --- FP8 cast-transpose ------------------------------------------------------------------
+# An FP8 GEMM on cuBLASLt wants the contraction dim minor in both operands, so an operand
+# used by two GEMMs contracting different dims (a weight: forward and input gradient; the
+# output gradient: input gradient and weight gradient) is needed row-major AND transposed.
+# XLA writes both from one fusion, but at about half of HBM bandwidth on an H200 (issue 22,
+# benchmarks/RESULTS.md); this kernel reads a tile once, quantises it and writes it in both
+# layouts (Transformer Engine's cast_transpose).
+_CT_BLOCK, _CT_WARPS = 128, 8  # tile (rows and columns) and warps: see benchmarks/fp8_gemm.py
+
+
+def fp8_kernel_mode(x, interpret: bool) -> str | None:
+    """"gpu", "interpret" or None (XLA) for FP8 kernels on x: Pallas on one GPU only (under a
+    mesh of several devices the operands are sharded and XLA's fusions take them as they are)."""
+    if interpret:
+        return "interpret"
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.default_backend() == "gpu" and (jax.device_count() == 1 if mesh.empty else mesh.size == 1):
+        return "gpu"
+    return None
+
+
+def _cast_t_kernel(s_ref, x_ref, q_ref, qt_ref, *, fmax):
+    q = jnp.clip(x_ref[...].astype(_F32) * s_ref[...], -fmax, fmax).astype(q_ref.dtype)
+    q_ref[...] = q
+    qt_ref[...] = q.T
+
+
+def _cast_xla(x, scale, dtype):
+    m = float(jnp.finfo(dtype).max)
+    q = jnp.clip(x.astype(_F32) * scale, -m, m).astype(dtype)
+    return q, q.T
+
+
+def cast_transpose(x, scale, dtype, mode: str | None):
+    """(q, q.T) with q = clip(x * scale, -fmax, fmax) rounded to FP8 `dtype`, for x [M, K] and a
+    float32 scalar `scale`; `mode` from `fp8_kernel_mode` (None, or a shape that does not
+    tile: XLA's expression, the same values bit for bit)."""
+    m, k = x.shape
+    bm, bk = _pow2_divisor(m, _CT_BLOCK), _pow2_divisor(k, _CT_BLOCK)
+    if mode is None or min(bm, bk) < 16:
+        return _cast_xla(x, scale, dtype)
+    interpret = mode == "interpret"
+    from jax.experimental.pallas import triton as plgpu
+    kernel = functools.partial(_cast_t_kernel, fmax=float(jnp.finfo(dtype).max))
+    return pl.pallas_call(
+        kernel, grid=(m // bm, k // bk),
+        in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)), pl.BlockSpec((bm, bk), lambda i, j: (i, j))],
+        out_specs=[pl.BlockSpec((bm, bk), lambda i, j: (i, j)), pl.BlockSpec((bk, bm), lambda i, j: (j, i))],
+        out_shape=[jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, m), dtype)],
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=_CT_WARPS),
+        interpret=interpret, name="fp8_cast_transpose")(jnp.reshape(scale, (1, 1)).astype(_F32), x)

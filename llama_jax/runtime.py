@@ -79,6 +79,8 @@ class RunOptions:
     fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs: current (each step's amax) or delayed (a history)
     fp8_history: int = 16              # FP8 delayed scaling: amaxes kept per tensor (>= 1)
     fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format, e5m2 or e4m3
+    fp8_cast_kernel: bool = True       # FP8 runs on one GPU: weights and gradients quantised in both layouts
+    #                                    by one Pallas kernel (kernels.cast_transpose); False: XLA's fusion
 
     def __post_init__(self):
         def bad(field, expected):
@@ -103,7 +105,7 @@ class RunOptions:
         v = self.packed_segments
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 or v == 1:
             bad("packed_segments", "0 (the dense mask) or an integer >= 2")
-        for f in ("fuse_gate_up", "interpret_kernels"):
+        for f in ("fuse_gate_up", "interpret_kernels", "fp8_cast_kernel"):
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 bad(f, "True or False")
 

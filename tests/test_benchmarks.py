@@ -146,3 +146,10 @@ def test_fp8_quality_table_names_the_logging_interval():
     lines = fp8_quality.table_lines(compared, "bf16", log_every=2)
     assert "| 2-step means" in lines[0] and lines[-1].endswith("1.000% of 2-step means, mean 1.000% (goal: 1%)")
     assert not any("10-step" in line for line in lines)
+
+
+def test_fp8_cast_smoke(tmp_path):
+    res = _run("fp8_cast", ["--cpu-smoke"], tmp_path)
+    assert [r["name"] for r in res["rows"]] == ["w_qkv", "w_o", "w_w1w3", "w_w2", "g_qkv", "g_o", "g_w1w3", "g_w2"]
+    for r in res["rows"]:
+        assert r["t32w4_exact"] is True and r["xla_us"] > 0 and r["t32w4_us"] > 0
