@@ -122,10 +122,11 @@ def quantize_current(x: jax.Array, dtype, recipe: Fp8Recipe = CURRENT) -> tuple[
     return quantize(x, dtype, scale), 1.0 / scale
 
 
-def quantize_both(x: jax.Array, dtype, scale: jax.Array, recipe: Fp8Recipe) -> tuple[jax.Array, jax.Array]:
-    """(q, q.T): `quantize(x, dtype, scale)` for a 2-D x, in both layouts, in one pass."""
+def quantize_both(x: jax.Array, dtype, scale: jax.Array, recipe: Fp8Recipe, with_amax: bool = False):
+    """(q, q.T): `quantize(x, dtype, scale)` for a 2-D x, in both layouts, in one pass;
+    `with_amax`: (q, q.T, amax_of(x)), the amax found in the same pass."""
     mode = None if recipe.cast == "xla" else kernels.fp8_kernel_mode(x, recipe.cast == "interpret")
-    return kernels.cast_transpose(x, scale, dtype, mode)
+    return kernels.cast_transpose(x, scale, dtype, mode, with_amax)
 
 
 def _nt_dot(a: jax.Array, b: jax.Array, inv_a, inv_b, out_dtype) -> jax.Array:
@@ -242,9 +243,14 @@ def _delayed(x, row, dtype, recipe):
 
 
 def _delayed_both(x, row, dtype, recipe):
-    """(q, q.T, inv_scale, amax now) by `_delayed_scale`."""
-    scale, amax_now = _delayed_scale(x, row, dtype, recipe)
-    return *quantize_both(x, dtype, scale, recipe), 1.0 / scale, amax_now
+    """(q, q.T, inv_scale, amax now) by `_delayed_scale`; outside calibration this step's amax
+    comes from the quantising pass itself (the scale does not need it)."""
+    if _CALIBRATING[-1]:
+        scale, amax_now = _delayed_scale(x, row, dtype, recipe)
+        return *quantize_both(x, dtype, scale, recipe), 1.0 / scale, amax_now
+    scale = scale_from_amax(jnp.max(row), dtype, recipe.margin, recipe.power_of_two)
+    q, q_t, amax_now = quantize_both(x, dtype, scale, recipe, with_amax=True)
+    return q, q_t, 1.0 / scale, amax_now
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -79,19 +79,20 @@ def _bwd_local(gate_up, g, interpret: bool):
     return dh.reshape(gate_up.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def swiglu(gate_up, axes=GATE_UP_AXES, interpret: bool = False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def swiglu(gate_up, axes=GATE_UP_AXES, interpret: bool = False, kernel: bool = True):
     """silu(gate_up[..., 0, :]) * gate_up[..., 1, :]; `axes`: gate_up's logical axis names;
-    `interpret`: the backward kernel in Pallas's interpret mode, on any backend."""
+    `interpret`: the backward kernel in Pallas's interpret mode, on any backend; `kernel=False`:
+    XLA's gradient everywhere (it can absorb elementwise producers, the kernel cannot)."""
     return _reference(gate_up)
 
 
-def _swiglu_fwd(gate_up, axes, interpret):
+def _swiglu_fwd(gate_up, axes, interpret, kernel):
     return _reference(gate_up), gate_up
 
 
-def _swiglu_bwd(axes, interpret, gate_up, g):
-    mode = _mode(gate_up, interpret)
+def _swiglu_bwd(axes, interpret, kernel, gate_up, g):
+    mode = _mode(gate_up, interpret) if kernel else None
     mesh = jax.sharding.get_abstract_mesh()
     per_shard = not mesh.empty and mesh.size > 1
     spec = nn.logical_to_mesh_axes(axes) if per_shard else None
@@ -128,10 +129,13 @@ def fp8_kernel_mode(x, interpret: bool) -> str | None:
     return None
 
 
-def _cast_t_kernel(s_ref, x_ref, q_ref, qt_ref, *, fmax):
-    q = jnp.clip(x_ref[...].astype(_F32) * s_ref[...], -fmax, fmax).astype(q_ref.dtype)
+def _cast_t_kernel(s_ref, x_ref, q_ref, qt_ref, *amax_ref, fmax):
+    x = x_ref[...].astype(_F32)
+    q = jnp.clip(x * s_ref[...], -fmax, fmax).astype(q_ref.dtype)
     q_ref[...] = q
     qt_ref[...] = q.T
+    if amax_ref:  # this tile's max |x|: the caller reduces the [M/bm, K/bk] partials
+        amax_ref[0][...] = jnp.max(jnp.max(jnp.abs(x), axis=1, keepdims=True), axis=0, keepdims=True)
 
 
 def _cast_xla(x, scale, dtype):
@@ -140,21 +144,28 @@ def _cast_xla(x, scale, dtype):
     return q, q.T
 
 
-def cast_transpose(x, scale, dtype, mode: str | None):
+def cast_transpose(x, scale, dtype, mode: str | None, with_amax: bool = False):
     """(q, q.T) with q = clip(x * scale, -fmax, fmax) rounded to FP8 `dtype`, for x [M, K] and a
     float32 scalar `scale`; `mode` from `fp8_kernel_mode` (None, or a shape that does not
-    tile: XLA's expression, the same values bit for bit)."""
+    tile: XLA's expression, the same values bit for bit). `with_amax`: also max |x| (float32),
+    found in the same pass (delayed scaling records it for the next steps)."""
     m, k = x.shape
     bm, bk = _pow2_divisor(m, _CT_BLOCK), _pow2_divisor(k, _CT_BLOCK)
     if mode is None or min(bm, bk) < 16:
-        return _cast_xla(x, scale, dtype)
+        out = _cast_xla(x, scale, dtype)
+        return (*out, jnp.max(jnp.abs(x)).astype(_F32)) if with_amax else out
     interpret = mode == "interpret"
     from jax.experimental.pallas import triton as plgpu
     kernel = functools.partial(_cast_t_kernel, fmax=float(jnp.finfo(dtype).max))
-    return pl.pallas_call(
+    out_specs = [pl.BlockSpec((bm, bk), lambda i, j: (i, j)), pl.BlockSpec((bk, bm), lambda i, j: (j, i))]
+    out_shape = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, m), dtype)]
+    if with_amax:
+        out_specs.append(pl.BlockSpec((1, 1), lambda i, j: (i, j)))
+        out_shape.append(jax.ShapeDtypeStruct((m // bm, k // bk), _F32))
+    out = pl.pallas_call(
         kernel, grid=(m // bm, k // bk),
         in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)), pl.BlockSpec((bm, bk), lambda i, j: (i, j))],
-        out_specs=[pl.BlockSpec((bm, bk), lambda i, j: (i, j)), pl.BlockSpec((bk, bm), lambda i, j: (j, i))],
-        out_shape=[jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, m), dtype)],
+        out_specs=out_specs, out_shape=out_shape,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=_CT_WARPS),
         interpret=interpret, name="fp8_cast_transpose")(jnp.reshape(scale, (1, 1)).astype(_F32), x)
+    return (out[0], out[1], jnp.max(out[2])) if with_amax else tuple(out)
