@@ -79,8 +79,7 @@ class RunOptions:
     fp8_scaling: Fp8Scaling = Fp8Scaling.CURRENT  # FP8 runs: current (each step's amax) or delayed (a history)
     fp8_history: int = 16              # FP8 delayed scaling: amaxes kept per tensor (>= 1)
     fp8_grad_format: Fp8GradFormat = Fp8GradFormat.E5M2  # FP8 runs: the gradients' format, e5m2 or e4m3
-    fp8_cast_kernel: bool = True       # FP8 runs on one GPU: weights and gradients quantised in both layouts
-    #                                    by one Pallas kernel (kernels.cast_transpose); False: XLA's fusion
+    fp8_cast_kernel: bool = True       # FP8 on one GPU: weights, gradients cast to both layouts by a Pallas kernel (False: XLA)
 
     def __post_init__(self):
         def bad(field, expected):

@@ -204,8 +204,8 @@ def test_run_summary_says_how_the_matmuls_run():
     got = lines(**{"run.matmul_precision": "fp8", "run.fp8_scaling": "delayed", "run.fp8_history": 8,
                    "run.fp8_grad_format": "e4m3"})
     assert got[1].endswith("; weight matmuls in FP8 (delayed scaling over 8 steps, e4m3 gradients)")
-    got = lines(**{"run.fp8_scaling": "delayed", "run.fp8_history": 8})
-    assert got[2] == ("note: run.fp8_scaling=delayed, run.fp8_history=8 set, but the weight matmuls run in the "
+    got = lines(**{"run.fp8_scaling": "delayed", "run.fp8_history": 8, "run.fp8_cast_kernel": False})
+    assert got[2] == ("note: run.fp8_scaling=delayed, run.fp8_history=8, run.fp8_cast_kernel=False set, but the weight matmuls run in the "
                       "compute dtype (FP8 needs --config.run.matmul_precision=fp8): no effect")
 
 
@@ -216,6 +216,7 @@ def test_help_names_the_fp8_choices():
     assert "current" in h["run.fp8_scaling"] and "delayed" in h["run.fp8_scaling"]
     assert "e5m2" in h["run.fp8_grad_format"] and "e4m3" in h["run.fp8_grad_format"]
     assert "delayed" in h["run.fp8_history"]
+    assert "Pallas" in h["run.fp8_cast_kernel"] and "XLA" in h["run.fp8_cast_kernel"]
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -122,7 +122,7 @@ def _unused_fp8(cfg) -> str:
     r, default = train_config.run_options(cfg), RunOptions()
     if r.matmul_precision is MatmulPrecision.FP8:
         return ""
-    keys = ("fp8_scaling", "fp8_history", "fp8_grad_format")
+    keys = ("fp8_scaling", "fp8_history", "fp8_grad_format", "fp8_cast_kernel")
     return ", ".join(f"run.{k}={cfg.run[k]}" for k in keys if getattr(r, k) != getattr(default, k))
 
 
