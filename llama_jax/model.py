@@ -206,8 +206,8 @@ class FeedForward(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
 
     `run.fuse_gate_up`: w1 and w3 stacked at run time (`stack_gate_up`), so both run as one
-    matmul and SwiGLU's backward pass is one kernel on GPUs (`kernels.swiglu`); the
-    parameters stay w1 and w3 (LoRA terms are added to the stacked projection).
+    matmul and SwiGLU's backward is one kernel on GPUs (`kernels.swiglu`; in FP8 XLA's, which absorbs
+    the GEMM outputs' rescales); the parameters stay w1 and w3 (LoRA terms add to the stacked one).
     """
     config: ModelConfig
     run: RunOptions
@@ -230,7 +230,7 @@ class FeedForward(nn.Module):
                 gate_up = gate_up + jnp.stack([_plus_adapter(self, lo, "w1", x, zero),
                                                _plus_adapter(self, lo, "w3", x, zero)], axis=2)
             gate_up = nn.with_logical_constraint(checkpoint_name(gate_up, "mlp_gate_up"), kernels.GATE_UP_AXES)
-            return down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, r.interpret_kernels))
+            return down(kernels.swiglu(gate_up, kernels.GATE_UP_AXES, r.interpret_kernels, kernel=p is None))
         s1, s3 = _fp8_state(self, "w1"), _fp8_state(self, "w3")
         gate = checkpoint_name(_plus_adapter(self, lo, "w1", x, project("BTD,DF->BTF", x, w1, dt, p, s1)),
                                "mlp_gate")
