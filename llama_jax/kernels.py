@@ -115,7 +115,7 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 # XLA writes both from one fusion, but at about half of HBM bandwidth on an H200 (issue 22,
 # benchmarks/RESULTS.md); this kernel reads a tile once, quantises it and writes it in both
 # layouts (Transformer Engine's cast_transpose).
-_CT_BLOCK, _CT_WARPS = 128, 8  # tile (rows and columns) and warps: see benchmarks/fp8_gemm.py
+_CT_BLOCK, _CT_WARPS = 128, 8  # tile (rows and columns) and warps: fastest of 4 in benchmarks/fp8_cast.py
 
 
 def fp8_kernel_mode(x, interpret: bool) -> str | None:
