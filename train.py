@@ -79,13 +79,14 @@ def _did_you_mean(message: str, cfg) -> str:
 
 
 def _expected(message: str, cfg) -> str:
-    """' (expected an integer: configs/tiny.py has run.fp8_history = 16)' for a config flag whose
+    """' (expected an integer: the config has run.fp8_history = 16)' for a config flag whose
     value did not parse as its key's type."""
     from llama_jax.train import config_file
     m = re.search(r"flag --config\.([\w.]+)=", message)
-    if not m or m.group(1) not in config_file.keys(cfg):
+    keys = config_file.keys(cfg)
+    if not m or m.group(1) not in keys:
         return ""
-    now = config_file.keys(cfg)[m.group(1)]
+    now = keys[m.group(1)]
     kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     kind = kinds.get(type(now))
     return f" (expected {kind}: the config has {m.group(1)} = {now!r})" if kind else ""

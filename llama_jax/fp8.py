@@ -126,7 +126,10 @@ def quantize_both(x: jax.Array, dtype, scale: jax.Array, recipe: Fp8Recipe, with
     """(q, q.T): `quantize(x, dtype, scale)` for a 2-D x, in both layouts, in one pass;
     `with_amax`: (q, q.T, amax_of(x)), the amax found in the same pass."""
     mode = None if recipe.cast == "xla" else kernels.fp8_kernel_mode(x, recipe.cast == "interpret")
-    return kernels.cast_transpose(x, scale, dtype, mode, with_amax)
+    if mode is None or kernels.cast_transpose_tiles(x.shape) is None:  # XLA's fusion
+        q = quantize(x, dtype, scale)
+        return (q, q.T, amax_of(x)) if with_amax else (q, q.T)
+    return kernels.cast_transpose(x, scale, dtype, mode == "interpret", with_amax)
 
 
 def _nt_dot(a: jax.Array, b: jax.Array, inv_a, inv_b, out_dtype) -> jax.Array:

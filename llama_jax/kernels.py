@@ -138,23 +138,23 @@ def _cast_t_kernel(s_ref, x_ref, q_ref, qt_ref, *amax_ref, fmax):
         amax_ref[0][...] = jnp.max(jnp.max(jnp.abs(x), axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def _cast_xla(x, scale, dtype):
-    m = float(jnp.finfo(dtype).max)
-    q = jnp.clip(x.astype(_F32) * scale, -m, m).astype(dtype)
-    return q, q.T
+def cast_transpose_tiles(shape, block: int = _CT_BLOCK) -> tuple[int, int] | None:
+    """The (rows, columns) tile `cast_transpose` uses for a [M, K] shape; None: it does not tile."""
+    bm, bk = _pow2_divisor(shape[0], block), _pow2_divisor(shape[1], block)
+    return (bm, bk) if min(bm, bk) >= 16 else None
 
 
-def cast_transpose(x, scale, dtype, mode: str | None, with_amax: bool = False):
-    """(q, q.T) with q = clip(x * scale, -fmax, fmax) rounded to FP8 `dtype`, for x [M, K] and a
-    float32 scalar `scale`; `mode` from `fp8_kernel_mode` (None, or a shape that does not
-    tile: XLA's expression, the same values bit for bit). `with_amax`: also max |x| (float32),
-    found in the same pass (delayed scaling records it for the next steps)."""
+def cast_transpose(x, scale, dtype, interpret: bool = False, with_amax: bool = False,
+                   block: int = _CT_BLOCK, warps: int = _CT_WARPS):
+    """(q, q.T) with q = clip(x * scale, -fmax, fmax) rounded to FP8 `dtype` (fp8.quantize's
+    values, bit for bit), for x [M, K] that tiles (`cast_transpose_tiles`) and a float32
+    scalar `scale`. `with_amax`: also max |x| (float32), found in the same pass (delayed
+    scaling records it for the next steps). `block`, `warps`: the tile and Triton warps."""
     m, k = x.shape
-    bm, bk = _pow2_divisor(m, _CT_BLOCK), _pow2_divisor(k, _CT_BLOCK)
-    if mode is None or min(bm, bk) < 16:
-        out = _cast_xla(x, scale, dtype)
-        return (*out, jnp.max(jnp.abs(x)).astype(_F32)) if with_amax else out
-    interpret = mode == "interpret"
+    tiles = cast_transpose_tiles(x.shape, block)
+    if tiles is None:
+        raise ValueError(f"cast_transpose: shape {x.shape} does not tile (a power-of-two divisor >= 16 of each dim)")
+    bm, bk = tiles
     from jax.experimental.pallas import triton as plgpu
     kernel = functools.partial(_cast_t_kernel, fmax=float(jnp.finfo(dtype).max))
     out_specs = [pl.BlockSpec((bm, bk), lambda i, j: (i, j)), pl.BlockSpec((bk, bm), lambda i, j: (j, i))]
@@ -166,6 +166,6 @@ def cast_transpose(x, scale, dtype, mode: str | None, with_amax: bool = False):
         kernel, grid=(m // bm, k // bk),
         in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)), pl.BlockSpec((bm, bk), lambda i, j: (i, j))],
         out_specs=out_specs, out_shape=out_shape,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=_CT_WARPS),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=warps),
         interpret=interpret, name="fp8_cast_transpose")(jnp.reshape(scale, (1, 1)).astype(_F32), x)
     return (out[0], out[1], jnp.max(out[2])) if with_amax else tuple(out)

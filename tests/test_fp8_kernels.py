@@ -9,6 +9,7 @@ import pytest
 from llama_jax import RunOptions, fp8, kernels
 
 MODE = "gpu" if jax.default_backend() == "gpu" else "interpret"
+KERNEL = fp8.Fp8Recipe(cast="interpret" if MODE == "interpret" else "auto")  # the kernel where shapes tile
 
 
 def _bits(a):
@@ -31,25 +32,29 @@ def test_cast_transpose_equals_xla_bit_for_bit(shape, dtype, q_dtype):
     x = _operand(shape, dtype)
     # a scale that pushes the largest values past fmax: saturation is part of the contract
     scale = fp8.scale_from_amax(fp8.amax_of(x), q_dtype) * 4.0
-    q, qt = jax.jit(lambda x: kernels.cast_transpose(x, scale, q_dtype, MODE))(x)
-    want_q, want_qt = kernels.cast_transpose(x, scale, q_dtype, None)
+    q, qt = jax.jit(lambda x: fp8.quantize_both(x, q_dtype, scale, KERNEL))(x)
+    want_q, want_qt = fp8.quantize_both(x, q_dtype, scale, fp8.Fp8Recipe(cast="xla"))
     assert q.shape == shape and qt.shape == shape[::-1] and q.dtype == qt.dtype == q_dtype
     np.testing.assert_array_equal(_bits(q), _bits(want_q))
     np.testing.assert_array_equal(_bits(qt), _bits(want_qt))
     np.testing.assert_array_equal(_bits(qt), _bits(q).T)
-    *_, amax = jax.jit(lambda x: kernels.cast_transpose(x, scale, q_dtype, MODE, with_amax=True))(x)
+    *_, amax = jax.jit(lambda x: fp8.quantize_both(x, q_dtype, scale, KERNEL, with_amax=True))(x)
     assert amax.dtype == jnp.float32 and float(amax) == float(fp8.amax_of(x))
     assert not np.isnan(np.asarray(q, np.float32)).any()  # saturated, never nan
     assert np.abs(np.asarray(q, np.float32)).max() == fp8.fp8_max(q_dtype)
 
 
 def test_cast_transpose_equals_quantize():
-    """The XLA path is fp8.quantize itself, transposed."""
+    """The kernel itself gives fp8.quantize's values, transposed; a shape that does not tile
+    is refused (fp8.quantize_both then runs XLA's expression)."""
     x = _operand((64, 96), jnp.bfloat16, seed=3)
     scale = fp8.scale_from_amax(fp8.amax_of(x), fp8.E4M3)
-    q, qt = kernels.cast_transpose(x, scale, fp8.E4M3, MODE)
+    q, qt = kernels.cast_transpose(x, scale, fp8.E4M3, interpret=MODE == "interpret")
     np.testing.assert_array_equal(_bits(q), _bits(fp8.quantize(x, fp8.E4M3, scale)))
     np.testing.assert_array_equal(_bits(qt), _bits(fp8.quantize(x, fp8.E4M3, scale)).T)
+    assert kernels.cast_transpose_tiles((64, 96)) == (64, 32) and kernels.cast_transpose_tiles((48, 40)) is None
+    with pytest.raises(ValueError, match=r"\(48, 40\) does not tile"):
+        kernels.cast_transpose(jnp.zeros((48, 40)), scale, fp8.E4M3, interpret=True)
 
 
 def test_kernel_mode():
